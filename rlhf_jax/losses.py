@@ -1,0 +1,468 @@
+"""All shared losses and advantage estimators, as pure `jax.numpy` functions.
+
+Conventions used throughout:
+
+* Shapes: ``B`` batch, ``T`` time (tokens), ``V`` vocabulary, ``P`` prompts, ``K`` samples
+  per prompt.
+* Masks are boolean-like arrays (``1``/``True`` = a real token that counts). They are applied
+  with ``jnp.where`` and never by multiplication: a NaN or inf in a masked-out position (for
+  example the log-prob of a pad token) must not leak into a loss or a gradient, and
+  ``NaN * 0`` is ``NaN``. Inputs are sanitised with ``jnp.where`` *before* any nonlinear op
+  (``exp``, ``log``, square), so even the gradients at masked positions are exactly zero.
+* Every loss returns ``(loss, metrics)``, where ``metrics`` is a flat dict of scalar arrays,
+  computed inside the jitted step. The trainers rename them to the names the field logs
+  under (``loss/policy_avg``, ``policy/clipfrac_avg``, ...).
+* Log-probs, entropies and losses are computed in float32 whatever the input dtype (bf16
+  logits lose too much precision in ``log_softmax``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "whiten",
+    "next_token_loss",
+    "token_logprobs",
+    "entropy_from_logits",
+    "bradley_terry_loss",
+    "generalized_advantage_estimate",
+    "kl_penalty",
+    "per_token_rewards",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "reinforce_loss",
+    "baseline_advantages",
+    "rloo_advantages",
+    "grpo_advantages",
+    "adaptive_kl_coef",
+    "KL_KINDS",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _bool(mask):
+    return jnp.asarray(mask).astype(bool)
+
+
+def masked_sum(x, mask, axis=None):
+    """Sum of ``x`` over positions where ``mask`` is true. ``mask`` broadcasts against ``x``."""
+    mask = jnp.broadcast_to(_bool(mask), jnp.shape(x))
+    return jnp.sum(jnp.where(mask, x, 0), axis=axis)
+
+
+def masked_mean(x, mask, axis=None):
+    """Mean of ``x`` over positions where ``mask`` is true (0 where nothing is selected).
+
+    Args:
+      x: array of any shape.
+      mask: boolean-like array broadcastable to ``x``.
+      axis: axis or axes to reduce; ``None`` reduces everything.
+    Returns:
+      the reduced mean, shape of ``x`` without ``axis``.
+    """
+    mask = jnp.broadcast_to(_bool(mask), jnp.shape(x))
+    total = jnp.sum(jnp.where(mask, x, 0), axis=axis)
+    count = jnp.sum(mask, axis=axis)
+    return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
+def masked_var(x, mask, unbiased: bool = True):
+    """Variance of ``x`` over the masked positions (all axes), as TRL's ``masked_var``.
+
+    With ``unbiased=True`` applies Bessel's correction ``n / (n - 1)`` (TRL's default);
+    ``unbiased=False`` is the population variance (lm-human-preferences' ``tf.nn.moments``).
+    Returns a scalar.
+    """
+    mask = jnp.broadcast_to(_bool(mask), jnp.shape(x))
+    mean = masked_mean(x, mask)
+    centered = jnp.where(mask, x - mean, 0)
+    var = masked_mean(jnp.square(centered), mask)
+    if unbiased:
+        n = jnp.sum(mask).astype(var.dtype)
+        var = var * n / jnp.maximum(n - 1, 1)
+    return var
+
+
+def whiten(x, mask, shift_mean: bool = True, unbiased: bool = True):
+    """Whiten ``x`` with statistics over the masked positions: ``(x - mean) / sqrt(var + 1e-8)``.
+
+    As ``masked_whiten`` in TRL and ``whiten`` in lm-human-preferences: with
+    ``shift_mean=False`` the mean is added back (used for rewards, whose level carries meaning).
+    Masked-out positions of the result are 0 (never NaN).
+
+    Args:
+      x: [B, T] (or any shape) values.
+      mask: same shape (or broadcastable), true at real positions.
+    Returns:
+      array of the shape of ``x``.
+    """
+    mask = jnp.broadcast_to(_bool(mask), jnp.shape(x))
+    x = jnp.where(mask, x, 0)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=unbiased)
+    out = (x - mean) * lax.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask, out, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Language-model losses
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits, tokens, temperature: float = 1.0):
+    """Log-probability of each token under ``log_softmax(logits / temperature)``.
+
+    No shifting is done here: ``logits[..., i, :]`` scores ``tokens[..., i]``. Pass the
+    sampling temperature when re-computing log-probs of samples (PPO), so that the
+    recomputed log-probs match the sampler's.
+
+    Args:
+      logits: [..., V].
+      tokens: [...] integer ids.
+    Returns:
+      [...] float32 log-probs.
+    """
+    logits = jnp.asarray(logits).astype(jnp.float32) / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, jnp.asarray(tokens)[..., None].astype(jnp.int32), axis=-1)[
+        ..., 0
+    ]
+
+
+def entropy_from_logits(logits):
+    """Entropy of ``softmax(logits)`` along the last axis: ``logsumexp(l) - sum(p * l)``.
+
+    Args:
+      logits: [..., V].
+    Returns:
+      [...] float32 entropies (nats).
+    """
+    logp = jax.nn.log_softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
+    probs = jnp.exp(logp)
+    # where, not multiplication: a -inf logit (top-k / masked vocabulary) has p = 0 and
+    # 0 * -inf would be NaN.
+    return -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
+
+
+def next_token_loss(logits, tokens, loss_mask):
+    """Next-token cross-entropy (pre-training and SFT).
+
+    ``logits[:, t]`` predicts ``tokens[:, t + 1]``; a target counts where
+    ``loss_mask[:, t + 1]`` is true (so for SFT, mask the prompt and the padding, keep the
+    response and its EOS). The loss is the mean over counted target tokens.
+
+    Args:
+      logits: [B, T, V].
+      tokens: [B, T] integer ids.
+      loss_mask: [B, T] true where the token is a target.
+    Returns:
+      ``(loss, {"loss", "accuracy", "num_tokens"})``.
+    """
+    targets = jnp.asarray(tokens)[:, 1:]
+    mask = _bool(loss_mask)[:, 1:]
+    # Zero the logits of uncounted positions so that a NaN there cannot reach the gradient
+    # through the log-softmax VJP.
+    logits = jnp.where(mask[..., None], jnp.asarray(logits)[:, :-1].astype(jnp.float32), 0.0)
+    logp = token_logprobs(logits, targets)
+    loss = -masked_mean(logp, mask)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    accuracy = masked_mean(correct.astype(jnp.float32), mask)
+    metrics = {"loss": loss, "accuracy": accuracy, "num_tokens": jnp.sum(mask)}
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Reward model
+# --------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
+    """Pairwise (Bradley–Terry) reward-model loss: ``-log sigmoid(r_chosen - r_rejected - m)``.
+
+    Computed with ``jax.nn.log_sigmoid`` (stable for large differences of either sign).
+    ``margin`` (scalar or [B]) is the Llama-2 preference-strength margin. ``center_coef``
+    adds ``center_coef * mean((r_chosen + r_rejected)^2)``, the reward-centering term of
+    Eisenstein et al. 2023, which pins the free additive constant of the rewards near 0.
+
+    Args:
+      r_chosen: [B] rewards of the preferred responses.
+      r_rejected: [B] rewards of the other responses.
+    Returns:
+      ``(loss, {"loss", "accuracy", "margin_mean", "reward_mean", "reward_std"})`` where
+      ``accuracy`` is the fraction with ``r_chosen > r_rejected`` and ``margin_mean`` the mean
+      of ``r_chosen - r_rejected``.
+    """
+    r_chosen = jnp.asarray(r_chosen).astype(jnp.float32)
+    r_rejected = jnp.asarray(r_rejected).astype(jnp.float32)
+    diff = r_chosen - r_rejected
+    logits = diff if margin is None else diff - margin
+    loss = -jnp.mean(jax.nn.log_sigmoid(logits))
+    loss = loss + center_coef * jnp.mean(jnp.square(r_chosen + r_rejected))
+    rewards = jnp.concatenate([r_chosen, r_rejected])
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean((diff > 0).astype(jnp.float32)),
+        "margin_mean": jnp.mean(diff),
+        "reward_mean": jnp.mean(rewards),
+        "reward_std": jnp.std(rewards),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# PPO
+# --------------------------------------------------------------------------------------------
+
+
+def generalized_advantage_estimate(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2015) with a reverse ``lax.scan``.
+
+    Masked-out positions are skipped: they get advantage 0 and the recursion passes through
+    them unchanged, so the last real token bootstraps from 0 (the episode ends there) and
+    masked prompt tokens or padding on either side do not matter. For each real ``t`` with
+    ``t'`` the next real position::
+
+        delta_t = r_t + gamma * V_{t'} - V_t          (V_{t'} = 0 after the last real token)
+        A_t     = delta_t + gamma * lam * A_{t'}
+
+    Values and rewards at masked positions are never read (NaN there is fine). The result is
+    not wrapped in ``stop_gradient``; callers compute it outside the differentiated loss.
+
+    Args:
+      rewards: [B, T] per-token rewards.
+      values: [B, T] value estimates.
+      mask: [B, T] true at real response tokens.
+    Returns:
+      ``(advantages [B, T], returns [B, T])`` with ``returns = advantages + values``; both 0
+      at masked positions.
+    """
+    mask = _bool(mask)
+    rewards = jnp.where(mask, rewards, 0).astype(jnp.float32)
+    values = jnp.where(mask, values, 0).astype(jnp.float32)
+
+    def step(carry, xs):
+        next_value, next_adv = carry
+        r, v, m = xs
+        delta = r + gamma * next_value - v
+        adv = delta + gamma * lam * next_adv
+        adv = jnp.where(m, adv, 0.0)
+        carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
+        return carry, adv
+
+    zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+    _, adv_t = lax.scan(step, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True)
+    advantages = adv_t.T
+    returns = jnp.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+
+def kl_penalty(logprobs, ref_logprobs, kind: str = "k1"):
+    """Per-token estimate of KL(policy || reference) from log-probs of policy samples.
+
+    Kinds (Schulman, "Approximating KL divergence"), with ``d = logp - ref``:
+      * ``'k1'``: ``d`` (unbiased, high variance, can be negative; OpenAI 2019 / TRL default).
+      * ``'k2'``: ``0.5 * d^2``.
+      * ``'k3'``: ``(r - 1) - log r`` with ``r = exp(ref - logp)`` (unbiased, non-negative).
+      * ``'abs'``: ``|d|``.
+
+    Args:
+      logprobs, ref_logprobs: [B, T] (any matching shape).
+    Returns:
+      same shape. Mask the result yourself.
+    """
+    d = jnp.asarray(logprobs).astype(jnp.float32) - jnp.asarray(ref_logprobs).astype(jnp.float32)
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * jnp.square(d)
+    if kind == "k3":
+        # (exp(-d) - 1) + d, with expm1 for accuracy when d is small.
+        return jnp.expm1(-d) + d
+    if kind == "abs":
+        return jnp.abs(d)
+    raise ValueError(f"unknown KL estimator {kind!r}; valid kinds: {', '.join(KL_KINDS)}")
+
+
+def _last_true_onehot(mask):
+    """[B, T] boolean one-hot of the last true position of each row (all false if none)."""
+    mask = _bool(mask)
+    T = mask.shape[-1]
+    positions = jnp.arange(T)
+    last = jnp.max(jnp.where(mask, positions, -1), axis=-1, keepdims=True)
+    return positions == last
+
+
+def per_token_rewards(scores, kl, mask, kl_coef):
+    """Per-token PPO rewards: ``-kl_coef * kl_t`` on every real token, plus the score at the last.
+
+    As in Ziegler et al. 2019 / TRL: the reward model's (or reward function's) scalar score is
+    added at the last real response token.
+
+    Args:
+      scores: [B] sequence scores.
+      kl: [B, T] per-token KL estimates (see ``kl_penalty``).
+      mask: [B, T] true at real response tokens.
+      kl_coef: scalar (may be a traced array, for the adaptive controller).
+    Returns:
+      rewards [B, T] float32, 0 at masked positions.
+    """
+    mask = _bool(mask)
+    kl = jnp.where(mask, kl, 0).astype(jnp.float32)
+    rewards = jnp.where(mask, -kl_coef * kl, 0.0)
+    last = _last_true_onehot(mask)
+    scores = jnp.asarray(scores).astype(jnp.float32)[:, None]
+    return rewards + jnp.where(last, scores, 0.0)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
+    """PPO clipped surrogate: ``mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
+
+    Args:
+      logprobs: [B, T] log-probs under the current policy (differentiated).
+      old_logprobs: [B, T] log-probs at rollout time.
+      advantages: [B, T] (treated as constants).
+      mask: [B, T] true at real response tokens.
+    Returns:
+      ``(loss, {"policy_loss", "clipfrac", "approxkl", "ratio_mean"})`` with
+      ``approxkl = 0.5 * mean((logp - old)^2)`` as in TRL, and ``clipfrac`` the fraction of
+      tokens where the clipped term is the active one.
+    """
+    mask = _bool(mask)
+    logratio = jnp.where(mask, logprobs - lax.stop_gradient(old_logprobs), 0.0)
+    adv = lax.stop_gradient(jnp.where(mask, advantages, 0.0))
+    ratio = jnp.exp(logratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "policy_loss": loss,
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approxkl": 0.5 * masked_mean(jnp.square(logratio), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_range: float):
+    """Clipped value loss: ``0.5 * mean(max((v - R)^2, (clip(v, old - c, old + c) - R)^2))``.
+
+    Args:
+      values: [B, T] current value predictions (differentiated).
+      old_values: [B, T] values at rollout time.
+      returns: [B, T] GAE returns (treated as constants).
+      mask: [B, T] true at real response tokens.
+    Returns:
+      ``(loss, {"value_loss", "value_clipfrac"})``; ``value_clipfrac`` is the fraction of
+      tokens where the clipped term is the larger one.
+    """
+    mask = _bool(mask)
+    v = jnp.where(mask, values, 0.0)
+    old = lax.stop_gradient(jnp.where(mask, old_values, 0.0))
+    ret = lax.stop_gradient(jnp.where(mask, returns, 0.0))
+    v_clipped = jnp.clip(v, old - clip_range, old + clip_range)
+    unclipped = jnp.square(v - ret)
+    clipped = jnp.square(v_clipped - ret)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "value_loss": loss,
+        "value_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence-level policy-gradient estimators (ablations)
+# --------------------------------------------------------------------------------------------
+
+
+def reinforce_loss(seq_logprob, advantages):
+    """REINFORCE: ``-mean(stop_gradient(adv) * seq_logprob)``.
+
+    The articles' method applied to a language model: treat the sampled tokens as if they were
+    the right ones (cross-entropy against the sample) and scale that gradient by the reward
+    (or an advantage). Its gradient is ``-mean(adv * grad log p(sequence))``.
+
+    Args:
+      seq_logprob: [B] sum of the response tokens' log-probs (use ``masked_sum``).
+      advantages: [B] rewards or advantages.
+    Returns:
+      scalar loss.
+    """
+    return -jnp.mean(lax.stop_gradient(advantages) * seq_logprob)
+
+
+def baseline_advantages(scores, baseline):
+    """``scores - baseline`` with the baseline (scalar or broadcastable) held constant."""
+    return jnp.asarray(scores) - lax.stop_gradient(baseline)
+
+
+def rloo_advantages(scores):
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024).
+
+    Each sample's baseline is the mean score of the other ``K - 1`` samples of its prompt.
+
+    Args:
+      scores: [P, K] scores, ``K >= 2`` samples per prompt.
+    Returns:
+      [P, K] advantages ``s_i - (sum_j s_j - s_i) / (K - 1)``.
+    """
+    scores = jnp.asarray(scores).astype(jnp.float32)
+    k = scores.shape[-1]
+    if k < 2:
+        raise ValueError(f"rloo_advantages needs at least 2 samples per prompt, got K={k}")
+    others = (jnp.sum(scores, axis=-1, keepdims=True) - scores) / (k - 1)
+    return scores - others
+
+
+def grpo_advantages(scores, eps: float = 1e-4, ddof: int = 1):
+    """GRPO group-normalised advantages (Shao et al. 2024): ``(s - mean_g) / (std_g + eps)``.
+
+    ``ddof=1`` (sample std) matches TRL's ``GRPOTrainer`` (``torch.std``); a group whose
+    scores are all equal gets advantage 0.
+
+    Args:
+      scores: [P, K] scores, ``K`` samples per prompt.
+    Returns:
+      [P, K] advantages.
+    """
+    scores = jnp.asarray(scores).astype(jnp.float32)
+    mean = jnp.mean(scores, axis=-1, keepdims=True)
+    std = jnp.std(scores, axis=-1, keepdims=True, ddof=ddof)
+    return (scores - mean) / (std + eps)
+
+
+# --------------------------------------------------------------------------------------------
+# KL coefficient control
+# --------------------------------------------------------------------------------------------
+
+
+def adaptive_kl_coef(coef, current_kl, target, horizon, n_steps):
+    """One update of the adaptive KL controller (Ziegler et al. 2019, ``AdaptiveKLController``).
+
+    ``proportional_error = clip(current_kl / target - 1, -0.2, 0.2)`` and
+    ``coef *= 1 + proportional_error * n_steps / horizon``, where ``n_steps`` is the number of
+    samples (episodes) seen since the last update. Pure and jit-friendly, so the coefficient
+    can live in the train state. A fixed coefficient is simply not updated.
+
+    Returns:
+      the new coefficient.
+    """
+    proportional_error = jnp.clip(current_kl / target - 1.0, -0.2, 0.2)
+    return coef * (1.0 + proportional_error * n_steps / horizon)

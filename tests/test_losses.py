@@ -1,0 +1,393 @@
+"""rlhf_jax.losses against independent NumPy re-derivations written here."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import losses as L
+
+
+def _np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _right_padded_mask(rng, b, t, min_len=1):
+    lengths = rng.integers(min_len, t + 1, size=b)
+    return np.arange(t)[None, :] < lengths[:, None]
+
+
+# ---------------------------------------------------------------- masked statistics, whitening
+
+
+def test_masked_mean_var_whiten(rng):
+    x = rng.normal(size=(4, 7)).astype(np.float32)
+    mask = _right_padded_mask(rng, 4, 7, min_len=2)
+    x_nan = np.where(mask, x, np.nan).astype(np.float32)
+    sel = x[mask]
+    np.testing.assert_allclose(L.masked_mean(x_nan, mask), sel.mean(), rtol=1e-5)
+    np.testing.assert_allclose(L.masked_sum(x_nan, mask), sel.sum(), rtol=1e-5)
+    np.testing.assert_allclose(L.masked_var(x_nan, mask), sel.var(ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        L.masked_var(x_nan, mask, unbiased=False), sel.var(), rtol=1e-5
+    )
+    rows = np.array([x[i][mask[i]].mean() for i in range(4)])
+    np.testing.assert_allclose(L.masked_mean(x_nan, mask, axis=1), rows, rtol=1e-5)
+
+    w = np.asarray(L.whiten(x_nan, mask))
+    expected = (x - sel.mean()) / np.sqrt(sel.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(w[mask], expected[mask], rtol=1e-4, atol=1e-5)
+    assert np.all(w[~mask] == 0)
+    w2 = np.asarray(L.whiten(x_nan, mask, shift_mean=False))
+    np.testing.assert_allclose(w2[mask], expected[mask] + sel.mean(), rtol=1e-4, atol=1e-5)
+    # Whitened values have mean 0 and (sample) variance 1 over the mask.
+    np.testing.assert_allclose(w[mask].mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(w[mask].var(ddof=1), 1.0, rtol=1e-4)
+    # Gradient through whitening is finite despite NaN in padding.
+    g = jax.grad(lambda v: jnp.sum(L.whiten(v, mask) ** 3))(jnp.asarray(x_nan))
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[~mask] == 0)
+
+
+def test_masked_mean_of_empty_mask_is_zero():
+    assert float(L.masked_mean(jnp.ones(3), jnp.zeros(3, bool))) == 0.0
+
+
+# ---------------------------------------------------------------- language-model losses
+
+
+def test_next_token_loss_matches_numpy(rng):
+    b, t, v = 3, 6, 11
+    logits = rng.normal(size=(b, t, v)).astype(np.float32)
+    tokens = rng.integers(0, v, size=(b, t))
+    mask = np.zeros((b, t), bool)
+    mask[0, 2:] = True
+    mask[1, 1:4] = True
+    mask[2, :] = True
+    logits[~np.roll(mask, -1, axis=1)] = np.nan  # logits of uncounted predictions: NaN
+    logits[:, -1] = np.nan  # the last position predicts nothing
+
+    loss, metrics = L.next_token_loss(logits, tokens, mask)
+
+    lp = _np_log_softmax(np.nan_to_num(logits[:, :-1]))
+    tgt = tokens[:, 1:]
+    m = mask[:, 1:]
+    nll = -np.take_along_axis(lp, tgt[..., None], -1)[..., 0]
+    np.testing.assert_allclose(loss, nll[m].mean(), rtol=1e-5)
+    acc = (np.nan_to_num(logits[:, :-1]).argmax(-1) == tgt)[m].mean()
+    np.testing.assert_allclose(metrics["accuracy"], acc)
+    assert int(metrics["num_tokens"]) == m.sum()
+
+    g = jax.grad(lambda lg: L.next_token_loss(lg, tokens, mask)[0])(jnp.asarray(logits))
+    assert np.all(np.isfinite(g))
+
+
+def test_token_logprobs_temperature_and_entropy(rng):
+    logits = rng.normal(size=(2, 5, 9)).astype(np.float32)
+    tokens = rng.integers(0, 9, size=(2, 5))
+    for temp in (1.0, 0.7):
+        lp = _np_log_softmax(logits / temp)
+        expected = np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
+        np.testing.assert_allclose(L.token_logprobs(logits, tokens, temp), expected, rtol=1e-5)
+    lp = _np_log_softmax(logits)
+    np.testing.assert_allclose(
+        L.entropy_from_logits(logits), -(np.exp(lp) * lp).sum(-1), rtol=1e-5
+    )
+    # -inf logits (top-k filtered vocabulary) give a finite entropy.
+    masked = jnp.asarray(logits).at[..., :4].set(-jnp.inf)
+    ent = np.asarray(L.entropy_from_logits(masked))
+    lp2 = _np_log_softmax(logits[..., 4:])
+    np.testing.assert_allclose(ent, -(np.exp(lp2) * lp2).sum(-1), rtol=1e-5)
+    # Uniform distribution has entropy log V.
+    np.testing.assert_allclose(L.entropy_from_logits(jnp.zeros(9)), math.log(9), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- Bradley-Terry
+
+
+def test_bradley_terry_article_table():
+    def bt(diff):
+        return float(L.bradley_terry_loss(jnp.array([diff]), jnp.array([0.0]))[0])
+
+    assert bt(5.0) < 0.05  # better response clearly ahead: small loss
+    assert bt(0.0) == pytest.approx(math.log(2), abs=1e-6)  # undecided: log 2 = 0.693
+    assert bt(-5.0) == pytest.approx(5.0, abs=0.01)  # wrong order: about the difference
+    assert bt(-50.0) == pytest.approx(50.0, rel=1e-5)  # large and still finite
+    assert bt(100.0) >= 0.0 and math.isfinite(bt(100.0))
+    for d in np.linspace(0.01, 20, 25):
+        assert 0.0 < bt(float(d)) < 0.6932
+
+
+def test_bradley_terry_value_metrics_and_gradient(rng):
+    rc = rng.normal(size=8).astype(np.float32) * 2
+    rr = rng.normal(size=8).astype(np.float32) * 2
+    margin = np.abs(rng.normal(size=8)).astype(np.float32)
+    c = 0.01
+    loss, m = L.bradley_terry_loss(rc, rr, margin=margin, center_coef=c)
+    d = rc - rr - margin
+    expected = np.mean(-np.log(_np_sigmoid(d))) + c * np.mean((rc + rr) ** 2)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(m["accuracy"], np.mean(rc > rr))
+    np.testing.assert_allclose(m["margin_mean"], np.mean(rc - rr), rtol=1e-5)
+    np.testing.assert_allclose(m["reward_mean"], np.concatenate([rc, rr]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["reward_std"], np.concatenate([rc, rr]).std(), rtol=1e-5)
+
+    # Gradient without extras: d/d r_chosen = -(1 - sigmoid(d)) / B, d/d r_rejected = minus that.
+    gc, gr = jax.grad(lambda a, b: L.bradley_terry_loss(a, b)[0], argnums=(0, 1))(rc, rr)
+    analytic = -(1.0 - _np_sigmoid(rc - rr)) / len(rc)
+    np.testing.assert_allclose(gc, analytic, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gr, -analytic, rtol=1e-5, atol=1e-7)
+    # With margin and centering.
+    gc, gr = jax.grad(
+        lambda a, b: L.bradley_terry_loss(a, b, margin=margin, center_coef=c)[0], argnums=(0, 1)
+    )(rc, rr)
+    centre = 2 * c * (rc + rr) / len(rc)
+    analytic = -(1.0 - _np_sigmoid(d)) / len(rc)
+    np.testing.assert_allclose(gc, analytic + centre, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gr, -analytic + centre, rtol=1e-5, atol=1e-7)
+    # Gradient is stable for huge differences.
+    g = jax.grad(lambda a: L.bradley_terry_loss(a, jnp.zeros(2))[0])(jnp.array([-1e4, 1e4]))
+    np.testing.assert_allclose(g, [-0.5, 0.0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- GAE
+
+
+def _np_gae(rewards, values, mask, gamma, lam):
+    """Textbook loop over each row's real positions (skipping masked ones)."""
+    adv = np.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        idx = np.nonzero(mask[b])[0]
+        last = 0.0
+        for j in reversed(range(len(idx))):
+            t = idx[j]
+            next_v = values[b, idx[j + 1]] if j + 1 < len(idx) else 0.0
+            delta = rewards[b, t] + gamma * next_v - values[b, t]
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv, np.where(mask, adv + values, 0.0)
+
+
+def _np_gae_trl(rewards, values, gamma, lam):
+    """TRL's loop on right-padded, zero-filled arrays."""
+    t_len = rewards.shape[1]
+    lastgaelam = 0.0
+    out = []
+    for t in reversed(range(t_len)):
+        nextvalues = values[:, t + 1] if t < t_len - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        out.append(lastgaelam)
+    return np.stack(out[::-1], axis=1)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_matches_python_loop(rng, gamma, lam):
+    b, t = 4, 9
+    rewards = rng.normal(size=(b, t)).astype(np.float32)
+    values = rng.normal(size=(b, t)).astype(np.float32)
+    mask = _right_padded_mask(rng, b, t)
+    mask[0, :3] = False  # a masked prompt on the left
+    mask[1, 4] = False  # a hole
+    adv, ret = L.generalized_advantage_estimate(
+        np.where(mask, rewards, np.nan), np.where(mask, values, np.nan), mask, gamma, lam
+    )
+    exp_adv, exp_ret = _np_gae(rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(adv, exp_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, exp_ret, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(adv)[~mask] == 0)
+
+    # On right-padded masks it equals TRL's loop over zero-filled arrays.
+    mask = _right_padded_mask(rng, b, t)
+    r0, v0 = np.where(mask, rewards, 0), np.where(mask, values, 0)
+    adv, _ = L.generalized_advantage_estimate(r0, v0, mask, gamma, lam)
+    np.testing.assert_allclose(
+        adv, np.where(mask, _np_gae_trl(r0, v0, gamma, lam), 0), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_gae_single_step_and_monte_carlo():
+    # gamma = lam = 1: advantages are reward-to-go minus value.
+    r = np.array([[0.0, 0.0, 1.0, 0.0]], np.float32)
+    v = np.array([[0.5, 0.2, 0.3, 9.0]], np.float32)
+    m = np.array([[1, 1, 1, 0]], bool)
+    adv, ret = L.generalized_advantage_estimate(r, v, m, 1.0, 1.0)
+    np.testing.assert_allclose(adv, [[0.5, 0.8, 0.7, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(ret, [[1.0, 1.0, 1.0, 0.0]], rtol=1e-6)
+
+
+# ---------------------------------------------------------------- KL and rewards
+
+
+def test_kl_estimators(rng):
+    lp = rng.normal(size=(3, 5)).astype(np.float32)
+    ref = rng.normal(size=(3, 5)).astype(np.float32)
+    d = lp - ref
+    r = np.exp(ref - lp)
+    np.testing.assert_allclose(L.kl_penalty(lp, ref, "k1"), d, rtol=1e-6)
+    np.testing.assert_allclose(L.kl_penalty(lp, ref, "k2"), 0.5 * d**2, rtol=1e-6)
+    np.testing.assert_allclose(L.kl_penalty(lp, ref, "k3"), (r - 1) - np.log(r), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(L.kl_penalty(lp, ref, "abs"), np.abs(d), rtol=1e-6)
+    assert np.all(np.asarray(L.kl_penalty(lp, ref, "k3")) >= 0)
+    with pytest.raises(ValueError, match="k1"):
+        L.kl_penalty(lp, ref, "nope")
+
+
+def test_kl_estimators_are_unbiased_on_samples():
+    # E_{x~p}[k1] = E[k3] = KL(p || q) for two categorical distributions.
+    rng = np.random.default_rng(1)
+    p = np.array([0.5, 0.3, 0.2])
+    q = np.array([0.2, 0.3, 0.5])
+    kl = np.sum(p * np.log(p / q))
+    x = rng.choice(3, size=200_000, p=p)
+    lp, lq = np.log(p)[x], np.log(q)[x]
+    assert float(jnp.mean(L.kl_penalty(lp, lq, "k1"))) == pytest.approx(kl, abs=0.01)
+    assert float(jnp.mean(L.kl_penalty(lp, lq, "k3"))) == pytest.approx(kl, abs=0.01)
+
+
+def test_per_token_rewards():
+    scores = np.array([2.0, -1.0, 5.0], np.float32)
+    kl = np.array([[0.1, 0.2, 0.3, np.nan], [0.5, np.nan, np.nan, np.nan], [1, 1, 1, 1]], np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+    out = np.asarray(L.per_token_rewards(scores, kl, mask, 0.1))
+    expected = np.array(
+        [[-0.01, -0.02, -0.03 + 2.0, 0.0], [-0.05 - 1.0, 0, 0, 0], [0, 0, 0, 0]], np.float32
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7)
+    # Works with a traced coefficient (adaptive controller inside jit).
+    out2 = jax.jit(L.per_token_rewards)(scores, kl, mask, jnp.float32(0.1))
+    np.testing.assert_allclose(out2, expected, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- PPO losses
+
+
+def _np_ppo_policy(lp, old, adv, mask, eps):
+    ratio = np.exp(lp - old)
+    a = -adv * ratio
+    b = -adv * np.clip(ratio, 1 - eps, 1 + eps)
+    return (
+        np.maximum(a, b)[mask].mean(),
+        (b > a)[mask].mean(),
+        0.5 * ((lp - old) ** 2)[mask].mean(),
+        ratio[mask].mean(),
+    )
+
+
+def test_ppo_policy_loss(rng):
+    b, t = 4, 6
+    lp = rng.normal(size=(b, t)).astype(np.float32) * 0.3 - 2
+    old = lp + rng.normal(size=(b, t)).astype(np.float32) * 0.3
+    adv = rng.normal(size=(b, t)).astype(np.float32)
+    mask = _right_padded_mask(rng, b, t)
+    nanify = lambda x: np.where(mask, x, np.nan).astype(np.float32)
+    loss, m = L.ppo_policy_loss(nanify(lp), nanify(old), nanify(adv), mask, 0.2)
+    e_loss, e_cf, e_kl, e_ratio = _np_ppo_policy(lp, old, adv, mask, 0.2)
+    np.testing.assert_allclose(loss, e_loss, rtol=1e-5)
+    np.testing.assert_allclose(m["policy_loss"], e_loss, rtol=1e-5)
+    np.testing.assert_allclose(m["clipfrac"], e_cf, rtol=1e-6)
+    np.testing.assert_allclose(m["approxkl"], e_kl, rtol=1e-5)
+    np.testing.assert_allclose(m["ratio_mean"], e_ratio, rtol=1e-5)
+    assert 0 < float(m["clipfrac"]) < 1
+
+    # Gradient: -adv * ratio / N where unclipped term is active, 0 where clipped; 0 at padding.
+    g = np.asarray(
+        jax.grad(lambda x: L.ppo_policy_loss(x, nanify(old), nanify(adv), mask, 0.2)[0])(
+            jnp.asarray(nanify(lp))
+        )
+    )
+    assert np.all(np.isfinite(g)) and np.all(g[~mask] == 0)
+    ratio = np.exp(lp - old)
+    unclipped_active = ~((-adv * np.clip(ratio, 0.8, 1.2)) > (-adv * ratio))
+    expected_g = np.where(mask & unclipped_active, -adv * ratio / mask.sum(), 0.0)
+    np.testing.assert_allclose(g, expected_g, rtol=1e-4, atol=1e-7)
+
+
+def test_ppo_policy_loss_on_policy_is_minus_mean_advantage(rng):
+    lp = rng.normal(size=(2, 5)).astype(np.float32)
+    adv = rng.normal(size=(2, 5)).astype(np.float32)
+    mask = np.ones((2, 5), bool)
+    loss, m = L.ppo_policy_loss(lp, lp, adv, mask, 0.2)
+    np.testing.assert_allclose(loss, -adv.mean(), rtol=1e-5)
+    assert float(m["clipfrac"]) == 0.0 and float(m["approxkl"]) == 0.0
+
+
+def test_ppo_value_loss(rng):
+    b, t, c = 4, 6, 0.2
+    v = rng.normal(size=(b, t)).astype(np.float32)
+    old = v + rng.normal(size=(b, t)).astype(np.float32) * 0.3
+    ret = rng.normal(size=(b, t)).astype(np.float32)
+    mask = _right_padded_mask(rng, b, t)
+    nanify = lambda x: np.where(mask, x, np.nan).astype(np.float32)
+    loss, m = L.ppo_value_loss(nanify(v), nanify(old), nanify(ret), mask, c)
+    l1 = (v - ret) ** 2
+    l2 = (np.clip(v, old - c, old + c) - ret) ** 2
+    np.testing.assert_allclose(loss, 0.5 * np.maximum(l1, l2)[mask].mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["value_loss"], loss)
+    np.testing.assert_allclose(m["value_clipfrac"], (l2 > l1)[mask].mean(), rtol=1e-6)
+    g = np.asarray(
+        jax.grad(lambda x: L.ppo_value_loss(x, nanify(old), nanify(ret), mask, c)[0])(
+            jnp.asarray(nanify(v))
+        )
+    )
+    assert np.all(np.isfinite(g)) and np.all(g[~mask] == 0)
+
+
+# ---------------------------------------------------------------- sequence-level estimators
+
+
+def test_reinforce_loss_gradient():
+    seq_lp = jnp.array([-3.0, -1.0, -2.0])
+    adv = jnp.array([1.0, -2.0, 0.5])
+    np.testing.assert_allclose(L.reinforce_loss(seq_lp, adv), -np.mean([-3.0, 2.0, -1.0]))
+    g_lp, g_adv = jax.grad(L.reinforce_loss, argnums=(0, 1))(seq_lp, adv)
+    np.testing.assert_allclose(g_lp, -np.asarray(adv) / 3)
+    np.testing.assert_allclose(g_adv, 0.0)  # advantages are constants
+    np.testing.assert_allclose(L.baseline_advantages(jnp.array([1.0, 3.0]), 2.0), [-1.0, 1.0])
+
+
+def test_rloo_and_grpo_advantages(rng):
+    s = rng.normal(size=(3, 4)).astype(np.float32)
+    k = s.shape[1]
+    expected = np.stack(
+        [[s[p, i] - np.mean(np.delete(s[p], i)) for i in range(k)] for p in range(3)]
+    )
+    np.testing.assert_allclose(L.rloo_advantages(s), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.sum(L.rloo_advantages(s), axis=1), 0.0, atol=1e-5)
+    with pytest.raises(ValueError):
+        L.rloo_advantages(np.ones((2, 1)))
+
+    mean = s.mean(1, keepdims=True)
+    std = s.std(1, ddof=1, keepdims=True)
+    np.testing.assert_allclose(L.grpo_advantages(s), (s - mean) / (std + 1e-4), rtol=1e-5)
+    # Equal scores in a group: zero advantage, not NaN.
+    np.testing.assert_allclose(L.grpo_advantages(np.full((1, 4), 3.0)), 0.0)
+
+
+# ---------------------------------------------------------------- adaptive KL
+
+
+def test_adaptive_kl_coef():
+    # Matches OpenAI's AdaptiveKLController.update, including the +-20% clip.
+    def ref(coef, kl, target, horizon, n):
+        err = np.clip(kl / target - 1, -0.2, 0.2)
+        return coef * (1 + err * n / horizon)
+
+    for kl in (0.0, 3.0, 6.0, 6.6, 100.0):
+        got = float(L.adaptive_kl_coef(0.15, kl, 6.0, 10000, 512))
+        assert got == pytest.approx(ref(0.15, kl, 6.0, 10000, 512), rel=1e-6)
+    assert float(L.adaptive_kl_coef(0.15, 100.0, 6.0, 10000, 512)) > 0.15
+    assert float(L.adaptive_kl_coef(0.15, 0.0, 6.0, 10000, 512)) < 0.15
+    jitted = jax.jit(L.adaptive_kl_coef)(jnp.float32(0.15), jnp.float32(7.2), 6.0, 10000, 512)
+    assert float(jitted) == pytest.approx(0.15 * (1 + 0.2 * 512 / 10000), rel=1e-6)
