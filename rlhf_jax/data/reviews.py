@@ -120,7 +120,7 @@ ADJECTIVES = [
     ["disappointing", "poor", "bad", "lousy", "boring", "weak", "annoying",
      "unpleasant", "dull"],
     ["okay", "fine", "average", "not bad", "acceptable", "ordinary", "alright", "fair"],
-    ["good", "nice", "pleasant", "enjoyable", "solid", "really good", "lovely", "great"],
+    ["good", "nice", "pleasant", "enjoyable", "solid", "charming", "lovely", "great"],
     ["wonderful", "excellent", "amazing", "fantastic", "superb", "perfect", "outstanding",
      "brilliant", "delightful", "fabulous"],
 ]
@@ -168,6 +168,7 @@ PLURAL_ASPECTS = {"exhibits", "portions", "prices", "signs", "special effects", 
 def _was(aspect: str) -> str:
     return "were" if aspect in PLURAL_ASPECTS else "was"
 
+TOPIC_NOUN = {"headphones": "pair of headphones"}  # "a wonderful pair of headphones"
 TOPIC_OBJECT = {"hotel": "this hotel", "restaurant": "this restaurant", "film": "this film",
                 "book": "this book", "phone": "this phone", "headphones": "these headphones",
                 "cafe": "this cafe", "museum": "this museum", "laptop": "this laptop",
@@ -194,7 +195,7 @@ def _review(rng: random.Random) -> dict:
     sentiment = rng.uniform(-1.0, 1.0)
     num_sentences = rng.choice([1, 2, 2, 3, 3, 4])
     fill = dict(name=rng.choice(vocab["names"]), n=rng.choice(NUMBERS), day=rng.choice(DAYS),
-                obj=TOPIC_OBJECT[topic], topic=topic)
+                obj=TOPIC_OBJECT[topic], topic=TOPIC_NOUN.get(topic, topic))
     fill["Obj"] = fill["obj"][0].upper() + fill["obj"][1:]
 
     def polarity() -> float:  # each sentence draws its own polarity near the latent sentiment
