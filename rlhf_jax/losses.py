@@ -18,8 +18,6 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jax import lax

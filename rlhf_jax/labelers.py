@@ -1,0 +1,392 @@
+"""Preference labelers: a person at a terminal, a simulated annotator, or any Python function.
+
+Every automatic labeler is a callable ``label(prompt, response_a, response_b) -> dict`` with
+keys ``choice`` (0 when ``response_a`` is preferred, 1 when ``response_b`` is), ``p_a`` (the
+probability with which ``a`` was preferred), ``gold_a`` and ``gold_b`` (the scores behind the
+decision), so a preference dataset records how each label came about.
+
+The person labels through files in a data directory:
+
+* ``<data_dir>/pairs.jsonl``: unlabeled pairs, one JSON object per line,
+  ``{"id", "prompt", "response_a", "response_b"}``.
+* ``<data_dir>/labels.jsonl``: one JSON object per answer,
+  ``{"id", "choice": 0 | 1 | null, "labeler": "human", "time"}`` (``null`` = skipped), appended,
+  flushed and fsync'ed as soon as it is given, so an interrupted session loses nothing and a
+  new session resumes where the last one stopped.
+
+``labels_to_preferences`` joins the two into ``(prompt, chosen, rejected, metadata)`` records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import json
+import math
+import os
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+
+PAIRS_FILE = "pairs.jsonl"
+LABELS_FILE = "labels.jsonl"
+
+ScoreFn = Callable[[str, str], float]
+Labeler = Callable[[str, str, str], dict]
+
+__all__ = [
+    "PAIRS_FILE",
+    "LABELS_FILE",
+    "vader_gold_score",
+    "simulated_annotator",
+    "load_function",
+    "function_labeler",
+    "label_pairs",
+    "write_pairs",
+    "read_pairs",
+    "read_labels",
+    "label_in_terminal",
+    "labels_to_preferences",
+    "main",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Scores and automatic labelers
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _vader_analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader_gold_score(prompt: str, response: str) -> float:
+    """VADER compound sentiment of ``response`` in [-1, 1] (the prompt is ignored).
+
+    The "gold" reward of the sentiment task: positive continuations score high.
+    """
+    del prompt
+    return float(_vader_analyzer().polarity_scores(response)["compound"])
+
+
+def _sigmoid(x: float) -> float:
+    # Stable for large |x|.
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def simulated_annotator(gold_fn: ScoreFn, temperature: float, rng: np.random.Generator) -> Labeler:
+    """A noisy annotator following the Bradley–Terry model on a gold score.
+
+    ``P(a preferred) = sigmoid((gold(a) - gold(b)) / temperature)``. ``temperature == 0`` is a
+    perfect annotator: always the higher gold score, ties broken at random with ``rng``.
+
+    Args:
+      gold_fn: ``gold_fn(prompt, response) -> float``.
+      temperature: >= 0; larger is noisier (at infinity labels are coin flips).
+      rng: source of randomness (``np.random.default_rng(seed)``), so labels are reproducible.
+    Returns:
+      ``label(prompt, a, b) -> {"choice", "p_a", "gold_a", "gold_b"}``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+
+    def label(prompt: str, response_a: str, response_b: str) -> dict:
+        gold_a = float(gold_fn(prompt, response_a))
+        gold_b = float(gold_fn(prompt, response_b))
+        diff = gold_a - gold_b
+        if temperature == 0:
+            p_a = 1.0 if diff > 0 else 0.0 if diff < 0 else 0.5
+        else:
+            p_a = _sigmoid(diff / temperature)
+        choice = 0 if rng.random() < p_a else 1
+        return {"choice": choice, "p_a": p_a, "gold_a": gold_a, "gold_b": gold_b}
+
+    return label
+
+
+def load_function(import_path: str) -> Callable:
+    """Import ``"package.module:function"`` (``"package.module.function"`` also accepted).
+
+    Raises ``ValueError`` for a malformed path, ``ImportError`` when the module cannot be
+    imported, ``AttributeError`` when it has no such attribute and ``TypeError`` when the
+    attribute is not callable; each message names ``import_path``.
+    """
+    if not isinstance(import_path, str) or not import_path.strip():
+        raise ValueError(f"expected 'package.module:function', got {import_path!r}")
+    import_path = import_path.strip()
+    if ":" in import_path:
+        module_name, _, attr = import_path.partition(":")
+    else:
+        module_name, _, attr = import_path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"expected 'package.module:function', got {import_path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(
+            f"cannot import module {module_name!r} of {import_path!r}: {e}"
+        ) from e
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"module {module_name!r} has no attribute {attr!r} (from {import_path!r})"
+            ) from None
+    if not callable(obj):
+        raise TypeError(f"{import_path!r} is not callable (it is a {type(obj).__name__})")
+    return obj
+
+
+def function_labeler(fn: ScoreFn | str) -> Labeler:
+    """Deterministic labeler preferring the response with the higher ``fn(prompt, response)``.
+
+    ``fn`` may be an import path (see ``load_function``). Ties go to ``a`` (choice 0) with
+    ``p_a = 0.5`` recorded, so the tie is visible in the metadata.
+    """
+    if isinstance(fn, str):
+        fn = load_function(fn)
+
+    def label(prompt: str, response_a: str, response_b: str) -> dict:
+        gold_a = float(fn(prompt, response_a))
+        gold_b = float(fn(prompt, response_b))
+        p_a = 1.0 if gold_a > gold_b else 0.0 if gold_a < gold_b else 0.5
+        choice = 0 if gold_a >= gold_b else 1
+        return {"choice": choice, "p_a": p_a, "gold_a": gold_a, "gold_b": gold_b}
+
+    return label
+
+
+def label_pairs(pairs: Iterable[dict], labeler: Labeler, labeler_name: str = "auto") -> list[dict]:
+    """Label pairs automatically into ``(prompt, chosen, rejected, metadata)`` records.
+
+    Same record format as ``labels_to_preferences``; ``metadata`` holds the pair id (when
+    present), the labeler's name and everything the labeler returned.
+    """
+    out = []
+    for pair in pairs:
+        result = labeler(pair["prompt"], pair["response_a"], pair["response_b"])
+        out.append(_preference(pair, int(result["choice"]), {"labeler": labeler_name, **result}))
+    return out
+
+
+def _preference(pair: dict, choice: int, extra: dict) -> dict:
+    a, b = pair["response_a"], pair["response_b"]
+    chosen, rejected = (a, b) if choice == 0 else (b, a)
+    metadata = {"id": pair.get("id"), **extra, "choice": choice}
+    return {"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected, "metadata": metadata}
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    """Records of a JSONL file; a truncated (unparseable) last line is ignored."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i + 1 :]):
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}")
+            # Only the last line: a write cut short by a kill. Ignore it.
+    return records
+
+
+def read_pairs(data_dir: str) -> list[dict]:
+    """The pairs of ``<data_dir>/pairs.jsonl`` (first occurrence of each id)."""
+    pairs, seen = [], set()
+    for p in _read_jsonl(os.path.join(data_dir, PAIRS_FILE)):
+        missing = {"id", "prompt", "response_a", "response_b"} - set(p)
+        if missing:
+            path = os.path.join(data_dir, PAIRS_FILE)
+            raise ValueError(f"{path}: pair {p!r} lacks {sorted(missing)}")
+        if p["id"] not in seen:
+            seen.add(p["id"])
+            pairs.append(p)
+    return pairs
+
+
+def read_labels(data_dir: str) -> list[dict]:
+    """The answers of ``<data_dir>/labels.jsonl`` in the order given (truncated tail ignored)."""
+    return _read_jsonl(os.path.join(data_dir, LABELS_FILE))
+
+
+def write_pairs(data_dir: str, pairs: Iterable[dict]) -> str:
+    """Write pairs to ``<data_dir>/pairs.jsonl`` (ids ``"0"``, ``"1"``... where missing)."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, PAIRS_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, p in enumerate(pairs):
+            record = {
+                "id": str(p.get("id", i)),
+                "prompt": p["prompt"],
+                "response_a": p["response_a"],
+                "response_b": p["response_b"],
+            }
+            extra = {k: v for k, v in p.items() if k not in record}
+            f.write(json.dumps({**record, **extra}, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def _repair_truncated_tail(path: str) -> None:
+    """Cut a partial last line (a write killed midway) so the next append starts clean."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Find the last newline; everything after it is the partial record.
+        chunk = 1 << 16
+        pos = size
+        keep = 0
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            data = f.read(pos - start)
+            idx = data.rfind(b"\n")
+            if idx >= 0:
+                keep = start + idx + 1
+                break
+            pos = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------
+# The terminal labeler
+# --------------------------------------------------------------------------------------------
+
+_HELP = "Please answer 1 (first is better), 2 (second is better), s (skip) or q (quit)."
+
+
+def label_in_terminal(
+    data_dir: str,
+    input_fn: Callable[[str], str] = input,
+    print_fn: Callable[..., Any] = print,
+) -> int:
+    """Ask a person to label the pairs of ``<data_dir>/pairs.jsonl`` not yet answered.
+
+    Shows the prompt and the two responses and reads ``1``, ``2``, ``s``/``skip`` or
+    ``q``/``quit``; anything else re-asks. Each answer is appended to
+    ``<data_dir>/labels.jsonl``, flushed and fsync'ed at once. Pairs already answered
+    (including skipped ones) are not asked again, so a session can be resumed after ``q``,
+    Ctrl-D, Ctrl-C or a kill. A record cut short by a kill is removed and its pair re-asked.
+
+    Returns:
+      the number of new answers (skips included) written in this session.
+    """
+    pairs = read_pairs(data_dir)
+    labels_path = os.path.join(data_dir, LABELS_FILE)
+    _repair_truncated_tail(labels_path)
+    done = {r.get("id") for r in read_labels(data_dir)}
+    todo = [p for p in pairs if p["id"] not in done]
+    if not pairs:
+        print_fn(f"No pairs in {os.path.join(data_dir, PAIRS_FILE)}.")
+        return 0
+    if not todo:
+        print_fn(f"All {len(pairs)} pairs are already labeled in {labels_path}.")
+        return 0
+    print_fn(
+        f"{len(todo)} of {len(pairs)} pairs to label. "
+        "Type 1 or 2 for the better response, s to skip, q to quit (progress is saved)."
+    )
+
+    n_new = 0
+    with open(labels_path, "a", encoding="utf-8") as out:
+        try:
+            for k, pair in enumerate(todo):
+                print_fn("")
+                number = len(pairs) - len(todo) + k + 1
+                print_fn(f"=== Pair {number}/{len(pairs)} (id {pair['id']}) ===")
+                print_fn(f"PROMPT:\n{pair['prompt']}")
+                print_fn(f"\n[1]\n{pair['response_a']}")
+                print_fn(f"\n[2]\n{pair['response_b']}")
+                while True:
+                    answer = input_fn("Which is better? [1/2/s/q]: ").strip().lower()
+                    if answer in ("1", "2", "s", "skip"):
+                        break
+                    if answer in ("q", "quit"):
+                        print_fn(f"Stopped. {n_new} new answers saved.")
+                        return n_new
+                    print_fn(f"Unrecognised answer {answer!r}. {_HELP}")
+                choice = {"1": 0, "2": 1}.get(answer)
+                record = {
+                    "id": pair["id"],
+                    "choice": choice,
+                    "labeler": "human",
+                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                }
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                n_new += 1
+        except (EOFError, KeyboardInterrupt):
+            print_fn(f"\nInterrupted. {n_new} new answers saved; run again to resume.")
+            return n_new
+    print_fn(f"Done. {n_new} new answers saved; all pairs labeled.")
+    return n_new
+
+
+def labels_to_preferences(data_dir: str) -> list[dict]:
+    """Join pairs and human answers into ``{"prompt", "chosen", "rejected", "metadata"}``.
+
+    Skipped pairs (``choice`` null) and unanswered pairs are dropped; if an id was answered
+    more than once, the last answer counts. Records follow the order of ``pairs.jsonl``;
+    ``metadata`` holds ``id``, ``labeler``, ``time`` and ``choice``.
+    """
+    answers = {}
+    for r in read_labels(data_dir):
+        answers[r.get("id")] = r
+    prefs = []
+    for pair in read_pairs(data_dir):
+        r = answers.get(pair["id"])
+        if r is None or r.get("choice") not in (0, 1):
+            continue
+        extra = {k: v for k, v in r.items() if k not in ("id", "choice")}
+        prefs.append(_preference(pair, int(r["choice"]), extra))
+    return prefs
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``label --data=<dir>``: run the terminal labeler; returns an exit status."""
+    parser = argparse.ArgumentParser(
+        prog="rlhf-jax label", description="Label preference pairs in the terminal."
+    )
+    parser.add_argument("--data", required=True, help="directory holding pairs.jsonl")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.data, PAIRS_FILE)):
+        print(f"error: {os.path.join(args.data, PAIRS_FILE)} does not exist")
+        return 2
+    n = label_in_terminal(args.data)
+    print(f"{n} new answers saved in {os.path.join(args.data, LABELS_FILE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
