@@ -1,0 +1,152 @@
+"""`rlhf-jax <command>`: train, sweep, plot, pipeline, sample, score, label.
+
+    rlhf-jax train --config=experiments/<name>.py [--config.<key>=<value> ...] --workdir=<dir>
+    rlhf-jax sweep --config=experiments/<name>.py --workdir=<dir>
+    rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from rlhf_jax import config as config_lib
+
+# config.stage -> the module whose `train(config, workdir)` runs it. One file per stage.
+STAGES = {
+    "snack": "rlhf_jax.snack",
+    "pretrain": "rlhf_jax.pretrain",
+    "sft": "rlhf_jax.pretrain",
+    "reward": "rlhf_jax.reward",
+    "ppo": "rlhf_jax.ppo",
+}
+
+
+def run_stage(config, workdir: str, allow_config_change: bool = False):
+    if config.stage not in STAGES:
+        raise config_lib.ConfigError(f"config.stage={config.stage!r}: expected one of {sorted(STAGES)}")
+    config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change)
+    return importlib.import_module(STAGES[config.stage]).train(config, workdir)
+
+
+def cmd_train(args, overrides):
+    config = config_lib.load_config(args.config, overrides)
+    run_stage(config, args.workdir, args.allow_config_change)
+    print(f"done: {args.workdir}")
+
+
+def sweep_runs(module, base_overrides):
+    """`get_sweep()` returns a list of override dicts (a product or zip written in the file)."""
+    if not hasattr(module, "get_sweep"):
+        raise config_lib.ConfigError(f"{module.__file__} has no get_sweep()")
+    for overrides in module.get_sweep():
+        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+        yield name, list(base_overrides) + [(k, repr(v) if isinstance(v, (tuple, list)) else str(v))
+                                           for k, v in overrides.items()]
+
+
+def cmd_sweep(args, overrides):
+    from rlhf_jax import plotting
+
+    module = config_lib.load_config_module(args.config)
+    workdirs = []
+    for name, run_overrides in sweep_runs(module, overrides):
+        workdir = os.path.join(args.workdir, name)
+        config = config_lib.load_config(args.config, run_overrides)
+        print(f"=== sweep run {name}", flush=True)
+        run_stage(config, workdir, args.allow_config_change)
+        workdirs.append(workdir)
+    metrics = config.get("plot_metrics", ())
+    if metrics:
+        out = plotting.plot_runs(workdirs, list(metrics), os.path.join(args.workdir, "sweep.png"))
+        print(f"plot: {out}")
+
+
+def cmd_plot(args, _overrides):
+    from rlhf_jax import plotting
+
+    out = plotting.plot_runs(args.workdirs, args.metric, args.out, group_mean=args.group_mean)
+    print(f"wrote {out}")
+
+
+def cmd_label(args, _overrides):
+    from rlhf_jax import labelers
+
+    n = labelers.label_in_terminal(args.data)
+    print(f"{n} new answers saved in {os.path.join(args.data, 'labels.jsonl')}")
+
+
+def cmd_pipeline(args, overrides):
+    from rlhf_jax import pipeline
+
+    pipeline.run_pipeline(args.config, overrides, args.workdir)
+
+
+def cmd_sample(args, overrides):
+    from rlhf_jax import pretrain
+
+    for i, text in enumerate(pretrain.sample_from_run(args.workdir, args.prompt, args.num, args.temperature,
+                                                      args.max_new_tokens, args.greedy)):
+        print(f"--- sample {i + 1}\n{args.prompt}{text}")
+
+
+def cmd_score(args, overrides):
+    from rlhf_jax import reward
+
+    print(f"{reward.score_from_run(args.workdir, args.prompt, args.response):.4f}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in (("train", cmd_train), ("sweep", cmd_sweep), ("pipeline", cmd_pipeline)):
+        p = sub.add_parser(name, help=f"{name} from a config file; --config.<key>=<value> overrides")
+        p.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
+        p.add_argument("--workdir", required=True)
+        p.add_argument("--allow_config_change", action="store_true",
+                       help="resume a workdir whose saved config.json differs")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("plot", help="curves from metrics.jsonl of one or more workdirs")
+    p.add_argument("workdirs", nargs="+")
+    p.add_argument("--metric", required=True, help="name, or several separated by commas")
+    p.add_argument("--out", required=True)
+    p.add_argument("--group_mean", action="store_true", help="average the workdirs as seeds of one run")
+    p.set_defaults(fn=cmd_plot)
+    p = sub.add_parser("label", help="label preference pairs in the terminal (1 / 2 / skip / quit)")
+    p.add_argument("--data", required=True)
+    p.set_defaults(fn=cmd_label)
+    p = sub.add_parser("sample", help="print several responses of a trained language model")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true")
+    p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("score", help="print the reward model's score of a response")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", required=True)
+    p.set_defaults(fn=cmd_score)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = config_lib.split_override_args(argv)
+        args = build_parser().parse_args(rest)
+        if overrides and args.command not in ("train", "sweep", "pipeline"):
+            raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
+        args.fn(args, overrides)
+    except config_lib.ConfigError as e:
+        print(f"rlhf-jax: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Config files: load an `ml_collections` Python config, apply `--config.a.b=value` overrides.
+
+A config file is a Python file with `get_config()` (optionally `get_config(arg)`, chosen with
+`path.py:arg`, as in big_vision) returning a `ConfigDict`. Overrides are checked: an unknown key
+names the valid keys at that level, a value that does not parse as the field's type names the
+key, the expected type and the value given.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which file / key and why."""
+
+
+def load_config_module(spec: str):
+    """Import the config file named by `spec` (`path.py` or `path.py:arg`) as a module."""
+    path = spec.partition(":")[0]
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    name = "rlhf_jax_config_" + hashlib.md5(os.path.abspath(path).encode()).hexdigest()[:8]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # Show the user which file failed, keep the original traceback.
+        raise ConfigError(f"{path}: failed to execute config file: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: config file has no get_config() function")
+    return module
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`spec` is `path/to/file.py` or `path/to/file.py:arg`; returns `get_config([arg])`."""
+    path, _, arg = spec.partition(":")
+    module = load_config_module(spec)
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
+    return config
+
+
+def parse_value(key: str, text: str, current):
+    """Parse `text` as the type of `current` (the field's present value)."""
+    expected = type(current)
+    try:
+        if isinstance(current, bool):
+            low = text.strip().lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(current, int):
+            value = ast.literal_eval(text)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError
+            return value
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, (tuple, list)):
+            value = ast.literal_eval(text)
+            if isinstance(value, (int, float, str)):
+                value = (value,)
+            if not isinstance(value, (tuple, list)):
+                raise ValueError
+            return expected(value)
+        if current is None:  # Untyped placeholder: take a Python literal, else the string.
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return text
+    except (ValueError, SyntaxError):
+        pass
+    else:
+        raise ConfigError(f"config key {key!r} holds a {expected.__name__}; it cannot be overridden from the command line")
+    raise ConfigError(f"config key {key!r} expects a {expected.__name__} (now {current!r}); got {text!r}")
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Set `config.<key> = text` parsed as the existing field's type; `key` is dotted."""
+    parts = key.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "<top level>"
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}: {part!r} is not in {where}; valid keys there: {valid}.{hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(f"config key {key!r} is a group with keys {sorted(current.keys())}; set one of them")
+    with node.unlocked():
+        node[parts[-1]] = parse_value(key, text, current)
+
+
+def split_override_args(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate `--config.a.b=value` (or `--config.a.b value`) arguments from the rest."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value: {arg}=<value>")
+                value, i = argv[i + 1], i + 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    config = load_config_file(spec)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    config.lock()
+    return config
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def write_resolved_config(config, workdir: str, allow_change: bool = False) -> None:
+    """Write `<workdir>/config.json`; on resume, refuse a config that differs from the saved one."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    resolved = config_to_dict(config)
+    if os.path.exists(path) and not allow_change:
+        with open(path) as f:
+            saved = json.load(f)
+        changed = _diff_keys(saved, resolved)
+        if changed:
+            raise ConfigError(
+                f"{workdir} holds a run with a different config (keys {changed}); resuming it would mix "
+                "two experiments. Use a new --workdir, or pass --allow_config_change to resume anyway.")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [prefix.rstrip(".")] if a != b else []
+
+
+def read_resolved_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{workdir} has no config.json: is it a run directory?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,88 @@
+"""One device mesh per run, built from the config, and the shardings every stage uses.
+
+Axes: `data` (batch split, parameters replicated) and `fsdp` (batch split too, parameters and
+optimizer state split along their largest divisible dimension). Batches are sharded on both
+axes together. The same code runs on 1 CPU, 8 fake CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`), one GPU, or many hosts after
+`jax.distributed.initialize()`.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(config) -> Mesh:
+    """`config.data` and `config.fsdp` are axis sizes; -1 takes all remaining devices.
+
+    Explicit sizes whose product is smaller than the device count use the first devices
+    (e.g. data=1, fsdp=1 runs on one device: the reference for multi-device tests).
+    """
+    n = jax.device_count()
+    data, fsdp = int(config.data), int(config.fsdp)
+    if data > 0 and fsdp > 0 and data * fsdp < n:
+        devices = jax.devices()[: data * fsdp]
+        return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(f"mesh: data={config.data} x fsdp={config.fsdp} does not cover the {n} devices")
+    # Auto axes: shardings are given explicitly at the jit boundary (jax.make_mesh's default is Explicit).
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_size_per_mesh(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split across every device."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp_size: int) -> P:
+    """Split the largest dimension divisible by the fsdp size; replicate small or odd arrays."""
+    if fsdp_size == 1 or not shape:
+        return P()
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for i in order:
+        if shape[i] % fsdp_size == 0 and shape[i] >= fsdp_size:
+            spec = [None] * len(shape)
+            spec[i] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def param_shardings(mesh: Mesh, tree):
+    """Shardings for params / optimizer state: replicated, or FSDP-split when mesh.fsdp > 1."""
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), tree)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a host batch (pytree of arrays with a leading batch axis) on the mesh.
+
+    On several hosts each process passes its own slice; the global batch is their concatenation.
+    """
+    sharding = batch_sharding(mesh)
+    n = batch_size_per_mesh(mesh) // jax.process_count()
+
+    def put(x):
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the {n} local devices of the mesh")
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)

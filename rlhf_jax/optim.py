@@ -1,0 +1,45 @@
+"""Optimizers by name from the config (`configs/optimizers.py`).
+
+`learning_rate` may be passed in (a traced scalar inside `vmap`), so a vector of learning rates
+trains like a vector of seeds: build the optimizer inside the vmapped function.
+"""
+
+from __future__ import annotations
+
+import optax
+
+
+def learning_rate_schedule(config, learning_rate=None):
+    """constant | linear (decay to 0) | cosine, each with `warmup_steps` of linear warm-up."""
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    warmup, total = int(config.get("warmup_steps", 0)), int(config.get("decay_steps", 0))
+    kind = config.get("schedule", "constant")
+    if kind == "constant" and not warmup:
+        return lr
+    if kind == "constant":
+        decay = optax.constant_schedule(lr)
+    elif kind == "linear":
+        decay = optax.linear_schedule(lr, 0.0, max(total - warmup, 1))
+    elif kind == "cosine":
+        decay = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+    else:
+        raise ValueError(f"optimizer.schedule={kind!r}: expected 'constant', 'linear' or 'cosine'")
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    return decay
+
+
+def make_optimizer(config, learning_rate=None) -> optax.GradientTransformation:
+    """`config.name` in {'sgd', 'adam', 'adamw'}; optional gradient clipping by global norm."""
+    name = config.name
+    if name == "sgd":
+        # Plain gradient descent: new = old - learning_rate * gradient (the articles' step size).
+        opt = optax.sgd(learning_rate=learning_rate_schedule(config, learning_rate))
+    elif name in ("adam", "adamw"):
+        opt = optax.adamw(
+            learning_rate=learning_rate_schedule(config, learning_rate), b1=config.b1, b2=config.b2,
+            eps=config.eps, weight_decay=config.weight_decay if name == "adamw" else 0.0)
+    else:
+        raise ValueError(f"optimizer.name={name!r}: expected 'sgd', 'adam' or 'adamw'")
+    clip = config.get("grad_clip_norm", 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
