@@ -33,7 +33,7 @@ Text folders: every `*.txt` file below `path` (recursively, sorted by path) is r
 With `split_paragraphs=False` each file is one document; with `split_paragraphs=True` each
 blank-line-separated paragraph is one document. Empty documents are skipped.
 
-A malformed JSONL line raises ValueError('<file>:<line>: ...') naming the 1-based line number
+A malformed JSONL line raises ValueError('<file> line <n>: ...') naming the 1-based line number
 and the offending key.
 """
 
@@ -132,7 +132,7 @@ def _indexed(examples: list[dict]):
 
 
 def read_jsonl(path: str) -> list[tuple[str, object]]:
-    """[(where, row)] for every non-blank line of a JSONL file; `where` is '<path>:<line>'
+    """[(where, row)] for every non-blank line of a JSONL file; `where` is '<path> line <n>'
     (1-based) for error messages. Bad JSON raises ValueError naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -140,9 +140,9 @@ def read_jsonl(path: str) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}:{lineno}", json.loads(line)))
+                rows.append((f"{path} line {lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -354,7 +354,7 @@ class JsonlSftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class PreferencesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Preference pairs: prompt, chosen, rejected, metadata (a JSON string), margin (float, 0 if none).
+    """Preference pairs: prompt, chosen, rejected, metadata (JSON string), margin (float, 0: none).
 
     From a JSONL file (`path`, optional `validation_path`) or from records in memory
     (`records`: a list of dicts, or {split: list of dicts}) under the config name `name`.
@@ -454,7 +454,8 @@ def write_preferences(records, data_dir: str, name: str,
     """
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise ValueError(f"preferences name {name!r}: use lowercase letters, digits and _")
-    builder = PreferencesBuilder(records=records, name=name, validation_fraction=validation_fraction,
+    builder = PreferencesBuilder(records=records, name=name,
+                                 validation_fraction=validation_fraction,
                                  data_dir=os.path.expanduser(data_dir), file_format="array_record")
     if os.path.exists(builder.data_dir):
         shutil.rmtree(builder.data_dir)
