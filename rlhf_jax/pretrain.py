@@ -1,0 +1,180 @@
+"""Pre-training and supervised fine-tuning of the decoder-only language model.
+
+Both stages minimise next-token cross-entropy (`losses.next_token_loss`); they differ only in
+their batches:
+  - stage 'pretrain': packed windows of text, every token a target;
+  - stage 'sft':      prompt + response + EOS, the loss on response tokens (and EOS) only, and
+                      the parameters initialised from a pre-training run (`init_from`).
+
+The train state is {'params': nnx.State, 'opt_state': optax state}; `train_step` is pure and
+jitted with the state sharded by the mesh (replicated, or FSDP-split) and the batch split over
+every device. This file also holds the hand-offs later stages use: `load_run_params` (a finished
+run's params) and `sample_from_run` (the `rlhf-jax sample` command).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import losses, sampling
+from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import model as model_lib
+from rlhf_jax import run as run_lib
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.tokenizer import make_tokenizer
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def shard_state(state, mesh):
+    """Place a train state on the mesh; returns (state, shardings)."""
+    shardings = mesh_lib.param_shardings(mesh, state)
+    return jax.device_put(state, shardings), shardings
+
+
+def load_run_params(workdir: str, head: str = "lm"):
+    """Params of a finished run (pretrain, SFT, reward or PPO) from its last checkpoint.
+
+    Returns (model_config, graphdef, params). The abstract target is rebuilt from the run's own
+    config.json (model and optimizer), so Orbax restores every array with its true structure.
+    """
+    run_config = config_lib.read_resolved_config(workdir)
+    graphdef, abstract = model_lib.abstract_params(run_config.model, head)
+    optimizer = make_optimizer(run_config.optimizer)
+    target = {"params": abstract, "opt_state": jax.eval_shape(optimizer.init, abstract)}
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    state = run_lib.load_state(workdir, target)
+    return run_config.model, graphdef, state["params"]
+
+
+def init_params_for(config):
+    """Random init, or an earlier run's params (`init_from`), or a Hugging Face folder
+    (`init_from_hf`). Returns (model_config, graphdef, params)."""
+    if config.init_from and config.init_from_hf:
+        raise config_lib.ConfigError("set at most one of init_from and init_from_hf")
+    if config.init_from:
+        model_config, graphdef, params = load_run_params(config.init_from)
+        return model_config, graphdef, params
+    if config.init_from_hf:
+        from rlhf_jax import hf_import
+
+        model_config, params = hf_import.load_hf_checkpoint(config.init_from_hf)
+        graphdef, _ = model_lib.abstract_params(model_config)
+        return model_config, graphdef, params
+    graphdef, params = model_lib.init_params(config.model, "lm", config.seed)
+    return config.model, graphdef, params
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def language_model_loss(params, graphdef, batch):
+    """Next-token cross-entropy of a batch dict(tokens, positions, attention_mask, loss_mask)."""
+    outputs, _ = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
+    return losses.next_token_loss(outputs["logits"], batch["tokens"], batch["loss_mask"])
+
+
+def make_train_step(graphdef, optimizer, mesh, state_shardings):
+    """jit(train_step)(state, batch, rng) -> (state, metrics); the state buffers are donated."""
+
+    def train_step(state, batch, rng):
+        del rng  # Dropout is off; the signature is the one every stage shares.
+        grad_fn = jax.value_and_grad(language_model_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], graphdef, batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_fn(graphdef, mesh, batches, num_batches: int, unigram_loss: float):
+    """Mean validation loss over the first `num_batches` (unshuffled) batches, and perplexity."""
+    loss_fn = jax.jit(lambda params, batch: language_model_loss(params, graphdef, batch)[1])
+
+    def eval_fn(state, step):
+        total, tokens = 0.0, 0.0
+        for i in range(min(num_batches, len(batches))):
+            m = jax.device_get(loss_fn(state["params"], mesh_lib.shard_batch(batches[i], mesh)))
+            total += float(m["loss"]) * float(m["num_tokens"])
+            tokens += float(m["num_tokens"])
+        loss = total / max(tokens, 1.0)
+        return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/unigram_loss": unigram_loss}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def batches_for(config, source, tokenizer, shuffle=True, seed=None):
+    seed = config.seed if seed is None else seed
+    make = loaders.pretrain_batches if config.stage == "pretrain" else loaders.sft_batches
+    return make(source, tokenizer, config.seq_len, config.batch_size, seed, shuffle=shuffle)
+
+
+def train(config, workdir: str):
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tokenizer = make_tokenizer(config.tokenizer)
+    model_config, graphdef, params = init_params_for(config)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise config_lib.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                                     f"{model_config.vocab_size}")
+    data = builders.load_dataset(config.data, config.data_dir)
+    train_batches = batches_for(config, data["train"], tokenizer)
+    eval_batches = batches_for(config, data["validation"], tokenizer, shuffle=False)
+    optimizer = make_optimizer(config.optimizer)
+    state, shardings = shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    step_fn = make_train_step(graphdef, optimizer, mesh, shardings)
+    eval_fn = make_eval_fn(graphdef, mesh, eval_batches, config.eval_batches,
+                           loaders.unigram_entropy(data["validation"], tokenizer))
+    prompts = [p for p in config.sample_prompts]
+
+    def log_samples(state, step, writer):
+        if prompts and config.sample_every and (step % config.sample_every == 0 or step == config.num_steps):
+            texts = generate_texts(graphdef, state["params"], tokenizer, prompts, max_new_tokens=config.sample_tokens,
+                                   greedy=True, rng=jax.random.key(0))
+            table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, texts))
+            writer.write_text(step, "samples", table)
+            with open(os.path.join(workdir, "samples.txt"), "a") as f:
+                f.write(f"--- step {step}\n{table}\n")
+
+    return run_lib.train_loop(
+        workdir=workdir, state=state, step_fn=step_fn, rng=jax.random.key(config.seed),
+        batch_fn=lambda step: mesh_lib.shard_batch(train_batches[step], mesh),
+        num_steps=config.num_steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        eval_fn=eval_fn, eval_every=config.eval_every, log_fn=log_samples,
+        progress_every_s=config.get("progress_every_s", 10.0))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng, temperature=1.0,
+                   greedy=False, top_k=0, top_p=1.0, max_prompt_len=64):
+    tokens, mask = sampling.encode_prompts(tokenizer, prompts, max_prompt_len)
+    out = sampling.generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), rng,
+                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    return sampling.decode_responses(tokenizer, np.asarray(out["response"]), np.asarray(out["response_mask"]))
+
+
+def sample_from_run(workdir, prompt, num, temperature=1.0, max_new_tokens=128, greedy=False, seed=0):
+    """`rlhf-jax sample`: `num` responses of a trained run's policy to one prompt."""
+    run_config = config_lib.read_resolved_config(workdir)
+    _, graphdef, params = load_run_params(workdir)
+    tokenizer = make_tokenizer(run_config.get("tokenizer"))
+    print(f"sampling from {workdir} (temperature {temperature}{', greedy' if greedy else ''})", file=sys.stderr)
+    return generate_texts(graphdef, params, tokenizer, [prompt] * num, max_new_tokens=max_new_tokens,
+                          rng=jax.random.key(seed), temperature=temperature, greedy=greedy)
