@@ -1,0 +1,335 @@
+"""Decoder-only transformer (GPT-2 and Llama styles) and its functional API.
+
+The module is a plain `flax.nnx` module; training and sampling code use it functionally:
+
+    graphdef, params = init_params(config, head='lm', seed=0)
+    outputs, cache = apply(graphdef, params, tokens, positions, attention_mask)   # jittable
+    outputs['logits']   # [B, T, V] float32
+
+Shapes: B batch, T new tokens, S cache slots, V vocabulary, D head_dim, H query heads,
+K key/value heads (GQA: each key/value head serves H // K query heads).
+
+Heads ('head' argument):
+    'lm'             outputs['logits'] [B, T, V]         (policy, SFT, reference model)
+    'scalar'         outputs['scalar'] [B, T]            (reward model: unembedding replaced)
+    'lm_and_scalar'  both                                (policy with a value head)
+
+Padding: `attention_mask[B, T]` is 1 on real tokens. Pad tokens are never attended to; their
+own outputs are finite but meaningless. `positions[B, T]` are explicit, so left-padded prompts
+get positions 0, 1, ... on their real tokens (`positions_from_mask`).
+
+KV cache (a plain pytree, see `init_cache`): with a cache, `tokens` are the new tokens; their keys
+and values are written at slots [index, index + T) and they attend to every earlier slot whose
+key is real, and causally among themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+HEADS = ("lm", "scalar", "lm_and_scalar")
+_MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax, never NaN
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _check_config(config) -> None:
+    if config.d_model % config.num_heads:
+        raise ValueError(f"d_model={config.d_model} is not a multiple of num_heads={config.num_heads}")
+    if config.num_heads % config.num_kv_heads:
+        raise ValueError(f"num_heads={config.num_heads} is not a multiple of num_kv_heads={config.num_kv_heads}")
+    if config.positions not in ("learned", "rope"):
+        raise ValueError(f"positions={config.positions!r}: expected 'learned' or 'rope'")
+    if config.norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"norm={config.norm!r}: expected 'layernorm' or 'rmsnorm'")
+    if config.mlp not in ("gelu", "swiglu"):
+        raise ValueError(f"mlp={config.mlp!r}: expected 'gelu' or 'swiglu'")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
+    if config.param_dtype != "float32":
+        raise ValueError(f"param_dtype={config.param_dtype!r}: only 'float32' is supported")
+    if config.dropout != 0.0:
+        raise NotImplementedError(f"dropout={config.dropout}: dropout is not implemented; set model.dropout=0.0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, Llama ("rotate half") convention. x [B, T, N, D], positions [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _norm(config, rngs):
+    dtype = _dtype(config.dtype)
+    if config.norm == "layernorm":
+        return nnx.LayerNorm(config.d_model, epsilon=config.norm_eps, use_bias=config.use_bias,
+                             use_fast_variance=False, dtype=dtype, rngs=rngs)
+    return nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+
+
+def _linear(config, d_in, d_out, rngs, std=None):
+    return nnx.Linear(d_in, d_out, use_bias=config.use_bias, dtype=_dtype(config.dtype),
+                      kernel_init=nnx.initializers.normal(std or config.init_std), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.d_model // config.num_heads
+        self.rope_theta = config.rope_theta if config.positions == "rope" else None
+        d, hd, kvd = config.d_model, config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
+        residual_std = config.init_std / math.sqrt(2 * config.num_layers)  # GPT-2 scaled init
+        self.query = _linear(config, d, hd, rngs)
+        self.key = _linear(config, d, kvd, rngs)
+        self.value = _linear(config, d, kvd, rngs)
+        self.out = _linear(config, hd, d, rngs, std=residual_std)
+
+    def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+        """x [B, T, d_model], positions [B, T], mask [B, T, S] bool (True = may attend).
+
+        layer_cache: None, or {'k', 'v'} [B, S, K, D]; the new keys/values go to slots
+        [cache_index, cache_index + T). Returns (y [B, T, d_model], new layer_cache or None).
+        """
+        b, t, _ = x.shape
+        h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.query(x).reshape(b, t, h, d)
+        key = self.key(x).reshape(b, t, k, d)
+        value = self.value(x).reshape(b, t, k, d)
+        if self.rope_theta is not None:
+            q, key = apply_rope(q, positions, self.rope_theta), apply_rope(key, positions, self.rope_theta)
+        if layer_cache is not None:
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
+            value = jax.lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype), start)
+            layer_cache = {"k": key, "v": value}
+        q = q.reshape(b, t, k, h // k, d)  # query head k * G + g uses key/value head k
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, key.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(d)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        y = jnp.einsum("bkgts,bskd->btkgd", probs, value.astype(q.dtype)).reshape(b, t, h * d)
+        return self.out(y), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.kind = config.mlp
+        residual_std = config.init_std / math.sqrt(2 * config.num_layers)
+        if self.kind == "swiglu":
+            self.gate = _linear(config, config.d_model, config.d_ff, rngs)
+        self.up = _linear(config, config.d_model, config.d_ff, rngs)
+        self.down = _linear(config, config.d_ff, config.d_model, rngs, std=residual_std)
+
+    def __call__(self, x):
+        if self.kind == "swiglu":
+            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(jax.nn.gelu(self.up(x), approximate=True))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(config, rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = _norm(config, rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+        y, layer_cache = self.attn(self.attn_norm(x), positions, mask, layer_cache, cache_index)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, layer_cache
+
+
+def _scalar_head(config, rngs):
+    """One number per token, computed in float32. Small normal init (1 / sqrt(d_model + 1))."""
+    return nnx.Linear(config.d_model, 1, use_bias=True, dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(1.0 / math.sqrt(config.d_model + 1)), rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config, *, head: str = "lm", rngs: nnx.Rngs):
+        _check_config(config)
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: expected one of {HEADS}")
+        # Frozen (hashable) copy: it lives in the graphdef, so sampling can read shapes from it.
+        self.config = ml_collections.FrozenConfigDict(config)
+        self.head = head
+        dtype = _dtype(config.dtype)
+        embed_init = nnx.initializers.normal(config.init_std)
+        self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype, embedding_init=embed_init, rngs=rngs)
+        if config.positions == "learned":
+            self.position_embed = nnx.Embed(config.max_len, config.d_model, dtype=dtype,
+                                            embedding_init=embed_init, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = _norm(config, rngs)
+        if head in ("lm", "lm_and_scalar") and not config.tie_embeddings:
+            self.unembed = nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
+                                      kernel_init=embed_init, rngs=rngs)
+        if head in ("scalar", "lm_and_scalar"):
+            self.scalar_head = _scalar_head(config, rngs)
+
+    def __call__(self, tokens, positions, attention_mask, cache=None):
+        """tokens, positions, attention_mask: [B, T] int. cache: None or from `init_cache`.
+
+        Returns (outputs, cache): outputs {'logits': [B, T, V] f32} and/or {'scalar': [B, T] f32};
+        cache is the updated cache (index advanced by T), or None without one.
+        """
+        config = self.config
+        t = tokens.shape[1]
+        attention_mask = attention_mask.astype(bool)
+        # Pad ids may lie outside the vocabulary (e.g. GPT-2's added pad): look up id 0 there.
+        x = self.embed(jnp.where(attention_mask, tokens, 0))
+        if config.positions == "learned":
+            x = x + self.position_embed(jnp.clip(positions, 0, config.max_len - 1))
+
+        if cache is None:
+            key_mask, index = attention_mask, 0  # keys are the tokens themselves
+        else:
+            index = cache["index"]
+            key_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
+        query_slot = index + jnp.arange(t)  # [T]
+        causal = jnp.arange(key_mask.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
+        mask = key_mask[:, None, :] & causal[None]  # [B, T, S]
+
+        def run_block(block, x, layer_cache):
+            return block(x, positions, mask, layer_cache, index)
+
+        if config.remat:
+            run_block = nnx.remat(run_block)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = run_block(block, x, None if cache is None else cache["layers"][i])
+            new_layers.append(layer_cache)
+        x = self.final_norm(x)
+
+        outputs = {}
+        if self.head in ("lm", "lm_and_scalar"):
+            logits = self.embed.attend(x) if config.tie_embeddings else self.unembed(x)
+            outputs["logits"] = logits.astype(jnp.float32)
+        if self.head in ("scalar", "lm_and_scalar"):
+            outputs["scalar"] = self.scalar_head(x.astype(jnp.float32))[..., 0]
+        if cache is not None:
+            cache = {"layers": new_layers, "mask": key_mask, "index": index + t}
+        return outputs, cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+
+
+def abstract_params(config, head: str = "lm"):
+    """(graphdef, params as ShapeDtypeStructs) without allocating: for Orbax targets, shardings."""
+    model = nnx.eval_shape(lambda: Transformer(config, head=head, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def init_params(config, head: str = "lm", seed: int = 0):
+    """Random init. Returns (graphdef, params): params is an nnx.State pytree of float32 arrays."""
+    graphdef, _ = abstract_params(config, head)
+
+    @jax.jit
+    def init(key):
+        return nnx.split(Transformer(config, head=head, rngs=nnx.Rngs(key)))[1]
+
+    return graphdef, init(jax.random.key(seed))
+
+
+def apply(graphdef, params, tokens, positions, attention_mask, cache=None):
+    """Pure forward pass: `Transformer.__call__` on `nnx.merge(graphdef, params)`. Jittable."""
+    return nnx.merge(graphdef, params)(tokens, positions, attention_mask, cache)
+
+
+def model_config(graphdef, params) -> ml_collections.FrozenConfigDict:
+    """The frozen config a (graphdef, params) pair was built from. Cheap, also inside jit."""
+    return nnx.merge(graphdef, params).config
+
+
+def init_cache(config, batch_size: int, max_len: int, dtype=None):
+    """Empty KV cache for `max_len` slots.
+
+    {'layers': [{'k': [B, S, K, D], 'v': [B, S, K, D]}] * num_layers,
+     'mask': [B, S] bool (True where the slot holds a real token), 'index': int32 (next slot)}
+    """
+    dtype = dtype or _dtype(config.dtype)
+    shape = (batch_size, max_len, config.num_kv_heads, config.d_model // config.num_heads)
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)]
+    return {"layers": layers, "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def positions_from_mask(attention_mask):
+    """[B, T] mask -> [B, T] int32 positions: cumsum - 1, clipped at 0 (right for left padding)."""
+    mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads as pytree operations
+
+
+def _with_head(params, config, head: str, seed: int):
+    """Same trunk params, new head: copies every matching param, initializes the scalar head."""
+    graphdef, abstract = abstract_params(config, head)
+    old = dict(nnx.to_flat_state(params))
+    fresh_head = dict(nnx.to_flat_state(nnx.state(_scalar_head(config, nnx.Rngs(seed)))))
+    flat = []
+    for path, _ in nnx.to_flat_state(abstract):
+        if path[0] == "scalar_head":
+            flat.append((path, fresh_head[path[1:]]))
+        elif path in old:
+            flat.append((path, old[path]))
+        else:
+            raise ValueError(f"cannot build head {head!r}: params have no {'/'.join(map(str, path))}")
+    return graphdef, nnx.from_flat_state(flat)
+
+
+def replace_head_with_scalar(graphdef, params, config, seed: int = 0):
+    """Reward model from an LM: drop the unembedding, add a scalar head. Trunk params are shared
+    (the same arrays). Returns (graphdef, params) of a head='scalar' model."""
+    del graphdef  # the new graphdef comes from the config
+    return _with_head(params, config, "scalar", seed)
+
+
+def add_scalar_head(graphdef, params, config, seed: int = 0):
+    """Policy with a value head: keep the LM head, add a scalar head ('lm_and_scalar')."""
+    del graphdef
+    return _with_head(params, config, "lm_and_scalar", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accounting
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def flops_per_token(config, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H D T.
+
+    N counts the matmul weights (attention, MLP, unembedding, tied or not); embedding lookups
+    are free. The attention term is not halved for causality. T defaults to config.max_len.
+    """
+    t = seq_len or config.max_len
+    d, hd = config.d_model, config.d_model // config.num_heads
+    attn = d * config.num_heads * hd * 2 + d * config.num_kv_heads * hd * 2
+    mlp = (3 if config.mlp == "swiglu" else 2) * d * config.d_ff
+    n = config.num_layers * (attn + mlp) + d * config.vocab_size
+    return 6.0 * n + 12.0 * config.num_layers * config.num_heads * hd * t

@@ -1,0 +1,217 @@
+"""Transformer: shapes for every option, causality, left padding, KV cache, head surgery."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import models
+from rlhf_jax import model as M
+
+
+def micro(**overrides):
+    """A very small config so each variant compiles in well under a second."""
+    config = models.tiny()
+    config.update(dict(vocab_size=40, max_len=32, d_model=32, num_layers=2, num_heads=4,
+                       num_kv_heads=4, d_ff=64))
+    config.update(overrides)
+    return config
+
+
+def llama_micro(**overrides):
+    llama = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False,
+                 num_kv_heads=2)
+    return micro(**{**llama, **overrides})
+
+
+ARCHS = {"gpt2": micro, "llama": llama_micro}
+
+
+def random_tokens(seed, shape, vocab=40):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, size=shape), jnp.int32)
+
+
+def forward(graphdef, params, tokens, mask, cache=None, positions=None):
+    if positions is None:
+        positions = M.positions_from_mask(mask)
+    return M.apply(graphdef, params, tokens, positions, mask, cache)
+
+
+# Architecture options: a half-fraction of the 2^4 design (tie = parity of the other three),
+# so every pair of option values appears together. Compute options: each head with each dtype,
+# remat on and off, and MHA / GQA / MQA.
+_ARCH_OPTIONS = [(pos, norm, mlp, (pos == "rope") ^ (norm == "rmsnorm") ^ (mlp == "swiglu"))
+                 for pos, norm, mlp in itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"],
+                                                         ["gelu", "swiglu"])]
+_COMPUTE_OPTIONS = [("lm", "float32", False, 4), ("scalar", "bfloat16", True, 2),
+                    ("lm_and_scalar", "bfloat16", False, 1), ("lm", "bfloat16", True, 4),
+                    ("scalar", "float32", True, 1), ("lm_and_scalar", "float32", False, 2)]
+
+
+@pytest.mark.parametrize("positions,norm,mlp,tie", _ARCH_OPTIONS)
+def test_shapes_every_architecture(positions, norm, mlp, tie):
+    config = micro(positions=positions, norm=norm, mlp=mlp, tie_embeddings=tie, use_bias=(norm == "layernorm"))
+    graphdef, params = M.init_params(config, head="lm_and_scalar")
+    tokens = random_tokens(0, (2, 7))
+    mask = jnp.ones((2, 7), jnp.int32).at[0, :2].set(0)
+    outputs, cache = forward(graphdef, params, tokens, mask)
+    assert cache is None
+    assert outputs["logits"].shape == (2, 7, 40) and outputs["logits"].dtype == jnp.float32
+    assert outputs["scalar"].shape == (2, 7) and outputs["scalar"].dtype == jnp.float32
+    assert np.isfinite(outputs["logits"]).all() and np.isfinite(outputs["scalar"]).all()
+
+
+@pytest.mark.parametrize("head,dtype,remat,kv_heads", _COMPUTE_OPTIONS)
+def test_shapes_heads_dtype_remat_gqa(head, dtype, remat, kv_heads):
+    config = llama_micro(dtype=dtype, remat=remat, num_kv_heads=kv_heads)
+    graphdef, params = M.init_params(config, head=head)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    tokens = random_tokens(1, (3, 5))
+    mask = jnp.ones((3, 5), jnp.int32)
+    outputs, _ = jax.jit(forward, static_argnums=0)(graphdef, params, tokens, mask)
+    assert set(outputs) == {"lm": {"logits"}, "scalar": {"scalar"}, "lm_and_scalar": {"logits", "scalar"}}[head]
+    if "logits" in outputs:
+        assert outputs["logits"].shape == (3, 5, 40) and outputs["logits"].dtype == jnp.float32
+    if "scalar" in outputs:
+        assert outputs["scalar"].shape == (3, 5) and outputs["scalar"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_close_to_float32(arch):
+    graphdef32, params = M.init_params(ARCHS[arch](), seed=3)
+    graphdef16, _ = M.abstract_params(ARCHS[arch](dtype="bfloat16"))
+    tokens = random_tokens(2, (2, 6))
+    mask = jnp.ones((2, 6), jnp.int32)
+    logits32 = forward(graphdef32, params, tokens, mask)[0]["logits"]
+    logits16 = forward(graphdef16, params, tokens, mask)[0]["logits"]
+    np.testing.assert_allclose(logits16, logits32, atol=0.05)
+
+
+def test_remat_gives_same_gradients():
+    graphdef, params = M.init_params(llama_micro(), seed=4)
+    graphdef_remat, _ = M.abstract_params(llama_micro(remat=True))
+    tokens = random_tokens(3, (2, 6))
+    mask = jnp.ones((2, 6), jnp.int32)
+
+    def loss(params, graphdef):
+        return jnp.mean(forward(graphdef, params, tokens, mask)[0]["logits"] ** 2)
+
+    grads = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef)
+    grads_remat = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef_remat)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causal(arch):
+    graphdef, params = M.init_params(ARCHS[arch](), seed=5)
+    tokens = random_tokens(4, (2, 8))
+    mask = jnp.ones((2, 8), jnp.int32)
+    changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % 40)
+    before = forward(graphdef, params, tokens, mask)[0]["logits"]
+    after = forward(graphdef, params, changed, mask)[0]["logits"]
+    np.testing.assert_array_equal(before[:, :5], after[:, :5])
+    assert not np.allclose(before[:, 5:], after[:, 5:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_matches_unpadded(arch):
+    graphdef, params = M.init_params(ARCHS[arch](), seed=6)
+    tokens = random_tokens(5, (1, 5))
+    unpadded = forward(graphdef, params, tokens, jnp.ones((1, 5), jnp.int32))[0]["logits"]
+    pad = 3
+    padded_tokens = jnp.concatenate([jnp.full((1, pad), 39, jnp.int32), tokens], axis=1)
+    padded_mask = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), jnp.ones((1, 5), jnp.int32)], axis=1)
+    outputs = forward(graphdef, params, padded_tokens, padded_mask)[0]["logits"]
+    assert np.isfinite(outputs).all()
+    np.testing.assert_allclose(outputs[:, pad:], unpadded, atol=1e-5)
+
+
+def test_positions_from_mask():
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    expected = np.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(M.positions_from_mask(mask), expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_cached_decoding_equals_full_forward(arch, chunk):
+    config = ARCHS[arch]()
+    graphdef, params = M.init_params(config, seed=7)
+    b, prompt_len, total = 2, 4, 10
+    tokens = random_tokens(6, (b, total))
+    mask = jnp.ones((b, total), jnp.int32).at[0, :2].set(0)  # row 0 left-padded
+    positions = M.positions_from_mask(mask)
+    full = forward(graphdef, params, tokens, mask)[0]["logits"]
+
+    step = jax.jit(M.apply, static_argnums=0)
+    cache = M.init_cache(config, b, total)
+    outputs, cache = step(graphdef, params, tokens[:, :prompt_len], positions[:, :prompt_len],
+                          mask[:, :prompt_len], cache)
+    pieces = [outputs["logits"]]
+    for start in range(prompt_len, total, chunk):
+        sl = slice(start, start + chunk)
+        outputs, cache = step(graphdef, params, tokens[:, sl], positions[:, sl], mask[:, sl], cache)
+        pieces.append(outputs["logits"])
+    assert int(cache["index"]) == total
+    cached = jnp.concatenate(pieces, axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replace_head_with_scalar_keeps_trunk(arch):
+    config = ARCHS[arch]()
+    graphdef, params = M.init_params(config, seed=8)
+    rm_graphdef, rm_params = M.replace_head_with_scalar(graphdef, params, config, seed=1)
+    lm_flat, rm_flat = dict(nnx.to_flat_state(params)), dict(nnx.to_flat_state(rm_params))
+    trunk = [p for p in lm_flat if p[0] != "unembed"]
+    assert set(rm_flat) == set(trunk) | {("scalar_head", "kernel"), ("scalar_head", "bias")}
+    for path in trunk:
+        np.testing.assert_array_equal(rm_flat[path][...], lm_flat[path][...])
+    assert rm_flat[("scalar_head", "kernel")][...].std() > 0
+
+    tokens = random_tokens(7, (2, 6))
+    mask = jnp.ones((2, 6), jnp.int32)
+    outputs, _ = forward(rm_graphdef, rm_params, tokens, mask)
+    assert set(outputs) == {"scalar"} and outputs["scalar"].shape == (2, 6)
+    assert np.isfinite(outputs["scalar"]).all()
+
+    # The reward model trains on its own: a gradient step on it leaves the LM params untouched.
+    grads = jax.grad(lambda p: forward(rm_graphdef, p, tokens, mask)[0]["scalar"].sum())(rm_params)
+    assert set(dict(nnx.to_flat_state(grads))) == set(rm_flat)
+
+
+def test_add_scalar_head_keeps_logits():
+    config = llama_micro()
+    graphdef, params = M.init_params(config, seed=9)
+    vgraphdef, vparams = M.add_scalar_head(graphdef, params, config, seed=2)
+    tokens = random_tokens(8, (2, 6))
+    mask = jnp.ones((2, 6), jnp.int32)
+    lm = forward(graphdef, params, tokens, mask)[0]
+    both = forward(vgraphdef, vparams, tokens, mask)[0]
+    np.testing.assert_array_equal(both["logits"], lm["logits"])
+    assert both["scalar"].shape == (2, 6)
+
+
+def test_config_errors():
+    with pytest.raises(NotImplementedError, match="dropout"):
+        M.init_params(micro(dropout=0.1))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        M.init_params(micro(num_kv_heads=3))
+    with pytest.raises(ValueError, match="head="):
+        M.init_params(micro(), head="value")
+
+
+def test_presets_have_the_same_fields():
+    presets = [models.tiny(), models.small(), models.gpt2_124m(), models.llama_tiny()]
+    for preset in presets:
+        assert set(preset.keys()) == set(presets[0].keys())
+    graphdef, params = M.abstract_params(models.gpt2_124m())
+    assert 124e6 < M.count_params(params) < 125e6
+    assert M.flops_per_token(models.gpt2_124m(), 1024) > 6 * 85e6
+    _, tiny_params = M.abstract_params(models.llama_tiny())
+    assert M.count_params(tiny_params) > 0
