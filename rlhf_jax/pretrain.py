@@ -92,7 +92,7 @@ def make_train_step(graphdef, optimizer, mesh, state_shardings):
         (_, metrics), grads = grad_fn(state["params"], graphdef, batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),

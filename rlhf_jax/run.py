@@ -205,7 +205,10 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
             step += steps_per_call
             pending.append(metrics)
             last = step >= num_steps
-            if step % log_every == 0 or last:
+            checkpoint_now = step % checkpoint_every == 0 or last
+            # Checkpoint steps close a logging window too, so a resumed run logs what an
+            # uninterrupted one would.
+            if step % log_every == 0 or checkpoint_now:
                 row = _mean_metrics(jax.device_get(pending))
                 pending = []
                 if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
@@ -214,7 +217,7 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
                 if log_fn is not None:
                     log_fn(state, step, writer)
                 progress.update(step, row, force=last)
-            if step % checkpoint_every == 0 or last:
+            if checkpoint_now:
                 save_checkpoint(manager, step, state)
             if step == _FAULT_AFTER_STEP:  # Fault injection for the resume tests: die like `kill -9`.
                 manager.wait_until_finished()

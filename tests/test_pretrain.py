@@ -1,0 +1,148 @@
+"""Pre-training / SFT: the loss against NumPy, data-parallel and FSDP equality, resume."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from configs import datasets, mesh as mesh_configs, models, optimizers
+from configs.stages import language_model_stage
+from rlhf_jax import cli
+from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import model as model_lib
+from rlhf_jax import pretrain
+from rlhf_jax import run as run_lib
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.tokenizer import ByteTokenizer
+
+
+def micro_model():
+    m = models.tiny()
+    m.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64, max_len=64)
+    return m
+
+
+def micro_config(stage, data_dir, **kw):
+    c = language_model_stage(stage, num_steps=kw.pop("num_steps", 8), batch_size=8, seq_len=64, learning_rate=3e-3)
+    c.model = micro_model()
+    c.data = datasets.reviews(num_train=200, num_validation=40) if stage == "pretrain" else \
+        datasets.reviews_sft(num_train=200, num_validation=40)
+    c.data_dir = str(data_dir)
+    c.update(kw)
+    return c
+
+
+@pytest.fixture(scope="module")
+def sft_source(tmp_path_factory):
+    return builders.load_dataset(datasets.reviews_sft(num_train=200, num_validation=40),
+                                 str(tmp_path_factory.mktemp("data")))
+
+
+def numpy_next_token_loss(logits, tokens, loss_mask):
+    logits = logits[:, :-1].astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    targets = tokens[:, 1:]
+    picked = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    m = loss_mask[:, 1:].astype(bool)
+    return -picked[m].mean()
+
+
+def test_sft_loss_counts_response_tokens_only(sft_source):
+    tok = ByteTokenizer()
+    batch = loaders.sft_batches(sft_source["train"], tok, 64, 8, seed=0)[0]
+    graphdef, params = model_lib.init_params(micro_model(), seed=1)
+    loss, metrics = pretrain.language_model_loss(params, graphdef, batch)
+    outputs, _ = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
+    expected = numpy_next_token_loss(np.asarray(outputs["logits"]), batch["tokens"], batch["loss_mask"])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert int(metrics["num_tokens"]) == int(batch["loss_mask"][:, 1:].sum())
+    # Prompt targets do not count: changing the loss mask on them changes nothing only if it is 0 there.
+    prompt_and_pad = batch["loss_mask"] == 0
+    assert prompt_and_pad.any() and (batch["loss_mask"].sum(1) > 0).all()
+
+
+def run_steps(mesh_config, num_steps=3):
+    mesh = mesh_lib.make_mesh(mesh_config)
+    graphdef, params = model_lib.init_params(micro_model(), seed=0)
+    optimizer = make_optimizer(optimizers.adam(1e-2))
+    state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    step = pretrain.make_train_step(graphdef, optimizer, mesh, shardings)
+    rng = np.random.default_rng(0)
+    losses = []
+    for i in range(num_steps):
+        tokens = rng.integers(0, 256, (16, 64)).astype(np.int32)
+        batch = dict(tokens=tokens, positions=np.broadcast_to(np.arange(64, dtype=np.int32), (16, 64)).copy(),
+                     attention_mask=np.ones((16, 64), np.int32), loss_mask=np.ones((16, 64), np.int32))
+        state, metrics = step(state, mesh_lib.shard_batch(batch, mesh), jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize("name, data, fsdp", [("data-parallel", -1, 1), ("fsdp", 1, -1), ("2x4", 2, 4)])
+def test_multi_device_step_equals_single_device(name, data, fsdp):
+    ref_state, ref_losses = single_device_reference()
+    state, losses = run_steps(_mesh(data, fsdp))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # Adam magnifies reduction-order noise in ~0 grads.
+    if fsdp != 1:  # Parameters and Adam moments really are split on the fsdp axis.
+        emb = [x for x in jax.tree.leaves(state["params"]) if x.ndim == 2][0]
+        assert "fsdp" in str(emb.sharding.spec)
+        moments = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "ndim", 0) == 2]
+        assert any("fsdp" in str(m.sharding.spec) for m in moments)
+
+
+@functools.lru_cache(maxsize=1)
+def single_device_reference():
+    return run_steps(_mesh(1, 1))
+
+
+def _mesh(data, fsdp):
+    c = mesh_configs.data_parallel()
+    c.data, c.fsdp = data, fsdp
+    return c
+
+
+class CrashAt:
+    """Batches that raise at one step: a run that dies mid-way (after its step-4 checkpoint)."""
+
+    def __init__(self, batches, step):
+        self.batches, self.step = batches, step
+
+    def __getitem__(self, i):
+        if i == self.step:
+            raise RuntimeError(f"simulated crash at step {i}")
+        return self.batches[i]
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    config = micro_config("pretrain", tmp_path / "data", num_steps=8, checkpoint_every=4, eval_every=4)
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    cli.run_stage(config, straight)
+    real = loaders.pretrain_batches
+    with monkeypatch.context() as m:
+        m.setattr(loaders, "pretrain_batches", lambda *a, **k: CrashAt(real(*a, **k), 6) if k.get("shuffle", True) else real(*a, **k))
+        with pytest.raises(RuntimeError, match="simulated crash at step 6"):
+            cli.run_stage(config, crashed)
+    assert not run_lib.is_finished(crashed)
+    cli.run_stage(config, crashed)  # Same command again: resumes from step 4.
+    _, _, a = pretrain.load_run_params(straight)
+    _, _, b = pretrain.load_run_params(crashed)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert run_lib.read_metrics(crashed) == run_lib.read_metrics(straight)
+
+
+def test_sft_starts_from_the_pretrain_checkpoint(tmp_path):
+    pre = str(tmp_path / "pre")
+    cli.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=4), pre, allow_config_change=True)
+    _, _, pre_params = pretrain.load_run_params(pre)
+    config = micro_config("sft", tmp_path / "data", init_from=pre)
+    _, _, init = pretrain.init_params_for(config)
+    for x, y in zip(jax.tree.leaves(pre_params), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
