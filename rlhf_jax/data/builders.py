@@ -408,6 +408,7 @@ class PreferencesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
 def prepare(builder) -> dict[str, Source]:
     """Write the dataset unless it is already in builder.data_dir; return {split: Source}."""
+    tfds.disable_progress_bar()  # Progress bars would flood the run logs; the datasets are small.
     builder.download_and_prepare()
     return {split: Source(source) for split, source in builder.as_data_source().items()}
 
