@@ -25,6 +25,7 @@ key is real, and causally among themselves.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -244,12 +245,13 @@ def abstract_params(config, head: str = "lm"):
 def init_params(config, head: str = "lm", seed: int = 0):
     """Random init. Returns (graphdef, params): params is an nnx.State pytree of float32 arrays."""
     graphdef, _ = abstract_params(config, head)
+    return graphdef, _init_state(ml_collections.FrozenConfigDict(config), head, jax.random.key(seed))
 
-    @jax.jit
-    def init(key):
-        return nnx.split(Transformer(config, head=head, rngs=nnx.Rngs(key)))[1]
 
-    return graphdef, init(jax.random.key(seed))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_state(config, head, key):
+    """Compiled once per (config, head); the seed is traced."""
+    return nnx.split(Transformer(config, head=head, rngs=nnx.Rngs(key)))[1]
 
 
 def apply(graphdef, params, tokens, positions, attention_mask, cache=None):

@@ -1,5 +1,6 @@
 """Transformer: shapes for every option, causality, left padding, KV cache, head surgery."""
 
+import functools
 import itertools
 
 import jax
@@ -34,6 +35,7 @@ def random_tokens(seed, shape, vocab=40):
     return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, size=shape), jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def forward(graphdef, params, tokens, mask, cache=None, positions=None):
     if positions is None:
         positions = M.positions_from_mask(mask)
@@ -71,7 +73,7 @@ def test_shapes_heads_dtype_remat_gqa(head, dtype, remat, kv_heads):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     tokens = random_tokens(1, (3, 5))
     mask = jnp.ones((3, 5), jnp.int32)
-    outputs, _ = jax.jit(forward, static_argnums=0)(graphdef, params, tokens, mask)
+    outputs, _ = forward(graphdef, params, tokens, mask)
     assert set(outputs) == {"lm": {"logits"}, "scalar": {"scalar"}, "lm_and_scalar": {"logits", "scalar"}}[head]
     if "logits" in outputs:
         assert outputs["logits"].shape == (3, 5, 40) and outputs["logits"].dtype == jnp.float32
@@ -181,7 +183,7 @@ def test_replace_head_with_scalar_keeps_trunk(arch):
     assert np.isfinite(outputs["scalar"]).all()
 
     # The reward model trains on its own: a gradient step on it leaves the LM params untouched.
-    grads = jax.grad(lambda p: forward(rm_graphdef, p, tokens, mask)[0]["scalar"].sum())(rm_params)
+    grads = jax.jit(jax.grad(lambda p: forward(rm_graphdef, p, tokens, mask)[0]["scalar"].sum()))(rm_params)
     assert set(dict(nnx.to_flat_state(grads))) == set(rm_flat)
 
 

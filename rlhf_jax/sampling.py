@@ -1,0 +1,157 @@
+"""Batched autoregressive sampling with a KV cache, compiled once per shape.
+
+    tokens, mask = encode_prompts(tokenizer, texts, max_prompt_len=64)        # left-padded
+    out = generate(graphdef, params, tokens, mask, rng, max_new_tokens=32,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, temperature=0.7, top_k=50)
+    texts = decode_responses(tokenizer, out['response'], out['response_mask'])
+
+How it runs: positions come from the prompt mask (so left padding is invisible to the model);
+one prefill call writes the whole prompt into the cache, then a `lax.while_loop` samples one
+token per step and feeds it back, until `max_new_tokens` or until every row has emitted EOS.
+
+What is static (a new value compiles a new program): the shapes, `max_new_tokens`, `eos_id`,
+`pad_id`, `top_k`, `top_p` and `greedy`. `temperature` is traced, so a temperature sweep reuses
+one program. `temperature` must be > 0 (it also scales the returned log-probs when greedy).
+
+The returned `logprobs` are those of the *unfiltered* temperature distribution,
+log_softmax(logits / temperature)[token]: what PPO recomputes from a full forward pass.
+top-k / top-p only change which token is drawn.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.model import apply, init_cache, model_config, positions_from_mask
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Set to -inf every logit outside the top-k, then outside the top-p nucleus. [..., V].
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p: a
+    token is kept when the probability of the tokens strictly ranked above it is < top_p
+    (so the most likely token is always kept; tokens tied with the last kept one are kept).
+    """
+    if top_k > 0:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        num_kept = jnp.sum(mass_above < top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_token(rng, logits, temperature, *, top_k: int = 0, top_p: float = 1.0, greedy: bool = False):
+    """logits [B, V] -> (token [B] int32, logprob [B] float32 under the unfiltered temperature softmax)."""
+    scaled = logits.astype(jnp.float32) / temperature
+    if greedy:
+        token = jnp.argmax(scaled, axis=-1)
+    else:
+        token = jax.random.categorical(rng, filter_logits(scaled, top_k, top_p), axis=-1)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logprob
+
+
+def generate(graphdef, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int, eos_id: int,
+             pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             greedy: bool = False) -> dict:
+    """Sample `max_new_tokens` continuations of left-padded prompts.
+
+    prompt_tokens, prompt_mask: [B, P] (mask 1 on real tokens; padding on the left).
+    Returns a dict of arrays:
+        tokens          [B, P + N] int32   prompt then response
+        attention_mask  [B, P + N] int32   prompt_mask then response_mask
+        response        [B, N] int32       pad_id after EOS
+        response_mask   [B, N] int32       1 up to and including EOS
+        logprobs        [B, N] float32     log_softmax(logits / temperature)[token]; 0 where masked
+    """
+    return _generate(graphdef, params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+                     rng, jnp.asarray(temperature, jnp.float32), max_new_tokens=int(max_new_tokens),
+                     eos_id=int(eos_id), pad_id=int(pad_id), top_k=int(top_k), top_p=float(top_p),
+                     greedy=bool(greedy))
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "top_k", "top_p", "greedy"))
+def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *, max_new_tokens, eos_id,
+              pad_id, top_k, top_p, greedy):
+    config = model_config(graphdef, params)
+    batch, prompt_len = prompt_tokens.shape
+    cache = init_cache(config, batch, prompt_len + max_new_tokens)
+
+    # Prefill: the whole prompt in one call. With left padding, the last column is every row's
+    # last real token, so its logits predict the first response token.
+    outputs, cache = apply(graphdef, params, prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
+
+    def not_finished(state):
+        return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
+
+    def decode_step(state):
+        step, done = state["step"], state["done"]
+        token, logprob = sample_token(jax.random.fold_in(rng, step), state["logits"], temperature,
+                                      top_k=top_k, top_p=top_p, greedy=greedy)
+        active = ~done
+        token = jnp.where(active, token, pad_id)
+        outputs, cache = apply(graphdef, params, token[:, None], state["position"][:, None],
+                               active[:, None].astype(jnp.int32), state["cache"])
+        return {
+            "step": step + 1,
+            "done": done | (token == eos_id),
+            "logits": outputs["logits"][:, 0],
+            "position": state["position"] + 1,
+            "cache": cache,
+            "response": state["response"].at[:, step].set(token),
+            "response_mask": state["response_mask"].at[:, step].set(active.astype(jnp.int32)),
+            "logprobs": state["logprobs"].at[:, step].set(jnp.where(active, logprob, 0.0)),
+        }
+
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "done": jnp.zeros((batch,), bool),
+        "logits": outputs["logits"][:, -1],
+        "position": jnp.sum(prompt_mask, axis=-1).astype(jnp.int32),  # next position per row
+        "cache": cache,
+        "response": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        "response_mask": jnp.zeros((batch, max_new_tokens), jnp.int32),
+        "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
+    }
+    state = jax.lax.while_loop(not_finished, decode_step, state)
+    return {
+        "tokens": jnp.concatenate([prompt_tokens, state["response"]], axis=1),
+        "attention_mask": jnp.concatenate([prompt_mask, state["response_mask"]], axis=1),
+        "response": state["response"],
+        "response_mask": state["response_mask"],
+        "logprobs": state["logprobs"],
+    }
+
+
+def encode_prompts(tokenizer, texts, max_prompt_len: int, *, add_bos: bool = False):
+    """Texts -> (tokens, mask), both [B, max_prompt_len] int32 NumPy arrays.
+
+    Left-padded with tokenizer.pad_id; a text longer than max_prompt_len keeps its last tokens
+    (truncated from the left, so the prompt still ends where the response begins).
+    """
+    tokens = np.full((len(texts), max_prompt_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(texts), max_prompt_len), np.int32)
+    for row, text in enumerate(texts):
+        ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(text))
+        ids = ids[-max_prompt_len:] if max_prompt_len > 0 else []
+        if ids:
+            tokens[row, -len(ids):] = ids
+            mask[row, -len(ids):] = 1
+    return tokens, mask
+
+
+def decode_responses(tokenizer, response, response_mask) -> list[str]:
+    """[B, N] response tokens -> B strings (masked tokens and EOS dropped)."""
+    response, response_mask = np.asarray(response), np.asarray(response_mask)
+    return [tokenizer.decode([int(t) for t, m in zip(row, mask_row) if m and t != tokenizer.eos_id])
+            for row, mask_row in zip(response, response_mask)]
