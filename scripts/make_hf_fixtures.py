@@ -1,0 +1,70 @@
+"""Build the tiny Hugging Face reference checkpoints used by tests/test_hf_import.py.
+
+Needs the optional reference stack (tests do not):
+    pip install torch==2.13.0 transformers
+Run from the repository root:
+    python scripts/make_hf_fixtures.py
+
+Each folder gets config.json + model.safetensors (float32, random weights), inputs.npy [2, T]
+(row 1 left-padded), attention_mask.npy [2, T] and expected_logits.npy [2, T, V]: the
+transformers forward pass in float32 with position_ids = cumsum(mask) - 1 clipped at 0 (our
+convention for left padding). Every parameter, norms and biases included, gets random noise,
+so a swapped or transposed tensor cannot go unnoticed.
+"""
+
+import os
+
+import numpy as np
+import torch
+import transformers
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
+VOCAB, LENGTH, PADDING = 300, 12, 4
+
+
+def perturb(model, scale=0.05):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def save(model, name):
+    folder = os.path.join(ROOT, name)
+    os.makedirs(folder, exist_ok=True)
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    rng = np.random.RandomState(0)
+    inputs = rng.randint(0, VOCAB, size=(2, LENGTH)).astype(np.int32)
+    mask = np.ones((2, LENGTH), np.int32)
+    inputs[1, :PADDING], mask[1, :PADDING] = 0, 0
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(inputs, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long),
+                       position_ids=torch.tensor(positions, dtype=torch.long)).logits
+    np.save(os.path.join(folder, "inputs.npy"), inputs)
+    np.save(os.path.join(folder, "attention_mask.npy"), mask)
+    np.save(os.path.join(folder, "expected_logits.npy"), logits.float().numpy())
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"{folder}: {sorted(os.listdir(folder))}, {size / 1e6:.2f} MB")
+
+
+def main():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
+        initializer_range=0.1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1))
+    perturb(gpt2)
+    save(gpt2, "hf_gpt2_tiny")
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        initializer_range=0.1, attention_bias=False, mlp_bias=False))
+    perturb(llama)
+    save(llama, "hf_llama_tiny")
+
+
+if __name__ == "__main__":
+    main()
