@@ -1,0 +1,318 @@
+"""The reward model: the SFT model with its unembedding replaced by a scalar head, trained on
+pairwise preferences with the Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected [- margin]).
+
+    rlhf-jax train --config=experiments/reviews/reward.py --workdir=runs/reviews/reward
+
+The stage (config.stage == 'reward'):
+  1. preferences: with config.preferences.enabled, sample / pair / label into
+     <workdir>/preferences (rlhf_jax.preferences.make_preferences, idempotent); else read
+     config.data (e.g. `preferences_jsonl` for an imported file);
+  2. params: those of the SFT run config.init_from, unembedding -> scalar head
+     (model.replace_head_with_scalar: a pytree operation, the trunk is copied as is);
+  3. train: pure jitted train_step(state, batch, rng), state {'params', 'opt_state'} sharded by
+     the mesh like pretrain.make_train_step; metrics loss, accuracy, margin_mean, reward_mean,
+     reward_std, grad_norm;
+  4. eval on held-out pairs (the 'validation' split): eval/accuracy against the labels,
+     eval/gold_accuracy against the gold score's ordering, eval/loss, and eval/spearman, the rank
+     correlation between reward and gold score (VADER of the response) over held-out responses;
+  5. normalisation (config.normalize.enabled): score the SFT policy's samples on prompts and store
+     (mean, std) in <workdir>/reward_normalization.json, so (r - mean) / std has mean 0 / std 1
+     on them (the samples and their rewards go to normalization_samples.jsonl).
+
+The reward is the scalar head's output at the LAST REAL token of prompt + response + EOS, the
+position max{t : attention_mask[t] = 1} (= mask.sum(-1) - 1 for right padding); positions come
+from the mask, so left-padded prompts score like unpadded ones.
+
+Public API (PPO codes against it):
+    load_reward_model(workdir) -> (model_config, graphdef, params, {'mean', 'std'})
+    reward_scores(graphdef, params, tokens [B, T], attention_mask [B, T]) -> [B]   raw, jittable
+    score_from_run(workdir, prompt, response) -> float                             normalised
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import labelers, losses, preferences, pretrain
+from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import model as model_lib
+from rlhf_jax import run as run_lib
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.tokenizer import make_tokenizer
+
+NORMALIZATION_FILE = "reward_normalization.json"
+NORMALIZATION_SAMPLES_FILE = "normalization_samples.jsonl"
+
+
+# ----------------------------------------------------------------------------- the reward
+
+
+def last_token_index(attention_mask):
+    """[B, T] mask -> [B] int32 index of the last real token (0 for a row with none)."""
+    mask = jnp.asarray(attention_mask).astype(bool)
+    t = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask, t, 0), axis=-1)
+
+
+def reward_scores(graphdef, params, tokens, attention_mask):
+    """Raw rewards [B] float32: the scalar head at the last real token of each row.
+
+    tokens, attention_mask: [B, T] (prompt + response + EOS, any padding: left, right or both).
+    Pure and jittable; apply the normalisation of load_reward_model yourself: (r - mean) / std.
+    """
+    positions = model_lib.positions_from_mask(attention_mask)
+    outputs, _ = model_lib.apply(graphdef, params, tokens, positions, attention_mask)
+    last = last_token_index(attention_mask)
+    return jnp.take_along_axis(outputs["scalar"], last[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def preference_loss(params, graphdef, batch, use_margin: bool, center_coef: float):
+    """Bradley-Terry loss of a batch dict(chosen_tokens, chosen_mask, rejected_tokens,
+    rejected_mask [B, T], margin [B]) -> (loss, metrics)."""
+    r_chosen = reward_scores(graphdef, params, batch["chosen_tokens"], batch["chosen_mask"])
+    r_rejected = reward_scores(graphdef, params, batch["rejected_tokens"], batch["rejected_mask"])
+    margin = batch["margin"] if use_margin else None
+    return losses.bradley_terry_loss(r_chosen, r_rejected, margin, center_coef)
+
+
+def make_train_step(graphdef, optimizer, mesh, state_shardings, loss_config):
+    """jit(train_step)(state, batch, rng) -> (state, metrics); the state buffers are donated."""
+    use_margin, center_coef = bool(loss_config.use_margin), float(loss_config.center_coef)
+
+    def train_step(state, batch, rng):
+        del rng  # Dropout is off; the signature is the one every stage shares.
+        grad_fn = jax.value_and_grad(preference_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state["params"], graphdef, batch, use_margin, center_coef)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- scoring texts
+
+
+def encode_texts(tokenizer, prompts, responses, seq_len: int):
+    """prompt + response + EOS rows, right-padded: (tokens, mask) [N, seq_len] int32 (as in
+    loaders.preference_batches, so training and scoring see the same rows)."""
+    rows = [loaders.join_prompt_response(tokenizer.encode(p), tokenizer.encode(r), seq_len,
+                                         tokenizer.eos_id)[0] for p, r in zip(prompts, responses)]
+    tokens = np.full((len(rows), seq_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(rows), seq_len), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return tokens, mask
+
+
+def make_scorer(graphdef, tokenizer, seq_len: int, batch_size: int = 64):
+    """score(params, prompts, responses) -> [N] float64 raw rewards, in fixed-size batches (one
+    compile; the last batch is padded with empty rows whose scores are dropped)."""
+    score_batch = jax.jit(lambda params, tokens, mask: reward_scores(graphdef, params, tokens, mask))
+
+    def score(params, prompts, responses):
+        tokens, mask = encode_texts(tokenizer, prompts, responses, seq_len)
+        n = len(tokens)
+        pad = -n % batch_size
+        tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])
+        mask = np.concatenate([mask, np.zeros((pad, seq_len), np.int32)])
+        out = [np.asarray(score_batch(params, tokens[i:i + batch_size], mask[i:i + batch_size]))
+               for i in range(0, len(tokens), batch_size)]
+        return np.concatenate(out)[:n].astype(np.float64) if out else np.zeros([0])
+
+    return score
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def rank_correlation(x, y) -> float:
+    """Spearman's rho: Pearson correlation of the ranks, ties given their average rank."""
+    def ranks(v):
+        v = np.asarray(v, np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=r)
+        return sums[inverse] / counts[inverse]
+
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else 0.0
+
+
+def make_eval_fn(score, pairs: list[dict], gold_fn):
+    """eval_fn(state, step) on held-out pairs [{'prompt', 'chosen', 'rejected'}]."""
+    prompts = [p["prompt"] for p in pairs]
+    # Unique held-out responses (a response can appear in several pairs) and their gold scores.
+    texts = sorted({(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")})
+    gold = np.asarray([gold_fn(p, r) for p, r in texts])
+    gold_of = dict(zip(texts, gold))
+    gold_diff = np.asarray([gold_of[(p["prompt"], p["chosen"])] - gold_of[(p["prompt"], p["rejected"])]
+                            for p in pairs])
+
+    def eval_fn(state, step):
+        params = state["params"]
+        r_chosen = score(params, prompts, [p["chosen"] for p in pairs])
+        r_rejected = score(params, prompts, [p["rejected"] for p in pairs])
+        diff = r_chosen - r_rejected
+        rewards = score(params, [p for p, _ in texts], [r for _, r in texts])
+        decided = gold_diff != 0
+        return {"eval/accuracy": float(np.mean(diff > 0)),
+                "eval/loss": float(np.mean(np.logaddexp(0.0, -diff))),
+                "eval/gold_accuracy": float(np.mean((diff[decided] > 0) == (gold_diff[decided] > 0)))
+                if decided.any() else 0.0,
+                "eval/spearman": rank_correlation(rewards, gold),
+                "eval/num_pairs": len(pairs)}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def fit_normalization(scores) -> dict:
+    """{'mean', 'std'} of raw rewards (population std), so (r - mean) / std has mean 0, std 1."""
+    scores = np.asarray(scores, np.float64)
+    return {"mean": float(scores.mean()), "std": float(max(scores.std(), 1e-8))}
+
+
+def normalize(scores, normalization: dict):
+    return (scores - normalization["mean"]) / normalization["std"]
+
+
+def normalize_on_policy_samples(config, workdir, score, params, tokenizer) -> dict:
+    """Sample the SFT policy on config.normalize prompts, fit (mean, std) of their rewards, and
+    write reward_normalization.json (+ the samples). Returns the normalization dict."""
+    ncfg = config.normalize
+    policy_dir = config.preferences.policy or config.init_from
+    _, policy_graphdef, policy_params = pretrain.load_run_params(policy_dir)
+    source = builders.load_dataset(config.preferences.prompts, config.data_dir)[ncfg.split]
+    prompts, responses = [], []
+    for _, items in preferences.sample_responses(
+            policy_graphdef, policy_params, tokenizer, source, num_prompts=ncfg.num_prompts,
+            samples_per_prompt=ncfg.samples_per_prompt, batch_size=ncfg.batch_size,
+            max_prompt_len=ncfg.max_prompt_len, max_new_tokens=ncfg.max_new_tokens,
+            temperature=ncfg.temperature, seed=ncfg.seed):
+        for item in items:
+            prompts += [item["prompt"]] * len(item["responses"])
+            responses += item["responses"]
+    raw = score(params, prompts, responses)
+    normalization = {**fit_normalization(raw), "num_samples": len(raw), "policy": policy_dir,
+                     "split": ncfg.split,
+                     "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    with open(os.path.join(workdir, NORMALIZATION_SAMPLES_FILE), "w", encoding="utf-8") as f:
+        for p, r, s in zip(prompts, responses, raw):
+            f.write(json.dumps({"prompt": p, "response": r, "reward": float(s)}, ensure_ascii=False) + "\n")
+    path = os.path.join(workdir, NORMALIZATION_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(normalization, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"reward normalization: mean {normalization['mean']:.4g} std {normalization['std']:.4g} "
+          f"over {len(raw)} policy samples", file=sys.stderr, flush=True)
+    return normalization
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def preference_data(config, workdir: str) -> dict:
+    """{split: source}: generated into <workdir>/preferences, or the dataset config.data."""
+    if config.preferences.enabled:
+        return preferences.make_preferences(config, os.path.join(workdir, "preferences"))
+    if not config.data or not config.data.get("name"):
+        raise config_lib.ConfigError("reward: set preferences.enabled=True or a preference dataset in config.data")
+    return builders.load_dataset(config.data, config.data_dir)
+
+
+def init_reward_params(config):
+    """The SFT run's params with a fresh scalar head. Returns (model_config, graphdef, params)."""
+    if not config.init_from:
+        raise config_lib.ConfigError("reward: config.init_from must name the SFT run's workdir")
+    model_config, graphdef, params = pretrain.load_run_params(config.init_from)
+    if config_lib.config_to_dict(model_config) != config_lib.config_to_dict(config.model):
+        raise config_lib.ConfigError(
+            f"reward: config.model differs from the model of {config.init_from} (its config.json); "
+            "set --config.model.* to match, so this run's checkpoint can be restored from its config")
+    graphdef, params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed=config.seed)
+    return model_config, graphdef, params
+
+
+def train(config, workdir: str):
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tokenizer = make_tokenizer(config.tokenizer)
+    model_config, graphdef, params = init_reward_params(config)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise config_lib.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                                     f"{model_config.vocab_size}")
+    data = preference_data(config, workdir)
+    train_batches = loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
+                                               config.seed)
+    optimizer = make_optimizer(config.optimizer)
+    state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    step_fn = make_train_step(graphdef, optimizer, mesh, shardings, config.loss)
+    score = make_scorer(graphdef, tokenizer, config.seq_len)
+
+    eval_fn = None
+    if "validation" in data and len(data["validation"]):
+        held_out = loaders.read_all(data["validation"])
+        if config.eval_max_pairs:
+            held_out = held_out[:config.eval_max_pairs]
+        eval_fn = make_eval_fn(score, held_out, labelers.load_function(config.eval_gold))
+
+    state = run_lib.train_loop(
+        workdir=workdir, state=state, step_fn=step_fn, rng=jax.random.key(config.seed),
+        batch_fn=lambda step: mesh_lib.shard_batch(train_batches[step], mesh),
+        num_steps=config.num_steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        eval_fn=eval_fn, eval_every=config.eval_every, progress_every_s=config.get("progress_every_s", 10.0))
+
+    if config.normalize.enabled and not os.path.exists(os.path.join(workdir, NORMALIZATION_FILE)):
+        normalize_on_policy_samples(config, workdir, score, state["params"], tokenizer)
+    return state
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_reward_model(workdir: str):
+    """A finished reward run: (model_config, graphdef, params, normalization {'mean', 'std'}).
+
+    normalization is {'mean': 0.0, 'std': 1.0} when the run fitted none. Score with
+    reward_scores(graphdef, params, tokens, mask), then (r - mean) / std.
+    """
+    model_config, graphdef, params = pretrain.load_run_params(workdir, head="scalar")
+    normalization = {"mean": 0.0, "std": 1.0}
+    path = os.path.join(workdir, NORMALIZATION_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        normalization = {"mean": float(saved["mean"]), "std": float(saved["std"])}
+    return model_config, graphdef, params, normalization
+
+
+def score_from_run(workdir: str, prompt: str, response: str) -> float:
+    """`rlhf-jax score`: the normalised reward of prompt + response under a reward run."""
+    run_config = config_lib.read_resolved_config(workdir)
+    tokenizer = make_tokenizer(run_config.get("tokenizer"))
+    _, graphdef, params, normalization = load_reward_model(workdir)
+    tokens, mask = encode_texts(tokenizer, [prompt], [response], int(run_config.seq_len))
+    raw = jax.jit(reward_scores, static_argnums=0)(graphdef, params, tokens, mask)
+    return float(normalize(np.asarray(raw, np.float64), normalization)[0])
