@@ -210,14 +210,15 @@ class Transformer(nnx.Module):
         causal = jnp.arange(key_mask.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
         mask = key_mask[:, None, :] & causal[None]  # [B, T, S]
 
-        def run_block(block, x, layer_cache):
-            return block(x, positions, mask, layer_cache, index)
+        def run_block(block_state, block_graphdef, x, layer_cache):
+            return nnx.merge(block_graphdef, block_state)(x, positions, mask, layer_cache, index)
 
-        if config.remat:
-            run_block = nnx.remat(run_block)
+        if config.remat:  # jax.checkpoint on a pure function of the block's params: safe in any trace
+            run_block = jax.checkpoint(run_block, static_argnums=(1,))
         new_layers = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = run_block(block, x, None if cache is None else cache["layers"][i])
+            block_graphdef, block_state = nnx.split(block)
+            x, layer_cache = run_block(block_state, block_graphdef, x, None if cache is None else cache["layers"][i])
             new_layers.append(layer_cache)
         x = self.final_norm(x)
 

@@ -172,3 +172,15 @@ def test_encode_and_decode():
     response = np.array([list(b"ok") + [tok.eos_id, tok.pad_id], list(b"abcd")])
     response_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
     assert decode_responses(tok, response, response_mask) == ["ok", "abcd"]
+
+
+def test_generate_with_bf16_remat_and_value_head():
+    """Options that change the traced program (remat inside the while_loop, bf16 cache) still run."""
+    config = micro_config("llama")
+    config.update(dict(dtype="bfloat16", remat=True))
+    graphdef, params = M.add_scalar_head(*M.init_params(config, seed=3), config)
+    tokens, mask = prompts()
+    out = generate(graphdef, params, tokens, mask, jax.random.key(3), max_new_tokens=4, eos_id=NEVER, pad_id=PAD,
+                   temperature=0.9, top_k=5)
+    assert out["response"].shape == (3, 4) and np.isfinite(out["logprobs"]).all()
+    assert (out["logprobs"] < 0).all()
