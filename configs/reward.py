@@ -72,7 +72,9 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     loss.center_coef     center_coef * mean((r_chosen + r_rejected)^2) (reward centering)
     eval_gold            gold score fn for the held-out rank correlation (eval/spearman)
     eval_max_pairs       held-out pairs scored at each eval (0 = all)
-    normalize            after training: fit (mean, std) of rewards on SFT samples
+    normalize            after training: fit (mean, std) of rewards on samples of the SFT policy
+                         (preferences.policy or init_from) to num_prompts prompts of
+                         preferences.prompts[split], samples_per_prompt each
     """
     c = ml_collections.ConfigDict()
     c.stage = "reward"

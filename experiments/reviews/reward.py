@@ -26,4 +26,4 @@ def get_config():
 
 
 def get_sweep():
-    return [{"preferences.noise_temperature": t} for t in (0.0, 0.1, 0.5)]
+    return [{"preferences.noise_temperature": t} for t in (0.0, 0.25, 1.0)]
