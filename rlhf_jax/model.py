@@ -224,8 +224,12 @@ class Transformer(nnx.Module):
 
         outputs = {}
         if self.head in ("lm", "lm_and_scalar"):
-            logits = self.embed.attend(x) if config.tie_embeddings else self.unembed(x)
-            outputs["logits"] = logits.astype(jnp.float32)
+            # Float32 accumulation and output even in bf16: PPO's probability ratios need it.
+            if config.tie_embeddings:
+                weights, spec = self.embed.embedding[...], "btd,vd->btv"
+            else:
+                weights, spec = self.unembed.kernel[...], "btd,dv->btv"
+            outputs["logits"] = jnp.einsum(spec, x, weights.astype(x.dtype), preferred_element_type=jnp.float32)
         if self.head in ("scalar", "lm_and_scalar"):
             outputs["scalar"] = self.scalar_head(x.astype(jnp.float32))[..., 0]
         if cache is not None:

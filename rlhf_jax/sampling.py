@@ -16,6 +16,12 @@ one program. `temperature` must be > 0 (it also scales the returned log-probs wh
 The returned `logprobs` are those of the *unfiltered* temperature distribution,
 log_softmax(logits / temperature)[token]: what PPO recomputes from a full forward pass.
 top-k / top-p only change which token is drawn.
+
+Limits: with learned positions, P + N should not exceed config.max_len (larger positions are
+clipped to the last one). A row with an all-pad prompt has nothing to condition on: its first
+token is drawn from meaningless logits (use `encode_prompts(..., add_bos=True)` for unconditional
+samples). Pad is never written inside a response except after EOS, but it is not masked out of
+the sampling distribution (a trained model gives it ~0 probability).
 """
 
 from __future__ import annotations
