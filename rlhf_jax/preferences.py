@@ -119,6 +119,8 @@ def _sample_split(out_dir, split, num_prompts, pcfg, policy, prompt_source, toke
     rows = [r for r in rows if r["batch"] < start]
     if len(rows) < sum(r["split"] == split for r in every_row) or os.path.exists(path) and not _ends_clean(path):
         _rewrite_jsonl(path, [r for r in every_row if r["split"] != split] + rows)
+    if start * per_call >= num_prompts:
+        return rows  # all sampled earlier; the policy is not even loaded
     graphdef, params = policy()
     seed = (pcfg.seed * 7919 + _split_id(split)) % 2**31  # prompt order and sampling rng, per split
     generator = sample_responses(

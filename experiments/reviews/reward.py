@@ -14,7 +14,7 @@ from configs.reward import reward_stage
 
 
 def get_config():
-    c = reward_stage(num_steps=150, batch_size=16, seq_len=256, learning_rate=1e-4)
+    c = reward_stage(num_steps=150, batch_size=16, seq_len=256, learning_rate=3e-4)
     c.init_from = "runs/reviews/sft"
     c.preferences.num_prompts = 128
     c.preferences.num_validation_prompts = 32
