@@ -132,7 +132,7 @@ def left_align(tokens, mask):
 # ----------------------------------------------------------------------------- rollout
 
 
-def rollout(models, state, frozen, prompts, rng):
+def rollout(models, state, frozen, prompts, rng, batch_sharding=None):
     """Sample and evaluate one batch of responses. Pure; jitted by `make_rollout`.
 
     prompts: dict(prompt_tokens, prompt_mask) [Bp, P]; each prompt is repeated
@@ -147,6 +147,8 @@ def rollout(models, state, frozen, prompts, rng):
     k = c.samples_per_prompt
     prompt_tokens = jnp.repeat(prompts["prompt_tokens"], k, axis=0)
     prompt_mask = jnp.repeat(prompts["prompt_mask"], k, axis=0)
+    if batch_sharding is not None:  # the repeated batch is split over the devices
+        prompt_tokens, prompt_mask = jax.lax.with_sharding_constraint((prompt_tokens, prompt_mask), batch_sharding)
     p = prompt_tokens.shape[1]
     out = sampling.generate(models.graphdef, state["params"], prompt_tokens, prompt_mask, rng,
                             max_new_tokens=c.max_new_tokens, eos_id=models.eos_id, pad_id=models.pad_id,
@@ -322,10 +324,20 @@ def ppo_update(models, optimizer, mesh, state, samples, rng):
 
 
 def make_rollout(models, mesh, state_shardings, frozen_shardings):
-    """jit(rollout)(state, frozen, prompts, rng) -> samples sharded on the batch axes."""
+    """jit(rollout)(state, frozen, prompts, rng) -> samples sharded on the batch axes.
+
+    The prompts come as placed by `place_prompts` (split, or replicated when there are fewer
+    prompts than devices, e.g. 4 prompts x K=4 samples on 8 devices)."""
     batch = mesh_lib.batch_sharding(mesh)
-    return jax.jit(functools.partial(rollout, models),
-                   in_shardings=(state_shardings, frozen_shardings, batch, None), out_shardings=batch)
+    return jax.jit(functools.partial(rollout, models, batch_sharding=batch),
+                   in_shardings=(state_shardings, frozen_shardings, None, None), out_shardings=batch)
+
+
+def place_prompts(prompts, mesh):
+    """Split a host prompt batch over the devices when it divides evenly, else replicate it."""
+    if len(prompts["prompt_tokens"]) % mesh_lib.batch_size_per_mesh(mesh) == 0:
+        return mesh_lib.shard_batch(prompts, mesh)
+    return jax.device_put(prompts, mesh_lib.replicated(mesh))
 
 
 def make_update(models, optimizer, mesh, state_shardings):
@@ -487,7 +499,7 @@ def train(config, workdir: str):
     def batch_fn(step):
         b = prompt_batches[step]
         prompts = {"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}
-        return {"step": step, "prompts": mesh_lib.shard_batch(prompts, mesh),
+        return {"step": step, "prompts": place_prompts(prompts, mesh),
                 "texts": loaders.prompt_texts(source, b["index"])}
 
     def log_samples(state, step, writer):

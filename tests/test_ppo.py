@@ -25,9 +25,10 @@ PROMPTS = ("The hotel", "I loved", "A film", "My phone", "The cafe was", "Our ro
 
 
 def byte_fraction(prompt: str, response: str) -> float:
-    """Toy reward: fraction of the response's characters that are 'e'."""
+    """Toy reward: fraction of the response's characters that are lowercase letters (a random
+    byte-level model starts near 26 / 264)."""
     del prompt
-    return response.count("e") / max(len(response), 1)
+    return sum("a" <= ch <= "z" for ch in response) / max(len(response), 1)
 
 
 def tiny_model():
@@ -38,8 +39,11 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
+    return make_sft_run(str(tmp_path_factory.mktemp("sft")))
+
+
+def make_sft_run(workdir):
     """A fake finished SFT run: random tiny model saved the way pretrain.train saves it."""
-    workdir = str(tmp_path_factory.mktemp("sft"))
     c = ml_collections.ConfigDict(dict(stage="sft", model=tiny_model(), optimizer=optimizers.adam(1e-3),
                                        tokenizer=dict(kind="byte", path="")))
     config_lib.write_resolved_config(c, workdir)
@@ -56,8 +60,9 @@ def make_config(sft_run, **overrides):
     c.model = tiny_model()
     c.init_from = sft_run
     c.reward_function = "test_ppo:byte_fraction"
-    c.prompts = PROMPTS
-    c.batch_size = 8
+    c.prompts = PROMPTS * 2
+    c.batch_size = 16
+    c.kl_coef = 0.01
     c.max_prompt_len = 16
     c.max_new_tokens = 8
     c.temperature = 1.0
@@ -92,10 +97,10 @@ def setup(config, data_axis):
     frozen = jax.device_put(frozen, frozen_shardings)
     rollout = ppo.make_rollout(models, mesh, shardings, frozen_shardings)
     update = ppo.make_update(models, optimizer, mesh, shardings)
-    batches = loaders.prompt_batches([{"prompt": p} for p in PROMPTS], tokenizer, config.max_prompt_len,
+    batches = loaders.prompt_batches([{"prompt": p} for p in config.prompts], tokenizer, config.max_prompt_len,
                                      config.batch_size, 0)
     b = batches[0]
-    prompts = mesh_lib.shard_batch({"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}, mesh)
+    prompts = ppo.place_prompts({"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}, mesh)
     return dict(mesh=mesh, state=state, frozen=frozen, rollout=rollout, update=update, prompts=prompts,
                 models=models)
 
@@ -156,13 +161,13 @@ def _scores(workdir):
 
 @pytest.mark.parametrize("loss", ["ppo", "rloo", "grpo"])
 def test_learns_a_toy_reward(sft_run, tmp_path, loss):
-    extra = {} if loss == "ppo" else dict(samples_per_prompt=4, batch_size=4)
+    extra = {} if loss == "ppo" else dict(samples_per_prompt=4, batch_size=4)  # 16 responses either way
     config = make_config(sft_run, loss=loss, **extra)
     ppo.train(config, str(tmp_path))
     scores = _scores(str(tmp_path))
     assert len(scores) == config.num_steps
     start, end = scores[:5].mean(), scores[-5:].mean()
-    assert end > start + 0.1 and end > 3 * start, (loss, start, end)
+    assert end > start + 0.15, (loss, scores.round(3).tolist())
 
 
 def test_resume_repeats_an_uninterrupted_run(sft_run, tmp_path):
