@@ -9,7 +9,8 @@ VADER-labelled preferences), or with `:vader` the VADER function itself. Gold: V
 sentiment of the same samples (objective/gold_scores), so reward hacking of the learned reward
 model shows up as objective/scores rising while objective/gold_scores does not.
 
-TRL preset ("N implementation details"): fixed KL 0.05 (k1), whitened advantages, clipped value
+TRL preset ("N implementation details"): fixed KL (k1; 0.1 here, TRL's 0.05 let the tiny policy
+collapse), whitened advantages, clipped value
 loss, missing-EOS penalty. As in OpenAI 2019's sentiment task, responses end at the first '.'
 (`truncate_token`); one that has none within 48 tokens gets the penalty -1. The learning rate is
 larger than TRL's 3e-6 because the policy is models.tiny() (0.5M params), not a 1B model.
@@ -41,7 +42,11 @@ def get_config(arg: str = ""):
     c.missing_eos = "penalty"
     c.ppo_epochs = 4
     c.num_minibatches = 4
-    c.optimizer.learning_rate = 1e-4
+    # Measured on this task: lr 1e-4 with beta 0.05 collapsed within 10 iterations to empty or
+    # '.'-only responses (score exactly 0 beats the risk of a negative review, entropy -> 0);
+    # lr 2e-5 with beta 0.1 raised the VADER gold score steadily (0.05 -> 0.2 in 50 iterations).
+    c.kl_coef = 0.1
+    c.optimizer.learning_rate = 2e-5
     c.log_every = 5
     c.sample_every = 10
     c.checkpoint_every = 25
@@ -49,4 +54,4 @@ def get_config(arg: str = ""):
 
 
 def get_sweep():
-    return [{"kl_coef": kl, "seed": seed} for kl in (0.01, 0.05, 0.2) for seed in (0, 1)]
+    return [{"kl_coef": kl, "seed": seed} for kl in (0.05, 0.1, 0.2) for seed in (0, 1)]
