@@ -451,11 +451,11 @@ def make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_s
             if gold_fn is not None:
                 gold = _host_scores(gold_fn, prompts, texts)
                 extra["objective/gold_scores"] = float(gold.mean())
-            last.update(step=batch["step"], prompts=prompts, texts=texts,
-                        gold=gold if gold_fn is not None else None)
+            if want_samples:  # the sample table: texts, scores and gold of this one step
+                last.update(step=batch["step"], prompts=prompts, texts=texts,
+                            gold=gold if gold_fn is not None else None,
+                            scores=np.asarray(jax.device_get(samples["scores"])))
         state, metrics = update_fn(state, samples, update_rng)
-        if want_samples:
-            last["scores"] = np.asarray(jax.device_get(samples["scores"]))
         return state, {**metrics, **extra}
 
     return step_fn, last
