@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -549,16 +548,3 @@ def load_policy(workdir: str):
     graphdef, target = abstract_state(config)
     state = run_lib.load_state(workdir, target)
     return config.model, graphdef, state["params"]
-
-
-def sample_from_policy(workdir, prompts, max_new_tokens=48, temperature=1.0, greedy=False, seed=0):
-    """Responses of a PPO run's policy (what `rlhf-jax sample` does for SFT runs)."""
-    from rlhf_jax import pretrain
-
-    config = config_lib.read_resolved_config(workdir)
-    _, graphdef, params = load_policy(workdir)
-    tokenizer = make_tokenizer(config.get("tokenizer"))
-    print(f"sampling from {workdir}", file=sys.stderr)
-    return pretrain.generate_texts(graphdef, params, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                                   rng=jax.random.key(seed), temperature=temperature, greedy=greedy,
-                                   max_prompt_len=config.max_prompt_len)

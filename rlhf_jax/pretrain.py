@@ -48,6 +48,10 @@ def load_run_params(workdir: str, head: str = "lm"):
     config.json (model and optimizer), so Orbax restores every array with its true structure.
     """
     run_config = config_lib.read_resolved_config(workdir)
+    if run_config.stage == "ppo":  # A PPO checkpoint holds more than {params, opt_state}.
+        from rlhf_jax import ppo
+
+        return ppo.load_policy(workdir)
     graphdef, abstract = model_lib.abstract_params(run_config.model, head)
     optimizer = make_optimizer(run_config.optimizer)
     target = {"params": abstract, "opt_state": jax.eval_shape(optimizer.init, abstract)}
@@ -171,7 +175,7 @@ def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng,
 
 
 def sample_from_run(workdir, prompt, num, temperature=1.0, max_new_tokens=128, greedy=False, seed=0):
-    """`rlhf-jax sample`: `num` responses of a trained run's policy to one prompt."""
+    """`rlhf-jax sample`: `num` responses of a trained run's policy (pretrain, SFT or PPO) to one prompt."""
     run_config = config_lib.read_resolved_config(workdir)
     _, graphdef, params = load_run_params(workdir)
     tokenizer = make_tokenizer(run_config.get("tokenizer"))
