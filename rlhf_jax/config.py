@@ -146,7 +146,7 @@ def write_resolved_config(config, workdir: str, allow_change: bool = False) -> N
     if os.path.exists(path) and not allow_change:
         with open(path) as f:
             saved = json.load(f)
-        changed = _diff_keys(saved, resolved)
+        changed = differing_keys(saved, resolved)
         if changed:
             raise ConfigError(
                 f"{workdir} holds a run with a different config (keys {changed}); resuming it would mix "
@@ -157,11 +157,14 @@ def write_resolved_config(config, workdir: str, allow_change: bool = False) -> N
     os.replace(tmp, path)
 
 
-def _diff_keys(a, b, prefix=""):
+def differing_keys(a, b, prefix=""):
+    """Dotted keys whose values differ between two configs (ConfigDicts or JSON dicts)."""
+    a = config_to_dict(a) if isinstance(a, ml_collections.ConfigDict) else a
+    b = config_to_dict(b) if isinstance(b, ml_collections.ConfigDict) else b
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [prefix.rstrip(".")] if a != b else []
 

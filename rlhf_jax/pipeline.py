@@ -28,12 +28,15 @@ STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
 
 
 def wire_stages(config, workdir: str) -> dict:
-    """Each stage's config with its hand-off paths pointing at the earlier stages' workdirs."""
+    """Each stage's config with pre-training's model and its hand-off paths pointing at the
+    earlier stages' workdirs."""
     dirs = {name: os.path.join(workdir, name) for name in STAGE_ORDER}
     stages = {}
     for name in STAGE_ORDER:
         stage = config[name]
         with stage.unlocked():
+            # One model through the whole pipeline: --config.pretrain.model.* sizes every stage.
+            stage.model = config.pretrain.model
             if name == "sft":
                 stage.init_from = dirs["pretrain"]
             elif name == "reward":

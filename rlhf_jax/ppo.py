@@ -368,11 +368,6 @@ def _check_config(config):
         raise config_lib.ConfigError("init_from: the SFT run the policy and reference start from")
 
 
-def _same_model(a, b) -> list[str]:
-    a, b = config_lib.config_to_dict(a), config_lib.config_to_dict(b)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
 def init_state(config, optimizer):
     """Load the SFT policy, reference, value and reward models.
 
@@ -382,12 +377,7 @@ def init_state(config, optimizer):
     """
     from rlhf_jax import pretrain
 
-    model_config, graphdef, params = pretrain.load_run_params(config.init_from)
-    changed = _same_model(model_config, config.model)
-    if changed:
-        raise config_lib.ConfigError(
-            f"config.model differs from the model of init_from={config.init_from!r} in {changed}; set config.model "
-            "to that run's model (the PPO workdir's config.json must describe the policy it saves)")
+    model_config, graphdef, params = pretrain.load_matching_run_params(config.init_from, config.model, "ppo")
     reward_graphdef, frozen = None, {"ref": params, "reward": None, "reward_mean": 0.0, "reward_std": 1.0}
     if config.reward_model:
         from rlhf_jax import reward as reward_lib

@@ -60,14 +60,25 @@ def load_run_params(workdir: str, head: str = "lm"):
     return run_config.model, graphdef, state["params"]
 
 
+def load_matching_run_params(workdir: str, model_config, stage: str):
+    """load_run_params, refusing a run whose model is not `model_config`: this run's own
+    config.json must describe the params it will save, or they could not be restored."""
+    run_model, graphdef, params = load_run_params(workdir)
+    changed = config_lib.differing_keys(run_model, model_config)
+    if changed:
+        raise config_lib.ConfigError(
+            f"{stage}: config.model differs from the model of {workdir} (its config.json) in {changed}; "
+            "set --config.model.* to match")
+    return run_model, graphdef, params
+
+
 def init_params_for(config):
     """Random init, or an earlier run's params (`init_from`), or a Hugging Face folder
     (`init_from_hf`). Returns (model_config, graphdef, params)."""
     if config.init_from and config.init_from_hf:
         raise config_lib.ConfigError("set at most one of init_from and init_from_hf")
     if config.init_from:
-        model_config, graphdef, params = load_run_params(config.init_from)
-        return model_config, graphdef, params
+        return load_matching_run_params(config.init_from, config.model, config.stage)
     if config.init_from_hf:
         from rlhf_jax import hf_import
 

@@ -247,11 +247,7 @@ def init_reward_params(config):
     """The SFT run's params with a fresh scalar head. Returns (model_config, graphdef, params)."""
     if not config.init_from:
         raise config_lib.ConfigError("reward: config.init_from must name the SFT run's workdir")
-    model_config, graphdef, params = pretrain.load_run_params(config.init_from)
-    if config_lib.config_to_dict(model_config) != config_lib.config_to_dict(config.model):
-        raise config_lib.ConfigError(
-            f"reward: config.model differs from the model of {config.init_from} (its config.json); "
-            "set --config.model.* to match, so this run's checkpoint can be restored from its config")
+    model_config, graphdef, params = pretrain.load_matching_run_params(config.init_from, config.model, "reward")
     graphdef, params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed=config.seed)
     return model_config, graphdef, params
 

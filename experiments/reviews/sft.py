@@ -9,7 +9,8 @@ from configs.stages import language_model_stage
 
 
 def get_config():
-    c = language_model_stage("sft", num_steps=200, batch_size=16, seq_len=256, learning_rate=5e-4)
+    # 224 covers prompt + review + EOS for all but the longest ~0.5% (truncated from the left).
+    c = language_model_stage("sft", num_steps=200, batch_size=16, seq_len=224, learning_rate=1e-3)
     c.data = datasets.reviews_sft()
     c.init_from = "runs/reviews/pretrain"
     c.sample_every = 100
