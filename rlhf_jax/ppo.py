@@ -507,7 +507,9 @@ def train(config, workdir: str):
     return run_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, batch_fn=batch_fn, num_steps=config.num_steps,
         rng=jax.random.key(config.seed), log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-        log_fn=log_samples, progress_every_s=config.get("progress_every_s", 10.0))
+        log_fn=log_samples, progress_every_s=config.get("progress_every_s", 10.0),
+        headline=("objective/scores", "objective/gold_scores", "objective/kl", "objective/kl_coef",
+                  "val/num_eos_tokens"))
 
 
 # ----------------------------------------------------------------------------- hand-off

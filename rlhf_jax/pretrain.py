@@ -170,7 +170,8 @@ def train(config, workdir: str):
         batch_fn=lambda step: mesh_lib.shard_batch(train_batches[step], mesh),
         num_steps=config.num_steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
         eval_fn=eval_fn, eval_every=config.eval_every, log_fn=log_samples,
-        progress_every_s=config.get("progress_every_s", 10.0))
+        progress_every_s=config.get("progress_every_s", 10.0),
+        headline=("loss", "accuracy", "eval/loss", "grad_norm"))
 
 
 # ----------------------------------------------------------------------------- sampling

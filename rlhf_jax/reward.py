@@ -278,7 +278,8 @@ def train(config, workdir: str):
         workdir=workdir, state=state, step_fn=step_fn, rng=jax.random.key(config.seed),
         batch_fn=lambda step: mesh_lib.shard_batch(train_batches[step], mesh),
         num_steps=config.num_steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-        eval_fn=eval_fn, eval_every=config.eval_every, progress_every_s=config.get("progress_every_s", 10.0))
+        eval_fn=eval_fn, eval_every=config.eval_every, progress_every_s=config.get("progress_every_s", 10.0),
+        headline=("loss", "accuracy", "eval/accuracy", "eval/spearman"))
 
     if config.normalize.enabled and not os.path.exists(os.path.join(workdir, NORMALIZATION_FILE)):
         normalize_on_policy_samples(config, workdir, score, state["params"], tokenizer)

@@ -143,8 +143,9 @@ def is_finished(workdir: str) -> bool:
 class Progress:
     """One terminal line at most every `every_s` seconds: step, steps/s, ETA, headline metrics."""
 
-    def __init__(self, total: int, start: int, every_s: float = 10.0, stream=sys.stderr):
+    def __init__(self, total: int, start: int, every_s: float = 10.0, stream=sys.stderr, headline=()):
         self.total, self.start, self.every_s, self.stream = total, start, every_s, stream
+        self.headline = tuple(headline)
         self.t0 = self.last = time.time()
 
     def update(self, step: int, metrics: dict, force: bool = False) -> None:
@@ -154,7 +155,8 @@ class Progress:
         self.last = now
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else math.inf
-        headline = [(k, v) for k, v in metrics.items() if np.ndim(v) == 0 and not k.endswith("_std")]
+        names = [k for k in self.headline if k in metrics] or list(metrics)
+        headline = [(k, metrics[k]) for k in names if np.ndim(metrics[k]) == 0 and not k.endswith("_std")]
         shown = "  ".join(f"{k}={_fmt(v)}" for k, v in headline[:6])
         print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  {rate:.1f} steps/s  "
               f"ETA {_fmt_time(eta)}  {shown}", file=self.stream, flush=True)
@@ -179,13 +181,14 @@ _FAULT_AFTER_STEP = int(os.environ.get("RLHF_JAX_FAULT_AFTER_STEP", "-1"))
 
 def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, log_every: int,
                checkpoint_every: int, steps_per_call: int = 1, eval_fn=None, eval_every: int = 0,
-               log_fn=None, progress_every_s: float = 10.0):
+               log_fn=None, progress_every_s: float = 10.0, headline=()):
     """Run `step_fn` from the last checkpoint (or `state`) to `num_steps`; return the final state.
 
     step_fn(state, batch, rng) -> (state, metrics): jitted and pure; advances `steps_per_call` steps.
     batch_fn(step) -> batch (already placed on the mesh) or None.
     eval_fn(state, step) -> metrics dict, run every `eval_every` steps and at the end.
     log_fn(state, step, writer): optional extra logging (sample tables) at each log step.
+    headline: metric names shown first on the progress line (default: the first six).
     `state` doubles as the restore target, so its shardings are those of the restored state.
     """
     manager = checkpoint_manager(workdir)
@@ -195,7 +198,7 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
         start, state = found
         print(f"resuming {workdir} from step {start}", file=sys.stderr, flush=True)
     writer = MetricsWriter(workdir, resume_step=start)
-    progress = Progress(num_steps, start, progress_every_s)
+    progress = Progress(num_steps, start, progress_every_s, headline=headline)
     pending = []
     step = start
     try:

@@ -178,7 +178,8 @@ def train(config, workdir: str):
         workdir=workdir, state=learners, step_fn=make_train_chunk(config, mesh), batch_fn=None,
         num_steps=config.num_steps, rng=jax.random.key(config.seed + 1), log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, steps_per_call=config.log_every,
-        progress_every_s=config.get("progress_every_s", 10.0))
+        progress_every_s=config.get("progress_every_s", 10.0),
+        headline=("reward_mean", "bias", "p_b_hunger_0", "p_b_hunger_1"))
     return learners
 
 

@@ -1,0 +1,96 @@
+"""End to end: the default pipeline, scaled down, offline on 2 CPU cores (several minutes)."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import pipeline, pretrain, sampling
+from rlhf_jax import run as run_lib
+from rlhf_jax.tokenizer import ByteTokenizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+PIPELINE = os.path.join(ROOT, "experiments", "reviews", "pipeline.py")
+
+SCALED_DOWN = [
+    ("pretrain.num_steps", "300"), ("pretrain.optimizer.decay_steps", "300"), ("pretrain.eval_every", "150"),
+    ("pretrain.checkpoint_every", "150"), ("pretrain.sample_every", "0"),
+    ("sft.num_steps", "100"), ("sft.optimizer.decay_steps", "100"), ("sft.eval_every", "50"), ("sft.sample_every", "0"),
+    ("reward.preferences.num_prompts", "512"), ("reward.preferences.num_validation_prompts", "128"),
+    ("reward.num_steps", "120"), ("reward.optimizer.decay_steps", "120"), ("reward.eval_every", "60"),
+    ("ppo.num_steps", "30"), ("ppo.checkpoint_every", "15"), ("ppo.sample_every", "15"),
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pipeline"))
+    overrides = SCALED_DOWN + [(f"{stage}.data_dir", os.path.join(workdir, "datasets"))
+                               for stage in ("pretrain", "sft", "reward", "ppo")]
+    pipeline.run_pipeline(PIPELINE, overrides, workdir)
+    return workdir, overrides
+
+
+def eval_rows(workdir):
+    return [r for r in run_lib.read_metrics(workdir) if "eval/loss" in r]
+
+
+@pytest.mark.slow
+def test_pretraining_beats_the_unigram_baseline(pipeline_run):
+    workdir, _ = pipeline_run
+    last = eval_rows(os.path.join(workdir, "pretrain"))[-1]
+    assert last["eval/loss"] < 0.4 * last["eval/unigram_loss"], last
+
+
+@pytest.mark.slow
+def test_sft_samples_are_reviews_that_end_with_eos(pipeline_run):
+    workdir, _ = pipeline_run
+    _, graphdef, params = pretrain.load_run_params(os.path.join(workdir, "sft"))
+    tok = ByteTokenizer()
+    prompts = ["Write a review of the hotel:", "Review the film:", "Review the headphones:", "The cafe was"] * 4
+    tokens, mask = sampling.encode_prompts(tok, prompts, 32)
+    out = sampling.generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0),
+                            max_new_tokens=192, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.7)
+    ended = np.asarray(jnp.any(out["response"] == tok.eos_id, axis=1))
+    assert ended.mean() >= 0.8, ended
+    texts = sampling.decode_responses(tok, out["response"], out["response_mask"])
+    review_words = ("was", "were", "felt", "the", "The")
+    assert np.mean([any(w in t for w in review_words) for t in texts]) >= 0.8, texts
+
+
+@pytest.mark.slow
+def test_reward_model_ranks_like_the_gold_scorer(pipeline_run):
+    workdir, _ = pipeline_run
+    last = eval_rows(os.path.join(workdir, "reward"))[-1]
+    assert last["eval/gold_accuracy"] > 0.55, last
+    assert last["eval/spearman"] > 0.15, last
+    with open(os.path.join(workdir, "reward", "reward_normalization.json")) as f:
+        assert json.load(f)["std"] > 0
+
+
+@pytest.mark.slow
+def test_ppo_raises_reward_and_gold_score(pipeline_run):
+    workdir, _ = pipeline_run
+    rows = run_lib.read_metrics(os.path.join(workdir, "ppo"))
+    first, last = rows[0], rows[-1]
+    for key in ("objective/scores", "objective/gold_scores", "objective/kl", "objective/entropy",
+                "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
+                "val/num_eos_tokens", "objective/kl_coef", "objective/non_score_reward", "objective/rlhf_reward"):
+        assert key in last, key
+    assert last["objective/scores"] > first["objective/scores"] + 0.3
+    assert last["objective/gold_scores"] > first["objective/gold_scores"]
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 5000
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "before (SFT) and after (PPO)" in report and "Mean gold score" in report
+
+
+@pytest.mark.slow
+def test_finished_pipeline_is_skipped_when_run_again(pipeline_run):
+    workdir, overrides = pipeline_run
+    t0 = time.time()
+    pipeline.run_pipeline(PIPELINE, overrides, workdir)
+    assert time.time() - t0 < 120  # Only the report is redone: every stage has its DONE marker.
