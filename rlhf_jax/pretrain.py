@@ -141,11 +141,8 @@ def batches_for(config, source, tokenizer, shuffle=True, seed=None):
 
 def train(config, workdir: str):
     mesh = mesh_lib.make_mesh(config.mesh)
-    tokenizer = make_tokenizer(config.tokenizer)
     model_config, graphdef, params = init_params_for(config)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise config_lib.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                                     f"{model_config.vocab_size}")
+    tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = builders.load_dataset(config.data, config.data_dir)
     train_batches = batches_for(config, data["train"], tokenizer)
     eval_batches = batches_for(config, data["validation"], tokenizer, shuffle=False)

@@ -254,11 +254,8 @@ def init_reward_params(config):
 
 def train(config, workdir: str):
     mesh = mesh_lib.make_mesh(config.mesh)
-    tokenizer = make_tokenizer(config.tokenizer)
     model_config, graphdef, params = init_reward_params(config)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise config_lib.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                                     f"{model_config.vocab_size}")
+    tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = preference_data(config, workdir)
     train_batches = loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
                                                config.seed)

@@ -80,11 +80,18 @@ def _special_tokens(folder: str) -> dict:
     return out
 
 
-def make_tokenizer(config) -> ByteTokenizer | HFTokenizer:
-    """`config.kind` is 'byte' (default) or 'hf' with `config.path` a folder holding tokenizer.json."""
+def make_tokenizer(config, model_vocab_size: int | None = None) -> ByteTokenizer | HFTokenizer:
+    """`config.kind` is 'byte' (default) or 'hf' with `config.path` a folder holding tokenizer.json.
+
+    With `model_vocab_size`, refuse a tokenizer whose ids do not fit the model's embedding.
+    """
     kind = config.get("kind", "byte") if config is not None else "byte"
     if kind == "byte":
-        return ByteTokenizer()
-    if kind == "hf":
-        return HFTokenizer(config.path)
-    raise ValueError(f"tokenizer.kind={kind!r}: expected 'byte' or 'hf'")
+        tokenizer = ByteTokenizer()
+    elif kind == "hf":
+        tokenizer = HFTokenizer(config.path)
+    else:
+        raise ValueError(f"tokenizer.kind={kind!r}: expected 'byte' or 'hf'")
+    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {model_vocab_size}")
+    return tokenizer
