@@ -43,7 +43,8 @@ def ours_train(config, batch, seq, steps):
     graphdef, params = model_lib.init_params(config)
     optimizer = make_optimizer(optimizers.adamw(3e-4))
     state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step = pretrain.make_train_step(graphdef, optimizer, mesh, shardings)
+    step = pretrain.make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
+                                    shardings)
     tokens = np.random.default_rng(0).integers(0, 256, (batch, seq)).astype(np.int32)
     data = mesh_lib.shard_batch(dict(tokens=tokens, positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
                                      attention_mask=np.ones_like(tokens), loss_mask=np.ones_like(tokens)), mesh)

@@ -77,12 +77,13 @@ def write_report(config, workdir: str):
     metrics = [m for m in ("objective/scores", "objective/gold_scores", "objective/kl") if any(m in r for r in rows)]
     curves = plotting.plot_runs([ppo_dir], metrics, os.path.join(workdir, "curves.png"), labels=["ppo"])
 
-    prompts = list(config.report_prompts)
+    prompts = held_out_prompts(config)
     tokenizer = make_tokenizer(config.ppo.get("tokenizer"))
     lines = ["# RLHF pipeline report", "", f"workdir: `{workdir}`", ""]
     if rows:
         first, last = rows[0], rows[-1]
-        lines += ["| metric | first PPO step | last PPO step |", "|---|---|---|"]
+        lines += [f"PPO metrics (logged means), steps {first['step']} and {last['step']}:", "",
+                  "| metric | first | last |", "|---|---|---|"]
         for m in metrics:
             lines.append(f"| {m} | {first.get(m, float('nan')):.4f} | {last.get(m, float('nan')):.4f} |")
         lines.append("")
@@ -91,24 +92,33 @@ def write_report(config, workdir: str):
     for stage in ("sft", "ppo"):
         _, graphdef, params = pretrain.load_run_params(os.path.join(workdir, stage))
         responses[stage] = pretrain.generate_texts(
-            graphdef, params, tokenizer, prompts, max_new_tokens=config.ppo.get("response_length", 64),
+            graphdef, params, tokenizer, prompts, max_new_tokens=config.ppo.get("max_new_tokens", 64),
             rng=jax.random.key(0), temperature=config.report_temperature)
+    if gold:
+        means = {stage: np.mean([gold(p, r) for p, r in zip(prompts, responses[stage])]) for stage in responses}
+        lines += [f"Mean gold score of responses to {len(prompts)} held-out prompts (validation split, "
+                  f"temperature {config.report_temperature}): SFT {means['sft']:+.3f}, PPO {means['ppo']:+.3f}", ""]
     lines += ["## Held-out prompts, before (SFT) and after (PPO)", ""]
-    scores = {"sft": [], "ppo": []}
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(prompts[:config.report_table_rows]):
         lines.append(f"**{prompt}**")
         for stage in ("sft", "ppo"):
             text = responses[stage][i]
-            score = gold(prompt, text) if gold else float("nan")
-            scores[stage].append(score)
-            lines.append(f"- {stage} (gold {score:+.3f}): {text.strip()!r}")
+            score = f" (gold {gold(prompt, text):+.3f})" if gold else ""
+            lines.append(f"- {stage}{score}: {text.strip()!r}")
         lines.append("")
-    if gold:
-        lines.append(f"Mean gold score on these prompts: SFT {np.mean(scores['sft']):+.3f}, "
-                     f"PPO {np.mean(scores['ppo']):+.3f}")
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"curves: {curves}\nreport: {os.path.join(workdir, 'report.md')}", flush=True)
+
+
+def held_out_prompts(config) -> list[str]:
+    """`report_prompts`, or the first `num_report_prompts` prompts of PPO's validation split."""
+    if config.report_prompts:
+        return list(config.report_prompts)
+    from rlhf_jax.data import builders, loaders
+
+    source = builders.load_dataset(config.ppo.data, config.ppo.data_dir)["validation"]
+    return loaders.prompt_texts(source, range(min(config.num_report_prompts, len(source))))
 
 
 def _gold_function(config):

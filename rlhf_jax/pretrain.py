@@ -98,13 +98,14 @@ def language_model_loss(params, graphdef, batch):
     return losses.next_token_loss(outputs["logits"], batch["tokens"], batch["loss_mask"])
 
 
-def make_train_step(graphdef, optimizer, mesh, state_shardings):
-    """jit(train_step)(state, batch, rng) -> (state, metrics); the state buffers are donated."""
+def make_train_step(loss_fn, optimizer, mesh, state_shardings):
+    """jit(train_step)(state, batch, rng) -> (state, metrics) for any supervised loss
+    `loss_fn(params, batch) -> (loss, metrics)` (next-token here, Bradley-Terry in reward.py).
+    The state buffers are donated; the batch is split over every device of the mesh."""
 
     def train_step(state, batch, rng):
         del rng  # Dropout is off; the signature is the one every stage shares.
-        grad_fn = jax.value_and_grad(language_model_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], graphdef, batch)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
@@ -148,7 +149,8 @@ def train(config, workdir: str):
     eval_batches = batches_for(config, data["validation"], tokenizer, shuffle=False)
     optimizer = make_optimizer(config.optimizer)
     state, shardings = shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step_fn = make_train_step(graphdef, optimizer, mesh, shardings)
+    step_fn = make_train_step(lambda params, batch: language_model_loss(params, graphdef, batch),
+                              optimizer, mesh, shardings)
     eval_fn = make_eval_fn(graphdef, mesh, eval_batches, config.eval_batches,
                            loaders.unigram_entropy(data["validation"], tokenizer))
     prompts = [p for p in config.sample_prompts]

@@ -39,7 +39,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import labelers, losses, preferences, pretrain
@@ -89,20 +88,11 @@ def preference_loss(params, graphdef, batch, use_margin: bool, center_coef: floa
 
 
 def make_train_step(graphdef, optimizer, mesh, state_shardings, loss_config):
-    """jit(train_step)(state, batch, rng) -> (state, metrics); the state buffers are donated."""
+    """jit(train_step)(state, batch, rng) -> (state, metrics): pretrain's step with the BT loss."""
     use_margin, center_coef = bool(loss_config.use_margin), float(loss_config.center_coef)
-
-    def train_step(state, batch, rng):
-        del rng  # Dropout is off; the signature is the one every stage shares.
-        grad_fn = jax.value_and_grad(preference_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], graphdef, batch, use_margin, center_coef)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
-        return {"params": params, "opt_state": opt_state}, metrics
-
-    return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+    return pretrain.make_train_step(lambda params, batch: preference_loss(params, graphdef, batch, use_margin,
+                                                                          center_coef),
+                                    optimizer, mesh, state_shardings)
 
 
 # ----------------------------------------------------------------------------- scoring texts

@@ -68,7 +68,8 @@ def run_steps(mesh_config, num_steps=3):
     graphdef, params = model_lib.init_params(micro_model(), seed=0)
     optimizer = make_optimizer(optimizers.adam(1e-2))
     state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step = pretrain.make_train_step(graphdef, optimizer, mesh, shardings)
+    step = pretrain.make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
+                                    shardings)
     rng = np.random.default_rng(0)
     losses = []
     for i in range(num_steps):
@@ -146,3 +147,12 @@ def test_sft_starts_from_the_pretrain_checkpoint(tmp_path):
     _, _, init = pretrain.init_params_for(config)
     for x, y in zip(jax.tree.leaves(pre_params), jax.tree.leaves(init)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sample_command_prints_several_responses(tmp_path, capsys):
+    run = str(tmp_path / "pre")
+    cli.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), run, allow_config_change=True)
+    capsys.readouterr()
+    assert cli.main(["sample", f"--workdir={run}", "--prompt=The hotel", "--num=3", "--max_new_tokens=8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 3 and out.count("The hotel") == 3

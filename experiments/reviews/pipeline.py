@@ -22,8 +22,10 @@ def get_config():
     c = ml_collections.ConfigDict()
     for stage in ("pretrain", "sft", "reward", "ppo"):
         c[stage] = load_config_file(os.path.join(HERE, f"{stage}.py"))
-    # Prompts no training example starts with: the before/after table of report.md.
-    c.report_prompts = ("Write a review of the museum:", "Review the headphones:", "My week at the hotel",
-                        "The new laptop", "Our dinner at the restaurant")
+    # report.md: responses of the SFT and PPO policies to held-out prompts (PPO's validation
+    # split unless report_prompts lists some), their mean gold score, and a table of the first rows.
+    c.report_prompts = ()
+    c.num_report_prompts = 128
+    c.report_table_rows = 8
     c.report_temperature = 0.7
     return c
