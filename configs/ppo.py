@@ -9,6 +9,8 @@
                     missing-EOS penalty -1, temperature 0.7, Adam eps 1e-5
 
 Fields (see rlhf_jax/ppo.py):
+    seed, num_seeds        num_seeds > 1 trains seeds seed, seed+1, ... at once (vmap; small models):
+                           metrics are the mean over seeds and `<name>_std`
     init_from              SFT run: the policy and the frozen reference start from it
     model                  must equal init_from's model (the workdir's config.json describes the policy)
     reward_model           reward run workdir (scalar at the last real token), or
@@ -42,6 +44,7 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "ppo"
     c.seed = 0
+    c.num_seeds = 1  # > 1: seeds seed ... seed + num_seeds - 1 vmapped in one jitted program
     c.model = models.tiny()
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.init_from = ""

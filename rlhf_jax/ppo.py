@@ -26,6 +26,12 @@ Train state (checkpointed by run.train_loop, so a resumed run repeats an uninter
     kl_coef          beta (adaptive or fixed)            baseline         [value, count] (EMA)
 The frozen reference / reward params are reloaded from their runs, never checkpointed here.
 Load a finished policy with `load_policy(workdir)` (same return as pretrain.load_run_params).
+
+Seeds in one program (`num_seeds` S > 1, for small models): every train-state leaf gets a
+leading seed axis [S], and rollout and update are `jax.vmap`ped over it inside one jit (the
+frozen reference and reward model are shared). Seed i is the run `seed + i` would be on its own:
+its value-head init, prompt order and per-step rng are that run's. Metrics are the mean over
+seeds plus `<name>_std` (the plots draw the band); the sample table shows seed 0.
 """
 
 from __future__ import annotations
@@ -131,7 +137,7 @@ def left_align(tokens, mask):
 # ----------------------------------------------------------------------------- rollout
 
 
-def rollout(models, state, frozen, prompts, rng, batch_sharding=None):
+def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=None):
     """Sample and evaluate one batch of responses. Pure; jitted by `make_rollout`.
 
     prompts: dict(prompt_tokens, prompt_mask) [Bp, P]; each prompt is repeated
@@ -151,7 +157,7 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None):
     p = prompt_tokens.shape[1]
     out = sampling.generate(models.graphdef, state["params"], prompt_tokens, prompt_mask, rng,
                             max_new_tokens=c.max_new_tokens, eos_id=models.eos_id, pad_id=models.pad_id,
-                            temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+                            temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, vmap_axis=vmap_axis)
     response, mask = out["response"], out["response_mask"].astype(bool)
     ends = (response == models.eos_id) & mask
     if models.truncate_id >= 0:  # Cut after the first truncate token; it counts as an end.
@@ -326,30 +332,65 @@ def make_rollout(models, mesh, state_shardings, frozen_shardings):
     """jit(rollout)(state, frozen, prompts, rng) -> samples sharded on the batch axes.
 
     The prompts come as placed by `place_prompts` (split, or replicated when there are fewer
-    prompts than devices, e.g. 4 prompts x K=4 samples on 8 devices)."""
+    prompts than devices, e.g. 4 prompts x K=4 samples on 8 devices). With num_seeds > 1,
+    state, prompts, rng and the samples carry a leading seed axis; frozen is shared."""
     batch = mesh_lib.batch_sharding(mesh)
-    return jax.jit(functools.partial(rollout, models, batch_sharding=batch),
-                   in_shardings=(state_shardings, frozen_shardings, None, None), out_shardings=batch)
+    fn = functools.partial(rollout, models, batch_sharding=batch)
+    if models.config.num_seeds > 1:
+        fn = jax.vmap(functools.partial(fn, vmap_axis="seed"), in_axes=(0, None, 0, 0), axis_name="seed")
+        batch = mesh_lib.stacked(batch)
+    return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, None, None), out_shardings=batch)
 
 
-def place_prompts(prompts, mesh):
-    """Split a host prompt batch over the devices when it divides evenly, else replicate it."""
-    if len(prompts["prompt_tokens"]) % mesh_lib.batch_size_per_mesh(mesh) == 0:
-        return mesh_lib.shard_batch(prompts, mesh)
-    return jax.device_put(prompts, mesh_lib.replicated(mesh))
+def place_prompts(prompts, mesh, num_seeds: int = 1):
+    """Split a host prompt batch ([Bp, P], or [S, Bp, P] with seeds) over the devices when it
+    divides evenly, else replicate it."""
+    if prompts["prompt_tokens"].shape[num_seeds > 1] % mesh_lib.batch_size_per_mesh(mesh):
+        return jax.device_put(prompts, mesh_lib.replicated(mesh))
+    if num_seeds > 1:
+        sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), prompts)
+    return mesh_lib.shard_batch(prompts, mesh)
+
+
+def seed_summary(metrics):
+    """Per-seed metrics {name: [S]} -> {name: mean over seeds, name_std: spread over seeds}."""
+    out = {}
+    for name, values in metrics.items():
+        out[name], out[name + "_std"] = values.mean(), values.std()
+    return out
 
 
 def make_update(models, optimizer, mesh, state_shardings):
-    """jit(ppo_update)(state, samples, rng) -> (state, metrics); the state buffers are donated."""
-    return jax.jit(functools.partial(ppo_update, models, optimizer, mesh),
-                   in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+    """jit(ppo_update)(state, samples, rng) -> (state, metrics); the state buffers are donated.
+    With num_seeds > 1 it is vmapped over the seed axis and the metrics are `seed_summary`s."""
+    fn = functools.partial(ppo_update, models, optimizer, mesh)
+    batch = mesh_lib.batch_sharding(mesh)
+    if models.config.num_seeds > 1:
+        per_seed, batch = jax.vmap(fn), mesh_lib.stacked(batch)
+
+        def fn(state, samples, rng):
+            state, metrics = per_seed(state, samples, rng)
+            return state, seed_summary(metrics)
+
+    return jax.jit(fn, in_shardings=(state_shardings, batch, None), out_shardings=(state_shardings, None),
+                   donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------- setup
 
 
+def state_shardings_of(mesh, state, num_seeds: int):
+    """Param shardings of one seed's state; with seeds, the seed axis is unsplit in front."""
+    if num_seeds == 1:
+        return mesh_lib.param_shardings(mesh, state)
+    one_seed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    return mesh_lib.stacked(mesh_lib.param_shardings(mesh, one_seed))
+
+
 def _check_config(config):
+    if config.num_seeds < 1:
+        raise config_lib.ConfigError(f"num_seeds={config.num_seeds}: expected >= 1")
     if config.loss not in LOSSES:
         raise config_lib.ConfigError(f"loss={config.loss!r}: expected one of {LOSSES}")
     if config.value_model not in VALUE_MODELS:
@@ -368,12 +409,16 @@ def _check_config(config):
         raise config_lib.ConfigError("init_from: the SFT run the policy and reference start from")
 
 
+def seeds_of(config) -> list[int]:
+    return [config.seed + i for i in range(config.num_seeds)]
+
+
 def init_state(config, optimizer):
     """Load the SFT policy, reference, value and reward models.
 
     Returns (models_parts, state, frozen): models_parts = (graphdef, value_graphdef,
-    reward_graphdef); state = the train state (see the module docstring); frozen = dict(ref,
-    reward, reward_mean, reward_std).
+    reward_graphdef); state = the train state (see the module docstring), stacked on a leading
+    seed axis when num_seeds > 1; frozen = dict(ref, reward, reward_mean, reward_std).
     """
     from rlhf_jax import pretrain
 
@@ -389,22 +434,28 @@ def init_state(config, optimizer):
     frozen["reward_mean"] = jnp.float32(frozen["reward_mean"])
     frozen["reward_std"] = jnp.float32(frozen["reward_std"])
 
-    state = {"params": params, "opt_state": optimizer.init(params)}
     value_graphdef = None
-    if config.loss == "ppo":
-        if config.value_model == "policy":
-            value_graphdef, full = model_lib.add_scalar_head(graphdef, params, model_config, config.seed)
-            value_params = full["scalar_head"]
-        elif config.value_model == "sft":
-            value_graphdef, value_params = model_lib.replace_head_with_scalar(graphdef, params, model_config,
-                                                                              config.seed)
-        else:
-            value_graphdef, value_params = reward_graphdef, frozen["reward"]
-        value_params = jax.tree.map(jnp.array, value_params)  # own copy: the update donates it
-        state.update(value_params=value_params, value_opt_state=optimizer.init(value_params))
-    state["params"] = jax.tree.map(jnp.array, params)  # the reference keeps the originals
-    state["kl_coef"] = jnp.float32(config.kl_coef)
-    state["baseline"] = jnp.zeros([2], jnp.float32)
+
+    def seed_state(seed):
+        nonlocal value_graphdef
+        state = {"params": jax.tree.map(jnp.array, params),  # own copy: the reference keeps the originals
+                 "opt_state": optimizer.init(params)}
+        if config.loss == "ppo":
+            if config.value_model == "policy":
+                value_graphdef, full = model_lib.add_scalar_head(graphdef, params, model_config, seed)
+                value_params = full["scalar_head"]
+            elif config.value_model == "sft":
+                value_graphdef, value_params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed)
+            else:
+                value_graphdef, value_params = reward_graphdef, frozen["reward"]
+            value_params = jax.tree.map(jnp.array, value_params)  # own copy: the update donates it
+            state.update(value_params=value_params, value_opt_state=optimizer.init(value_params))
+        state["kl_coef"] = jnp.float32(config.kl_coef)
+        state["baseline"] = jnp.zeros([2], jnp.float32)
+        return state
+
+    states = [seed_state(seed) for seed in seeds_of(config)]
+    state = states[0] if config.num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     return (graphdef, value_graphdef, reward_graphdef), state, frozen
 
 
@@ -415,35 +466,49 @@ def _host_scores(fn, prompts: list[str], responses: list[str]) -> np.ndarray:
 def make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_shardings, tokenizer):
     """The Python step train_loop calls: jitted rollout -> host scoring -> jitted update.
 
-    batch = dict(step, prompts (sharded), texts (prompt strings)). `last` keeps the decoded
-    samples of the latest step for the sample table.
+    batch = dict(step, prompts (sharded), texts (prompt strings; one list per seed with
+    num_seeds > 1)). `last` keeps the decoded samples of the latest step (seed 0) for the sample
+    table.
     """
     rollout_fn = make_rollout(models, mesh, state_shardings, frozen_shardings)
     update_fn = make_update(models, optimizer, mesh, state_shardings)
     reward_fn = labelers_load(config.reward_function)
     gold_fn = labelers_load(config.gold_function)
-    k = config.samples_per_prompt
+    k, num_seeds = config.samples_per_prompt, config.num_seeds
+    seeded = num_seeds > 1
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
+    samples_sharding = mesh_lib.batch_sharding(mesh)
+    if seeded:
+        samples_sharding = mesh_lib.stacked(samples_sharding)
     last = {}
 
     def step_fn(state, batch, rng):
-        rollout_rng, update_rng = jax.random.split(rng)
+        if seeded:  # seed i's rng is the one the run `seed + i` would get from train_loop
+            rng = jax.vmap(jax.random.fold_in, (0, None))(seed_keys, batch["step"])
+        keys = (jax.vmap(jax.random.split) if seeded else jax.random.split)(rng)
+        rollout_rng, update_rng = keys[..., 0], keys[..., 1]
         samples = rollout_fn(state, frozen, batch["prompts"], rollout_rng)
         extra = {}
         want_samples = config.sample_every and batch["step"] % config.sample_every == 0
         if reward_fn is not None or gold_fn is not None or want_samples:
             response, mask = jax.device_get((samples["response"], samples["response_mask"]))
-            texts = sampling.decode_responses(tokenizer, response, mask)
-            prompts = [t for t in batch["texts"] for _ in range(k)]
+            n = response.shape[-1]
+            texts = sampling.decode_responses(tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
+            prompts = [t for texts_ in (batch["texts"] if seeded else [batch["texts"]]) for t in texts_
+                       for _ in range(k)]
             if reward_fn is not None:
-                scores = _host_scores(reward_fn, prompts, texts)
-                samples["scores"] = jax.device_put(scores, mesh_lib.batch_sharding(mesh))
+                scores = _host_scores(reward_fn, prompts, texts).reshape(response.shape[:-1])
+                samples["scores"] = jax.device_put(scores, samples_sharding)
             if gold_fn is not None:
                 gold = _host_scores(gold_fn, prompts, texts)
-                extra["objective/gold_scores"] = float(gold.mean())
-            if want_samples:  # the sample table: texts, scores and gold of this one step
-                last.update(step=batch["step"], prompts=prompts, texts=texts,
-                            gold=gold if gold_fn is not None else None,
-                            scores=np.asarray(jax.device_get(samples["scores"])))
+                per_seed = gold.reshape(num_seeds, -1).mean(axis=1)
+                extra = (seed_summary({"objective/gold_scores": per_seed}) if seeded
+                         else {"objective/gold_scores": float(per_seed[0])})
+            if want_samples:  # the sample table: texts, scores and gold of this one step, seed 0
+                b = len(texts) // num_seeds
+                last.update(step=batch["step"], prompts=prompts[:b], texts=texts[:b],
+                            gold=gold[:b] if gold_fn is not None else None,
+                            scores=np.asarray(jax.device_get(samples["scores"])).reshape(-1)[:b])
         state, metrics = update_fn(state, samples, update_rng)
         return state, {**metrics, **extra}
 
@@ -476,20 +541,23 @@ def train(config, workdir: str):
     optimizer = make_optimizer(config.optimizer)
     (graphdef, value_graphdef, reward_graphdef), state, frozen = init_state(config, optimizer)
     models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer)
-    state_shardings = mesh_lib.param_shardings(mesh, state)
+    state_shardings = state_shardings_of(mesh, state, config.num_seeds)
     state = jax.device_put(state, state_shardings)
     frozen_shardings = mesh_lib.param_shardings(mesh, frozen)
     frozen = jax.device_put(frozen, frozen_shardings)
 
     source = prompt_source(config)
-    prompt_batches = loaders.prompt_batches(source, tokenizer, config.max_prompt_len, config.batch_size, config.seed)
+    prompt_batches = [loaders.prompt_batches(source, tokenizer, config.max_prompt_len, config.batch_size, seed)
+                      for seed in seeds_of(config)]  # each seed draws prompts in its own order
     step_fn, last = make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_shardings, tokenizer)
 
     def batch_fn(step):
-        b = prompt_batches[step]
-        prompts = {"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}
-        return {"step": step, "prompts": place_prompts(prompts, mesh),
-                "texts": loaders.prompt_texts(source, b["index"])}
+        per_seed = [batches[step] for batches in prompt_batches]
+        prompts = {key: np.stack([b[key] for b in per_seed]) for key in ("prompt_tokens", "prompt_mask")}
+        texts = [loaders.prompt_texts(source, b["index"]) for b in per_seed]
+        if config.num_seeds == 1:
+            prompts, texts = {key: v[0] for key, v in prompts.items()}, texts[0]
+        return {"step": step, "prompts": place_prompts(prompts, mesh, config.num_seeds), "texts": texts}
 
     def log_samples(state, step, writer):
         if not last or "scores" not in last:
@@ -531,12 +599,17 @@ def abstract_state(config):
         state.update(value_params=value, value_opt_state=jax.eval_shape(optimizer.init, value))
     state["kl_coef"] = jax.ShapeDtypeStruct((), jnp.float32)
     state["baseline"] = jax.ShapeDtypeStruct((2,), jnp.float32)
-    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    seeds = config.get("num_seeds", 1)
+    lead = (seeds,) if seeds > 1 else ()
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
 
 
-def load_policy(workdir: str):
-    """The trained policy of a PPO run: (model_config, graphdef, params), as load_run_params."""
+def load_policy(workdir: str, seed_index: int = 0):
+    """The trained policy of a PPO run: (model_config, graphdef, params), as load_run_params.
+    A run of several seeds gives seed `seed_index`'s policy."""
     config = config_lib.read_resolved_config(workdir)
     graphdef, target = abstract_state(config)
-    state = run_lib.load_state(workdir, target)
-    return config.model, graphdef, state["params"]
+    params = run_lib.load_state(workdir, target)["params"]
+    if config.get("num_seeds", 1) > 1:
+        params = jax.tree.map(lambda x: x[seed_index], params)
+    return config.model, graphdef, params

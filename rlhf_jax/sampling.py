@@ -68,7 +68,7 @@ def sample_token(rng, logits, temperature, *, top_k: int = 0, top_p: float = 1.0
 
 def generate(graphdef, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int, eos_id: int,
              pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False) -> dict:
+             greedy: bool = False, vmap_axis: str | None = None) -> dict:
     """Sample `max_new_tokens` continuations of left-padded prompts.
 
     prompt_tokens, prompt_mask: [B, P] (mask 1 on real tokens; padding on the left).
@@ -78,17 +78,19 @@ def generate(graphdef, params, prompt_tokens, prompt_mask, rng, *, max_new_token
         response        [B, N] int32       pad_id after EOS
         response_mask   [B, N] int32       1 up to and including EOS
         logprobs        [B, N] float32     log_softmax(logits / temperature)[token]; 0 where masked
+    vmap_axis: the axis name when called inside `jax.vmap(..., axis_name=vmap_axis)` (several
+    policies sampled in one program): the loop then runs until all of them are done.
     """
     return _generate(graphdef, params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
                      rng, jnp.asarray(temperature, jnp.float32), max_new_tokens=int(max_new_tokens),
                      eos_id=int(eos_id), pad_id=int(pad_id), top_k=int(top_k), top_p=float(top_p),
-                     greedy=bool(greedy))
+                     greedy=bool(greedy), vmap_axis=vmap_axis)
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "top_k", "top_p", "greedy"))
+                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "top_k", "top_p", "greedy", "vmap_axis"))
 def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *, max_new_tokens, eos_id,
-              pad_id, top_k, top_p, greedy):
+              pad_id, top_k, top_p, greedy, vmap_axis):
     config = model_config(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
     cache = init_cache(config, batch, prompt_len + max_new_tokens)
@@ -98,7 +100,12 @@ def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *,
     outputs, cache = apply(graphdef, params, prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
 
     def not_finished(state):
-        return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
+        unfinished_rows = jnp.sum(~state["done"])
+        if vmap_axis:  # under vmap: stop when every vmapped program is done, so the loop
+            # condition is not batched (a batched one makes the loop select every carry, the
+            # KV cache included, at every step)
+            unfinished_rows = jax.lax.psum(unfinished_rows, vmap_axis)
+        return (state["step"] < max_new_tokens) & (unfinished_rows > 0)
 
     def decode_step(state):
         step, done = state["step"], state["done"]

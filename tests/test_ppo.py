@@ -181,3 +181,36 @@ def test_resume_repeats_an_uninterrupted_run(sft_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert float(sa["kl_coef"]) != 0.05  # the adaptive coefficient moved and was checkpointed
     np.testing.assert_allclose(_scores(whole), _scores(parts))
+
+
+def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
+    """num_seeds=2 vmaps two runs in one jitted program (8 devices here); seed i must be the run
+    with seed + i: same final policy, and the logged mean / std are those of the two runs."""
+    extra = dict(num_steps=2, adaptive_kl=True, gold_function="test_ppo:byte_fraction", sample_every=1)
+
+    def train(config, workdir):
+        config_lib.write_resolved_config(config, workdir)  # load_policy reads it, as after `rlhf-jax train`
+        ppo.train(config, workdir)
+
+    train(make_config(sft_run, num_seeds=2, **extra), str(tmp_path / "both"))
+    for seed in (0, 1):
+        train(make_config(sft_run, seed=seed, **extra), str(tmp_path / f"seed{seed}"))
+        _, _, alone = ppo.load_policy(str(tmp_path / f"seed{seed}"))
+        _, _, vmapped = ppo.load_policy(str(tmp_path / "both"), seed_index=seed)
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(vmapped)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    both = run_lib.read_metrics(str(tmp_path / "both"))
+    runs = [run_lib.read_metrics(str(tmp_path / f"seed{seed}")) for seed in (0, 1)]
+    assert len(both) == 2
+    for row, *singles in zip(both, *runs):
+        for name in ("objective/scores", "objective/gold_scores", "objective/kl", "loss/value_avg"):
+            values = np.array([r[name] for r in singles])
+            np.testing.assert_allclose(row[name], values.mean(), rtol=1e-4, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(row[name + "_std"], values.std(), rtol=1e-3, atol=1e-6, err_msg=name)
+    assert max(r["objective/scores_std"] for r in both) > 0  # the seeds differ: not one run twice
+    assert "--- step 1" in (tmp_path / "both" / "samples.txt").read_text()
+
+
+def test_num_seeds_must_be_positive(sft_run, tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="num_seeds=0"):
+        ppo.train(make_config(sft_run, num_seeds=0), str(tmp_path))

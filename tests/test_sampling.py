@@ -111,6 +111,28 @@ def test_stops_when_every_row_is_done():
     np.testing.assert_array_equal(out["response"][0, 1:], [PAD] * 7)
 
 
+def test_vmapped_programs_equal_separate_calls():
+    """Several policies / prompt sets sampled in one vmapped program (PPO seeds): each equals its
+    own call, when one finishes at the first step and the other runs to max_new_tokens."""
+    graphdef, params = model("gpt2")
+    tokens, mask = prompts()
+    eos = int(generate(graphdef, params, tokens[:1], mask[:1], jax.random.key(0), max_new_tokens=1,
+                       eos_id=NEVER, pad_id=PAD, greedy=True)["response"][0, 0])
+    kwargs = dict(max_new_tokens=8, eos_id=eos, pad_id=PAD, temperature=0.1)  # near greedy: row 0 ends at once
+    stacked_tokens, stacked_mask = np.stack([tokens[:1], tokens[1:2]]), np.stack([mask[:1], mask[1:2]])
+    keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
+    both = jax.vmap(lambda t, m, k: generate(graphdef, params, t, m, k, vmap_axis="programs", **kwargs),
+                    axis_name="programs")(stacked_tokens, stacked_mask, keys)
+    lengths = []
+    for i in range(2):
+        alone = generate(graphdef, params, stacked_tokens[i], stacked_mask[i], keys[i], **kwargs)
+        np.testing.assert_array_equal(both["response"][i], alone["response"])
+        np.testing.assert_array_equal(both["response_mask"][i], alone["response_mask"])
+        np.testing.assert_allclose(both["logprobs"][i], alone["logprobs"], atol=1e-5)
+        lengths.append(int(alone["response_mask"].sum()))
+    assert lengths[0] < lengths[1], lengths  # one program stopped early while the other ran on
+
+
 def numpy_filtered_probs(logits, temperature, top_k, top_p):
     """Reference sampling law in NumPy (float64): temperature, then top-k, then top-p."""
     z = np.asarray(logits, np.float64) / temperature

@@ -4,6 +4,7 @@
     rlhf-jax train --config=experiments/reviews/ppo.py:vader --workdir=runs/reviews/ppo_vader
     rlhf-jax train --config=experiments/reviews/ppo.py:no_kl --workdir=runs/reviews/ppo_no_kl
     rlhf-jax sweep --config=experiments/reviews/ppo.py --workdir=runs/reviews/ppo_sweep
+    rlhf-jax train --config=experiments/reviews/ppo.py --config.num_seeds=4 --workdir=...  4 seeds at once
 
 Policy and reference: runs/reviews/sft. Reward: the reward model runs/reviews/reward (trained on
 VADER-labelled preferences), or with `:vader` the VADER function itself. Gold: VADER compound
@@ -67,4 +68,6 @@ def get_config(arg: str = ""):
 
 
 def get_sweep():
-    return [{"kl_coef": kl, "seed": seed} for kl in (0.05, 0.1, 0.2) for seed in (0, 1)]
+    """Fixed KL coefficients, 3 seeds each; the seeds of one coefficient train in one jitted
+    program (num_seeds: vmap), so the sweep is 3 runs, each plotted as mean +- std over seeds."""
+    return [{"kl_coef": kl, "adaptive_kl": False, "num_seeds": 3, "num_steps": 60} for kl in (0.03, 0.1, 0.3)]

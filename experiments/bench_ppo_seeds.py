@@ -1,0 +1,139 @@
+"""Benchmark: S PPO seeds vmapped in one jitted program against the same S seeds one after another.
+
+    python experiments/bench_ppo_seeds.py [--seeds 4] [--iterations 5] [--warmup 2] [--prompts 16]
+                                          [--prompt_length 32] [--response_length 48] [--no_record]
+
+Setting (the one bench_ppo.py uses for the TRL comparison, at loss 'ppo'): configs/models.tiny()
+(d_model 128, 2 layers), random init, `--prompts` prompts of `--prompt_length` bytes, one
+response each of up to `--response_length` tokens, temperature 1, k1 KL at beta 0.05 against the
+frozen reference, a value head on the policy, 1 epoch x 1 minibatch, Adam; reward: the fraction
+of 'e' in the decoded response (a Python function on the host).
+
+    vmapped     `ppo.make_step` of a config with num_seeds=S: one rollout and one update program
+                over state leaves [S, ...]; the host reward sees S x prompts responses at once
+    sequential  `ppo.make_step` of the same config with num_seeds=1, called once for each of S
+                states (seeds seed ... seed+S-1), i.e. what S separate runs cost per iteration,
+                without the S-1 extra compilations separate runs also pay (reported apart)
+
+Per iteration (after `--warmup` iterations), wall-clock with block_until_ready; median and best
+of `--iterations`. The ratio is sequential / vmapped (> 1: vmap is faster). Results are printed
+and appended to experiments/results/bench_ppo_seeds.jsonl with the machine and date.
+"""
+
+import argparse
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import bench_ppo
+from rlhf_jax import benchmarking
+from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import ppo
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.tokenizer import ByteTokenizer
+
+
+def build(config):
+    """(step_fn, state) of a PPO config as ppo.train builds them."""
+    tokenizer = ByteTokenizer()
+    mesh = mesh_lib.make_mesh(config.mesh)
+    optimizer = make_optimizer(config.optimizer)
+    parts, state, frozen = ppo.init_state(config, optimizer)
+    models = ppo.Models(config, *parts, tokenizer)
+    state_shardings = ppo.state_shardings_of(mesh, state, config.num_seeds)
+    state = jax.device_put(state, state_shardings)
+    frozen_shardings = mesh_lib.param_shardings(mesh, frozen)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    step_fn, _ = ppo.make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_shardings, tokenizer)
+    return mesh, step_fn, state
+
+
+def prompt_batch(texts, num_seeds, mesh):
+    tokens = np.asarray([ByteTokenizer().encode(t) for t in texts], np.int32)
+    prompts = {"prompt_tokens": tokens, "prompt_mask": np.ones_like(tokens)}
+    if num_seeds > 1:
+        prompts = {k: np.stack([v] * num_seeds) for k, v in prompts.items()}
+    return ppo.place_prompts(prompts, mesh, num_seeds)
+
+
+def timed(fn, n):
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(i))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--prompt_length", type=int, default=32)
+    parser.add_argument("--response_length", type=int, default=48)
+    parser.add_argument("--no_record", action="store_true")
+    args = parser.parse_args()
+    s = args.seeds
+    texts = bench_ppo.make_prompts(args.prompts, args.prompt_length)
+    result = {"model": "tiny", "loss": "ppo", "seeds": s, "prompts": args.prompts,
+              "prompt_length": args.prompt_length, "response_length": args.response_length,
+              "iterations": args.iterations, "warmup": args.warmup, "devices": jax.device_count()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench_ppo.ours_config("ppo", args, tmp)
+        config.ppo_epochs, config.num_minibatches = 1, 1
+        result["params"] = bench_ppo.make_sft_run(tmp, config.model)
+
+        # Sequential: one compiled step, S states.
+        mesh, step_fn, state0 = build(config)
+        states = [state0]
+        for i in range(1, s):
+            seed_config = config.copy_and_resolve_references()
+            seed_config.seed = config.seed + i
+            states.append(build(seed_config)[2])
+        prompts = prompt_batch(texts, 1, mesh)
+
+        def sequential(i):
+            out = []
+            for j in range(s):
+                batch = {"step": i, "prompts": prompts, "texts": texts}
+                states[j], metrics = step_fn(states[j], batch, jax.random.key(1000 * j + i))
+                out.append(metrics)
+            return states, out
+
+        first_seq = timed(sequential, 1)[0]
+        seq = timed(sequential, args.warmup + args.iterations)[args.warmup:]
+
+        # Vmapped: one compiled step over [S, ...] states.
+        config.num_seeds = s
+        mesh, step_fn, state = build(config)
+        prompts = prompt_batch(texts, s, mesh)
+        holder = [state]
+
+        def vmapped(i):
+            batch = {"step": i, "prompts": prompts, "texts": [texts] * s}
+            holder[0], metrics = step_fn(holder[0], batch, jax.random.key(i))
+            return holder[0], metrics
+
+        first_vmap = timed(vmapped, 1)[0]
+        vm = timed(vmapped, args.warmup + args.iterations)[args.warmup:]
+
+    result["sequential"] = bench_ppo.summarise(seq) | {"first_iteration_s": first_seq}
+    result["vmapped"] = bench_ppo.summarise(vm) | {"first_iteration_s": first_vmap}
+    ratio = float(np.median(seq) / np.median(vm))
+    result["speedup_vmapped_over_sequential"] = ratio
+    print(f"{s} seeds, one PPO iteration each: sequential {np.median(seq):.3f} s (median; best {min(seq):.3f}), "
+          f"vmapped {np.median(vm):.3f} s (best {min(vm):.3f}) -> vmapped is {ratio:.2f}x faster; "
+          f"first iteration (compile) sequential {first_seq:.1f} s for one program "
+          f"(separate runs compile it {s} times), vmapped {first_vmap:.1f} s", flush=True)
+    if not args.no_record:
+        print("written to", benchmarking.record_result("bench_ppo_seeds", result))
+
+
+if __name__ == "__main__":
+    main()
