@@ -345,7 +345,8 @@ def make_rollout(models, mesh, state_shardings, frozen_shardings):
 def place_prompts(prompts, mesh, num_seeds: int = 1):
     """Split a host prompt batch ([Bp, P], or [S, Bp, P] with seeds) over the devices when it
     divides evenly, else replicate it."""
-    if prompts["prompt_tokens"].shape[num_seeds > 1] % mesh_lib.batch_size_per_mesh(mesh):
+    batch_axis = 1 if num_seeds > 1 else 0
+    if prompts["prompt_tokens"].shape[batch_axis] % mesh_lib.batch_size_per_mesh(mesh):
         return jax.device_put(prompts, mesh_lib.replicated(mesh))
     if num_seeds > 1:
         sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
