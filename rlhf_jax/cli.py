@@ -41,8 +41,12 @@ def sweep_runs(module, base_overrides):
     """`get_sweep()` returns a list of override dicts (a product or zip written in the file)."""
     if not hasattr(module, "get_sweep"):
         raise config_lib.ConfigError(f"{module.__file__} has no get_sweep()")
-    for overrides in module.get_sweep():
-        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+    sweep = module.get_sweep()
+    # Runs are named by the keys that vary (all keys if none do): kl_coef=0.1, not also the
+    # settings every run of the sweep shares.
+    varying = {k for k in set().union(*sweep) if len({repr(o.get(k)) for o in sweep}) > 1}
+    for overrides in sweep:
+        name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items() if k in varying or not varying)
         yield name, list(base_overrides) + [(k, repr(v) if isinstance(v, (tuple, list)) else str(v))
                                            for k, v in overrides.items()]
 
