@@ -6,7 +6,8 @@
     rlhf-jax sweep --config=experiments/reviews/ppo.py --workdir=runs/reviews/ppo_sweep
     rlhf-jax train --config=experiments/reviews/ppo.py --config.num_seeds=4 --workdir=...  4 seeds at once
 
-Policy and reference: runs/reviews/sft. Reward: the reward model runs/reviews/reward (trained on
+Policy and reference: runs/reviews/sft (after the default pipeline instead, add
+--config.init_from=runs/default/sft --config.reward_model=runs/default/reward). Reward: the reward model runs/reviews/reward (trained on
 VADER-labelled preferences), or with `:vader` the VADER function itself. Gold: VADER compound
 sentiment of the same samples (objective/gold_scores), so over-optimisation of the learned
 reward model shows up as objective/scores rising while objective/gold_scores falls: `:no_kl`
