@@ -198,12 +198,20 @@ def _info(builder, features: dict, description: str):
 # TFDS 4.9 imports without declaring it on Python >= 3.9; our builders download nothing.
 
 
-class ReviewsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """What every builder here shares: version, no checksums file, examples keyed by index."""
+
+    VERSION = VERSION
+    code_path = None  # no checksums file; also avoids TFDS's import of importlib_resources
+
+    def _generate_examples(self, examples):
+        return _indexed(examples)
+
+
+class ReviewsBuilder(_Builder, skip_registration=True):
     """Generated reviews (reviews.py): text, topic, sentiment in [-1, 1]."""
 
     name = "rlhf_reviews"
-    VERSION = VERSION
-    code_path = None  # no checksums file; also avoids TFDS's import of importlib_resources
 
     def __init__(self, *, seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000,
                  **kwargs):
@@ -220,23 +228,12 @@ class ReviewsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         splits = reviews_lib.review_splits(self.seed, self.num_train, self.num_validation)
         return {name: self._generate_examples(examples) for name, examples in splits.items()}
 
-    def _generate_examples(self, examples):
-        return _indexed(examples)
 
-
-class ReviewsSftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """The generated reviews as SFT pairs (reviews.sft_examples): prompt, response."""
+class ReviewsSftBuilder(ReviewsBuilder, skip_registration=True):
+    """The generated reviews as SFT pairs (reviews.sft_examples): prompt, response. Same
+    parameters and config names as ReviewsBuilder."""
 
     name = "rlhf_reviews_sft"
-    VERSION = VERSION
-    code_path = None  # no checksums file; also avoids TFDS's import of importlib_resources
-
-    def __init__(self, *, seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000,
-                 **kwargs):
-        self.seed, self.num_train, self.num_validation = seed, num_train, num_validation
-        config = tfds.core.BuilderConfig(
-            name=f"seed{seed}_train{num_train}_val{num_validation}", version=VERSION)
-        super().__init__(config=config, **kwargs)
 
     def _info(self):
         return _info(self, {"prompt": tfds.features.Text(), "response": tfds.features.Text()},
@@ -247,9 +244,6 @@ class ReviewsSftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {name: self._generate_examples(
                     reviews_lib.sft_examples(examples, seed=f"{self.seed}/{name}"))
                 for name, examples in splits.items()}
-
-    def _generate_examples(self, examples):
-        return _indexed(examples)
 
 
 def text_documents(path: str, split_paragraphs: bool) -> list[dict]:
@@ -285,12 +279,10 @@ def _file_config(path: str, validation_path: str, validation_fraction: float, *e
     return f"{_slug(os.path.basename(os.path.normpath(path)))}_{digest}"
 
 
-class TextFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class TextFolderBuilder(_Builder, skip_registration=True):
     """Bring-your-own pre-training text: a folder of .txt files -> text, file."""
 
     name = "rlhf_text_folder"
-    VERSION = VERSION
-    code_path = None  # no checksums file; also avoids TFDS's import of importlib_resources
 
     def __init__(self, *, path: str, validation_path: str = "", validation_fraction: float = 0.05,
                  split_paragraphs: bool = False, **kwargs):
@@ -313,16 +305,11 @@ class TextFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
 
-    def _generate_examples(self, examples):
-        return _indexed(examples)
 
-
-class JsonlSftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class JsonlSftBuilder(_Builder, skip_registration=True):
     """SFT pairs from JSONL: one {"prompt": str, "response": str} object per line."""
 
     name = "rlhf_jsonl_sft"
-    VERSION = VERSION
-    code_path = None  # no checksums file; also avoids TFDS's import of importlib_resources
 
     def __init__(self, *, path: str, validation_path: str = "", validation_fraction: float = 0.05,
                  **kwargs):
@@ -349,11 +336,8 @@ class JsonlSftBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
 
-    def _generate_examples(self, examples):
-        return _indexed(examples)
 
-
-class PreferencesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class PreferencesBuilder(_Builder, skip_registration=True):
     """Preference pairs: prompt, chosen, rejected, metadata (JSON string), margin (float, 0: none).
 
     From a JSONL file (`path`, optional `validation_path`) or from records in memory
@@ -361,8 +345,6 @@ class PreferencesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     """
 
     name = "rlhf_preferences"
-    VERSION = VERSION
-    code_path = None  # no checksums file; also avoids TFDS's import of importlib_resources
 
     def __init__(self, *, path: str = "", validation_path: str = "",
                  validation_fraction: float = 0.1, records=None, name: str = "", **kwargs):
@@ -397,9 +379,6 @@ class PreferencesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             splits = _split_by_hash(self._read(self.path), "prompt", self.validation_fraction)
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
-
-    def _generate_examples(self, examples):
-        return _indexed(examples)
 
 
 # ----------------------------------------------------------------------------------------------
