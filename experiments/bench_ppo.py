@@ -77,18 +77,14 @@ import time
 import warnings
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from configs import models, optimizers
 from configs import ppo as ppo_configs
 from rlhf_jax import benchmarking
-from rlhf_jax import config as config_lib
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
-from rlhf_jax import ppo
-from rlhf_jax import run as run_lib
+from rlhf_jax import ppo, pretrain
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.tokenizer import ByteTokenizer
 
@@ -150,16 +146,9 @@ def ours_config(loss, args, sft_dir):
 
 
 def make_sft_run(workdir, model_config):
-    """A random finished 'SFT run' on disk, so ppo.init_state builds the state the stage builds."""
-    c = ml_collections.ConfigDict(dict(stage="sft", model=model_config, optimizer=optimizers.adam(LEARNING_RATE),
-                                       tokenizer=dict(kind="byte", path="")))
-    config_lib.write_resolved_config(c, workdir)
-    _, params = model_lib.init_params(c.model, "lm", 0)
-    manager = run_lib.checkpoint_manager(workdir)
-    run_lib.save_checkpoint(manager, 1, {"params": params, "opt_state": make_optimizer(c.optimizer).init(params)})
-    manager.wait_until_finished()
-    manager.close()
-    return model_lib.count_params(params)
+    """A random finished 'SFT run' on disk, so ppo.init_state builds the state the stage builds.
+    Returns its parameter count."""
+    return model_lib.count_params(pretrain.save_random_run(workdir, model_config))
 
 
 def ours_iteration_times(loss, args, prompt_texts, tmp):

@@ -60,6 +60,25 @@ def load_run_params(workdir: str, head: str = "lm"):
     return run_config.model, graphdef, state["params"]
 
 
+def save_random_run(workdir: str, model_config, seed: int = 0):
+    """A finished 'SFT run' of randomly initialised params in the layout load_run_params reads
+    (config.json and a checkpoint of {params, opt_state}): a stand-in policy for tests and
+    benchmarks of the later stages. Returns the params."""
+    import ml_collections
+
+    from configs import optimizers
+
+    config = ml_collections.ConfigDict(dict(stage="sft", model=model_config, optimizer=optimizers.adam(1e-3),
+                                            tokenizer=dict(kind="byte", path="")))
+    config_lib.write_resolved_config(config, workdir)
+    _, params = model_lib.init_params(model_config, "lm", seed)
+    manager = run_lib.checkpoint_manager(workdir)
+    run_lib.save_checkpoint(manager, 1, {"params": params, "opt_state": make_optimizer(config.optimizer).init(params)})
+    manager.wait_until_finished()
+    manager.close()
+    return params
+
+
 def load_matching_run_params(workdir: str, model_config, stage: str):
     """load_run_params, refusing a run whose model is not `model_config`: this run's own
     config.json must describe the params it will save, or they could not be restored."""

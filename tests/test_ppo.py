@@ -1,11 +1,9 @@
 """PPO stage: parallel == single device, log-prob recomputation, NaN safety, KL at the start,
 learning on a toy reward (ppo, rloo, grpo), and resume == uninterrupted. Tiny models only."""
 
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -14,8 +12,7 @@ from configs import optimizers
 from configs import ppo as ppo_configs
 from rlhf_jax import config as config_lib
 from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import ppo
+from rlhf_jax import ppo, pretrain
 from rlhf_jax import run as run_lib
 from rlhf_jax.data import loaders
 from rlhf_jax.optim import make_optimizer
@@ -43,15 +40,8 @@ def sft_run(tmp_path_factory):
 
 
 def make_sft_run(workdir):
-    """A fake finished SFT run: random tiny model saved the way pretrain.train saves it."""
-    c = ml_collections.ConfigDict(dict(stage="sft", model=tiny_model(), optimizer=optimizers.adam(1e-3),
-                                       tokenizer=dict(kind="byte", path="")))
-    config_lib.write_resolved_config(c, workdir)
-    _, params = model_lib.init_params(c.model, "lm", 0)
-    manager = run_lib.checkpoint_manager(workdir)
-    run_lib.save_checkpoint(manager, 1, {"params": params, "opt_state": make_optimizer(c.optimizer).init(params)})
-    manager.wait_until_finished()
-    manager.close()
+    """A fake finished SFT run: a random tiny model saved the way pretrain.train saves it."""
+    pretrain.save_random_run(workdir, tiny_model())
     return workdir
 
 
