@@ -25,12 +25,14 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import bench_ppo
 from rlhf_jax import benchmarking
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import ppo
+from rlhf_jax import run as run_lib
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.tokenizer import ByteTokenizer
 
@@ -102,7 +104,7 @@ def main():
             out = []
             for j in range(s):
                 batch = {"step": i, "prompts": prompts, "texts": texts}
-                states[j], metrics = step_fn(states[j], batch, jax.random.key(1000 * j + i))
+                states[j], metrics = step_fn(states[j], batch, run_lib.step_rng(jax.random.key(config.seed + j), i))
                 out.append(metrics)
             return states, out
 
@@ -114,10 +116,11 @@ def main():
         mesh, step_fn, state = build(config)
         prompts = prompt_batch(texts, s, mesh)
         holder = [state]
+        seed_keys = jax.vmap(jax.random.key)(jnp.arange(config.seed, config.seed + s))
 
         def vmapped(i):
             batch = {"step": i, "prompts": prompts, "texts": [texts] * s}
-            holder[0], metrics = step_fn(holder[0], batch, jax.random.key(i))
+            holder[0], metrics = step_fn(holder[0], batch, run_lib.step_rng(seed_keys, i))
             return holder[0], metrics
 
         first_vmap = timed(vmapped, 1)[0]

@@ -477,15 +477,13 @@ def make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_s
     gold_fn = labelers_load(config.gold_function)
     k, num_seeds = config.samples_per_prompt, config.num_seeds
     seeded = num_seeds > 1
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
     samples_sharding = mesh_lib.batch_sharding(mesh)
     if seeded:
         samples_sharding = mesh_lib.stacked(samples_sharding)
     last = {}
 
     def step_fn(state, batch, rng):
-        if seeded:  # seed i's rng is the one the run `seed + i` would get from train_loop
-            rng = jax.vmap(jax.random.fold_in, (0, None))(seed_keys, batch["step"])
+        """rng: this step's key, or with seeds one key per seed (run.step_rng)."""
         keys = (jax.vmap(jax.random.split) if seeded else jax.random.split)(rng)
         rollout_rng, update_rng = keys[..., 0], keys[..., 1]
         samples = rollout_fn(state, frozen, batch["prompts"], rollout_rng)
@@ -573,9 +571,12 @@ def train(config, workdir: str):
             f.write(f"--- step {last['step']}\n{table}\n")
         last.pop("scores")
 
+    # With seeds, one key per seed: seed i gets the step keys the run `seed + i` gets alone.
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
+    rng = seed_keys if config.num_seeds > 1 else seed_keys[0]
     return run_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, batch_fn=batch_fn, num_steps=config.num_steps,
-        rng=jax.random.key(config.seed), log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+        rng=rng, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
         log_fn=log_samples, progress_every_s=config.get("progress_every_s", 10.0),
         headline=("objective/scores", "objective/gold_scores", "objective/kl", "objective/kl_coef",
                   "val/num_eos_tokens"))

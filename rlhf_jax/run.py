@@ -8,7 +8,7 @@
 `train_loop` is the one outer Python loop: it restores the last checkpoint if there is one,
 calls a jitted pure `step_fn(state, batch, rng) -> (state, metrics)`, fetches metrics every
 `log_every` steps, saves every `checkpoint_every` steps and at the end. Batches are a pure
-function of the step (`batch_fn(step)`), and so is the step's rng (`fold_in(rng, step)`): the
+function of the step (`batch_fn(step)`), and so is the step's rng (`step_rng(rng, step)`): the
 data-iterator state is the step number, and a resumed run repeats an uninterrupted one exactly.
 """
 
@@ -179,6 +179,14 @@ def _fmt_time(s):
 _FAULT_AFTER_STEP = int(os.environ.get("RLHF_JAX_FAULT_AFTER_STEP", "-1"))
 
 
+def step_rng(rng, step: int):
+    """The rng of one step: fold_in(rng, step), per key when `rng` is an array of keys (one per
+    seed of runs trained together: each gets what its own single run would)."""
+    if rng.ndim == 0:
+        return jax.random.fold_in(rng, step)
+    return jax.vmap(jax.random.fold_in, (0, None))(rng, step)
+
+
 def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, log_every: int,
                checkpoint_every: int, steps_per_call: int = 1, eval_fn=None, eval_every: int = 0,
                log_fn=None, progress_every_s: float = 10.0, headline=()):
@@ -186,6 +194,7 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
 
     step_fn(state, batch, rng) -> (state, metrics): jitted and pure; advances `steps_per_call` steps.
     batch_fn(step) -> batch (already placed on the mesh) or None.
+    rng: a key, or an array of keys (seeds trained in one program); see `step_rng`.
     eval_fn(state, step) -> metrics dict, run every `eval_every` steps and at the end.
     log_fn(state, step, writer): optional extra logging (sample tables) at each log step.
     headline: metric names shown first on the progress line (default: the first six).
@@ -204,7 +213,7 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
     try:
         while step < num_steps:
             batch = batch_fn(step) if batch_fn is not None else None
-            state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
+            state, metrics = step_fn(state, batch, step_rng(rng, step))
             step += steps_per_call
             pending.append(metrics)
             last = step >= num_steps
