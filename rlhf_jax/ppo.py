@@ -493,7 +493,7 @@ def make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_s
             response, mask = jax.device_get((samples["response"], samples["response_mask"]))
             n = response.shape[-1]
             texts = sampling.decode_responses(tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
-            prompts = [t for texts_ in (batch["texts"] if seeded else [batch["texts"]]) for t in texts_
+            prompts = [t for seed_texts in (batch["texts"] if seeded else [batch["texts"]]) for t in seed_texts
                        for _ in range(k)]
             if reward_fn is not None:
                 scores = _host_scores(reward_fn, prompts, texts).reshape(response.shape[:-1])
@@ -611,7 +611,10 @@ def load_policy(workdir: str, seed_index: int = 0):
     A run of several seeds gives seed `seed_index`'s policy."""
     config = config_lib.read_resolved_config(workdir)
     graphdef, target = abstract_state(config)
+    num_seeds = config.get("num_seeds", 1)
+    if not 0 <= seed_index < num_seeds:  # (JAX would clamp an index out of range, silently)
+        raise ValueError(f"seed_index={seed_index}: {workdir} trained num_seeds={num_seeds}")
     params = run_lib.load_state(workdir, target)["params"]
-    if config.get("num_seeds", 1) > 1:
+    if num_seeds > 1:
         params = jax.tree.map(lambda x: x[seed_index], params)
     return config.model, graphdef, params

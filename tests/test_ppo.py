@@ -199,6 +199,8 @@ def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
             np.testing.assert_allclose(row[name + "_std"], values.std(), rtol=1e-3, atol=1e-6, err_msg=name)
     assert max(r["objective/scores_std"] for r in both) > 0  # the seeds differ: not one run twice
     assert "--- step 1" in (tmp_path / "both" / "samples.txt").read_text()
+    with pytest.raises(ValueError, match="seed_index=2"):
+        ppo.load_policy(str(tmp_path / "both"), seed_index=2)
 
 
 def test_num_seeds_must_be_positive(sft_run, tmp_path):
