@@ -31,6 +31,8 @@ __all__ = [
     "token_logprobs",
     "entropy_from_logits",
     "bradley_terry_loss",
+    "dpo_loss",
+    "DPO_KINDS",
     "generalized_advantage_estimate",
     "kl_penalty",
     "per_token_rewards",
@@ -217,6 +219,156 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0
         "margin_mean": jnp.mean(diff),
         "reward_mean": jnp.mean(rewards),
         "reward_std": jnp.std(rewards),
+    }
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Preference optimisation without RL (DPO family)
+# --------------------------------------------------------------------------------------------
+
+
+DPO_KINDS = ("sigmoid", "robust", "ipo", "hinge", "simpo")
+_LENGTH_NORMALISED_KINDS = ("ipo", "simpo")
+
+
+def dpo_loss(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    kind: str,
+    beta,
+    label_smoothing: float = 0.0,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    simpo_gamma=0.5,
+):
+    """Pairwise preference losses of the DPO family, as TRL's ``DPOTrainer`` / ``CPOTrainer``.
+
+    With ``pi_c, pi_r`` the policy's and ``ref_c, ref_r`` the reference's summed log-probs of
+    the chosen and rejected responses, ``len_c, len_r`` their lengths in response tokens,
+    ``eps = label_smoothing`` and the log-ratio difference::
+
+        h = (pi_c - ref_c) - (pi_r - ref_r)
+
+    the per-pair losses are (``log sigmoid`` is ``jax.nn.log_sigmoid``)::
+
+        sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+        robust   [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)
+        ipo      (h_avg - 1 / (2 beta))^2,
+                 h_avg = (pi_c - ref_c) / len_c - (pi_r - ref_r) / len_r
+        hinge    relu(1 - beta h)
+        simpo    -(1 - eps) log sigmoid(z) - eps log sigmoid(-z),
+                 z = beta (pi_c / len_c - pi_r / len_r) - simpo_gamma
+
+    * ``sigmoid``: DPO (Rafailov et al. 2023); ``eps > 0`` is conservative DPO (Mitchell 2023,
+      "A note on DPO with noisy preferences"), the cross-entropy against labels smoothed to
+      ``1 - eps``. ``eps = 0`` is plain DPO.
+    * ``robust``: rDPO (Chowdhury et al. 2024, "Provably Robust DPO"), unbiased when each label
+      is flipped with probability ``eps``: its expectation over the flip equals the clean
+      ``-log sigmoid(beta h)``. Note the ``+`` (conservative DPO has ``-``) and the division by
+      ``1 - 2 eps``, exactly TRL's ``loss_type="robust"``; needs ``0 <= eps < 0.5``.
+    * ``ipo``: IPO (Azar et al. 2023, Eq. 17, ``beta`` is their ``tau``) on length-averaged
+      log-probs, as TRL does for ``loss_type="ipo"`` (it divides both the policy's and the
+      reference's log-probs by the response length before forming the difference).
+    * ``hinge``: SLiC-HF (Zhao et al. 2023) calibration loss with margin ``1 / beta``.
+    * ``simpo``: SimPO (Meng et al. 2024), reference-free and length-normalised with target
+      margin ``simpo_gamma``; label smoothing as in TRL's ``CPOTrainer(loss_type="simpo")``.
+      ``ref_chosen_logps`` / ``ref_rejected_logps`` are ignored (pass anything of shape [B]).
+
+    ``label_smoothing`` is defined for ``sigmoid``, ``robust`` and ``simpo`` only; a nonzero
+    value for ``ipo`` or ``hinge`` raises (TRL ignores it with a warning). ``beta`` and
+    ``simpo_gamma`` may be traced scalars (an annealed or vmapped coefficient in the train
+    state); nothing branches on their values. The reference log-probs and the lengths are
+    held constant (``stop_gradient``). Lengths are clamped to at least 1, so an empty response
+    (summed log-prob 0) contributes 0 rather than NaN.
+
+    Metrics (TRL's names; means over the batch of these [B] quantities)::
+
+        rewards/chosen      r_c = beta (pi_c - ref_c)
+        rewards/rejected    r_r = beta (pi_r - ref_r)
+        rewards/accuracies  r_c > r_r
+        rewards/margins     r_c - r_r
+        logps/chosen        pi_c          (summed, not length-averaged, for every kind)
+        logps/rejected      pi_r
+        loss                the returned loss
+
+    The implicit rewards use summed log-ratios for every kind but ``simpo``, whose rewards are
+    reference-free and length-normalised, ``r = beta pi / len`` (TRL's CPO/SimPO rewards). For
+    ``ipo`` TRL would log length-averaged rewards and log-probs; these are the summed ones.
+
+    Args:
+      chosen_logps, rejected_logps: [B] policy log-probs of the response tokens, summed per
+        sequence (use ``masked_sum``); differentiated.
+      ref_chosen_logps, ref_rejected_logps: [B] the same under the reference model.
+      kind: one of ``DPO_KINDS``.
+      beta: scalar inverse temperature / KL strength (may be traced).
+      label_smoothing: ``eps``, the assumed label-noise rate (Python number).
+      chosen_lengths, rejected_lengths: [B] response lengths in tokens; required by ``ipo``
+        and ``simpo``, ignored by the other kinds.
+      simpo_gamma: SimPO's target reward margin (TRL's default 0.5).
+    Returns:
+      ``(loss, metrics)``: the scalar float32 mean loss over the batch and the metrics above.
+    """
+    if kind not in DPO_KINDS:
+        raise ValueError(f"unknown DPO loss kind {kind!r}; valid kinds: {', '.join(DPO_KINDS)}")
+    if kind in _LENGTH_NORMALISED_KINDS and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(
+            f"DPO loss kind {kind!r} is length-normalised: pass chosen_lengths and "
+            "rejected_lengths (response lengths in tokens)"
+        )
+    if not isinstance(label_smoothing, jax.core.Tracer):
+        eps_value = float(label_smoothing)
+        if kind in ("ipo", "hinge") and eps_value != 0.0:
+            raise ValueError(f"label_smoothing is not defined for DPO loss kind {kind!r}")
+        if kind == "robust" and not 0.0 <= eps_value < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps_value}")
+        if not 0.0 <= eps_value <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {eps_value}")
+
+    f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
+    pi_c, pi_r = f32(chosen_logps), f32(rejected_logps)
+    beta = f32(beta)
+    eps = f32(label_smoothing)
+
+    if kind == "simpo":
+        len_c = lax.stop_gradient(jnp.maximum(f32(chosen_lengths), 1.0))
+        len_r = lax.stop_gradient(jnp.maximum(f32(rejected_lengths), 1.0))
+        reward_c = beta * pi_c / len_c
+        reward_r = beta * pi_r / len_r
+        z = reward_c - reward_r - f32(simpo_gamma)
+        losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+    else:
+        ratio_c = pi_c - lax.stop_gradient(f32(ref_chosen_logps))
+        ratio_r = pi_r - lax.stop_gradient(f32(ref_rejected_logps))
+        reward_c = beta * ratio_c
+        reward_r = beta * ratio_r
+        z = beta * (ratio_c - ratio_r)
+        if kind == "sigmoid":
+            losses = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+        elif kind == "robust":
+            losses = (
+                -(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)
+            ) / (1.0 - 2.0 * eps)
+        elif kind == "hinge":
+            losses = jax.nn.relu(1.0 - z)
+        else:  # ipo
+            len_c = lax.stop_gradient(jnp.maximum(f32(chosen_lengths), 1.0))
+            len_r = lax.stop_gradient(jnp.maximum(f32(rejected_lengths), 1.0))
+            h_avg = ratio_c / len_c - ratio_r / len_r
+            losses = jnp.square(h_avg - 1.0 / (2.0 * beta))
+
+    loss = jnp.mean(losses)
+    metrics = {
+        "loss": loss,
+        "rewards/chosen": jnp.mean(reward_c),
+        "rewards/rejected": jnp.mean(reward_r),
+        "rewards/accuracies": jnp.mean((reward_c > reward_r).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(reward_c - reward_r),
+        "logps/chosen": jnp.mean(pi_c),
+        "logps/rejected": jnp.mean(pi_r),
     }
     return loss, metrics
 

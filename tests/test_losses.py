@@ -161,6 +161,205 @@ def test_bradley_terry_value_metrics_and_gradient(rng):
     np.testing.assert_allclose(g, [-0.5, 0.0], atol=1e-6)
 
 
+# ---------------------------------------------------------------- DPO family
+
+
+def _np_log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def _np_dpo(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.5):
+    """Per-pair DPO-family losses in float64, with hand-derived d loss / d pc and d loss / d pr.
+
+    Returns (losses, d_pc, d_pr, reward_c, reward_r), all [B].
+    """
+    pc, pr, rc, rr, lc, lr = (np.asarray(a, np.float64) for a in (pc, pr, rc, rr, lc, lr))
+    sig = lambda x: np.exp(_np_log_sigmoid(x))
+    if kind == "simpo":
+        rew_c, rew_r = beta * pc / lc, beta * pr / lr
+        z = rew_c - rew_r - gamma
+        losses = -(1 - eps) * _np_log_sigmoid(z) - eps * _np_log_sigmoid(-z)
+        dz = -(1 - eps) * sig(-z) + eps * sig(z)  # d/dz log sigmoid(z) = sigmoid(-z)
+        return losses, dz * beta / lc, -dz * beta / lr, rew_c, rew_r
+    rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
+    z = rew_c - rew_r  # beta * h
+    if kind == "sigmoid":
+        losses = -(1 - eps) * _np_log_sigmoid(z) - eps * _np_log_sigmoid(-z)
+        dz = -(1 - eps) * sig(-z) + eps * sig(z)
+    elif kind == "robust":
+        losses = (-(1 - eps) * _np_log_sigmoid(z) + eps * _np_log_sigmoid(-z)) / (1 - 2 * eps)
+        dz = (-(1 - eps) * sig(-z) - eps * sig(z)) / (1 - 2 * eps)
+    elif kind == "hinge":
+        losses = np.maximum(0.0, 1.0 - z)
+        dz = np.where(z < 1.0, -1.0, 0.0)
+    elif kind == "ipo":
+        u = (pc - rc) / lc - (pr - rr) / lr - 1.0 / (2.0 * beta)
+        return u**2, 2 * u / lc, -2 * u / lr, rew_c, rew_r
+    else:
+        raise AssertionError(kind)
+    return losses, dz * beta, -dz * beta, rew_c, rew_r
+
+
+def _dpo_batch(rng, b=8):
+    """Summed response log-probs of plausible size, with log-ratio differences of both signs."""
+    lc = rng.integers(3, 40, size=b).astype(np.float32)
+    lr = rng.integers(3, 40, size=b).astype(np.float32)
+    pc = (-lc * rng.uniform(0.5, 2.5, size=b)).astype(np.float32)
+    pr = (-lr * rng.uniform(0.5, 2.5, size=b)).astype(np.float32)
+    rc = (pc + rng.normal(size=b) * 8).astype(np.float32)
+    rr = (pr + rng.normal(size=b) * 8).astype(np.float32)
+    return pc, pr, rc, rr, lc, lr
+
+
+@pytest.mark.parametrize(
+    "kind,eps",
+    [
+        ("sigmoid", 0.0),
+        ("sigmoid", 0.1),
+        ("robust", 0.0),
+        ("robust", 0.2),
+        ("ipo", 0.0),
+        ("hinge", 0.0),
+        ("simpo", 0.0),
+        ("simpo", 0.1),
+    ],
+)
+def test_dpo_loss_value_metrics_and_gradient(rng, kind, eps):
+    pc, pr, rc, rr, lc, lr = _dpo_batch(rng)
+    beta, gamma = 0.1, 0.5
+    kw = dict(kind=kind, beta=beta, label_smoothing=eps, simpo_gamma=gamma)
+    kw.update(chosen_lengths=lc, rejected_lengths=lr)
+    loss, m = L.dpo_loss(pc, pr, rc, rr, **kw)
+
+    losses, d_pc, d_pr, rew_c, rew_r = _np_dpo(kind, pc, pr, rc, rr, lc, lr, beta, eps, gamma)
+    if kind == "hinge":  # both sides of the hinge, and no pair on its kink
+        assert 0 < np.mean(rew_c - rew_r < 1) < 1 and np.all(np.abs(1 - (rew_c - rew_r)) > 1e-3)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, losses.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["loss"], losses.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["rewards/chosen"], rew_c.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["rewards/rejected"], rew_r.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["rewards/margins"], (rew_c - rew_r).mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["rewards/accuracies"], np.mean(rew_c > rew_r))
+    assert 0 < float(m["rewards/accuracies"]) < 1  # the batch has pairs of both orders
+    np.testing.assert_allclose(m["logps/chosen"], pc.astype(np.float64).mean(), rtol=1e-6)
+    np.testing.assert_allclose(m["logps/rejected"], pr.astype(np.float64).mean(), rtol=1e-6)
+
+    # The hand-derived NumPy gradients agree with central differences of the NumPy loss.
+    def np_mean_loss(a, b_):
+        return _np_dpo(kind, a, b_, rc, rr, lc, lr, beta, eps, gamma)[0].mean()
+
+    pc64, pr64, h = pc.astype(np.float64), pr.astype(np.float64), 1e-6
+    fd_pc = [(np_mean_loss(pc64 + h * e, pr64) - np_mean_loss(pc64 - h * e, pr64)) / (2 * h)
+             for e in np.eye(len(pc))]
+    fd_pr = [(np_mean_loss(pc64, pr64 + h * e) - np_mean_loss(pc64, pr64 - h * e)) / (2 * h)
+             for e in np.eye(len(pc))]
+    np.testing.assert_allclose(fd_pc, d_pc / len(pc), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(fd_pr, d_pr / len(pc), rtol=1e-5, atol=1e-9)
+
+    # jax.grad of the mean loss; the reference log-probs are constants.
+    grads = jax.grad(lambda *a: L.dpo_loss(*a, **kw)[0], argnums=(0, 1, 2, 3))(pc, pr, rc, rr)
+    np.testing.assert_allclose(grads[0], d_pc / len(pc), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(grads[1], d_pr / len(pc), rtol=1e-4, atol=1e-7)
+    assert np.all(np.asarray(grads[2]) == 0) and np.all(np.asarray(grads[3]) == 0)
+
+
+def test_dpo_loss_hand_computed():
+    def dpo(pc, pr, rc, rr, kind="sigmoid", **kw):
+        arr = lambda x: jnp.array([x], jnp.float32)
+        return L.dpo_loss(arr(pc), arr(pr), arr(rc), arr(rr), kind=kind, **kw)
+
+    # h = 0: every sigmoid-type loss is log 2 whatever the smoothing.
+    for kind, eps in [("sigmoid", 0.0), ("sigmoid", 0.3), ("robust", 0.0), ("robust", 0.3)]:
+        loss, _ = dpo(-3.0, -5.0, -3.0, -5.0, kind, beta=0.1, label_smoothing=eps)
+        assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    # h = (-3 + 4) - (-5 + 4) = 2, beta = 0.5: -log sigmoid(1) = log(1 + e^-1) = 0.3132617.
+    loss, m = dpo(-3.0, -5.0, -4.0, -4.0, beta=0.5)
+    assert float(loss) == pytest.approx(0.3132617, abs=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(0.5)
+    assert float(m["rewards/rejected"]) == pytest.approx(-0.5)
+    assert float(m["rewards/margins"]) == pytest.approx(1.0)
+    assert float(m["rewards/accuracies"]) == 1.0
+    assert float(m["logps/chosen"]) == -3.0 and float(m["logps/rejected"]) == -5.0
+    # hinge at h = 0 is 1; at beta h = 1 it is 0.
+    assert float(dpo(-3.0, -5.0, -3.0, -5.0, "hinge", beta=0.1)[0]) == pytest.approx(1.0)
+    assert float(dpo(-3.0, -5.0, -4.0, -4.0, "hinge", beta=0.5)[0]) == pytest.approx(0.0)
+    # ipo at h_avg = 0 is (1 / (2 beta))^2 = 25 for beta = 0.1; an empty response is not NaN.
+    lens = dict(chosen_lengths=jnp.array([4.0]), rejected_lengths=jnp.array([0.0]))
+    assert float(dpo(-3.0, 0.0, -3.0, 0.0, "ipo", beta=0.1, **lens)[0]) == pytest.approx(25.0)
+    # simpo with equal average log-probs: -log sigmoid(-gamma) = log(1 + e^0.5).
+    lens = dict(chosen_lengths=jnp.array([2.0]), rejected_lengths=jnp.array([4.0]))
+    loss, m = dpo(-3.0, -6.0, 0.0, 0.0, "simpo", beta=2.0, simpo_gamma=0.5, **lens)
+    assert float(loss) == pytest.approx(math.log1p(math.exp(0.5)), abs=1e-6)
+    assert float(m["rewards/chosen"]) == pytest.approx(-3.0)  # beta * pi / len
+    assert float(m["rewards/rejected"]) == pytest.approx(-3.0)
+    # Robust DPO is unbiased under label flips with rate eps: its expectation over a flip of
+    # the pair, (1 - eps) l(h) + eps l(-h), is the clean DPO loss -log sigmoid(beta h).
+    for h in (-3.0, 0.5, 4.0):
+        eps = 0.2
+        fwd = float(dpo(h, 0.0, 0.0, 0.0, "robust", beta=0.7, label_smoothing=eps)[0])
+        bwd = float(dpo(0.0, h, 0.0, 0.0, "robust", beta=0.7, label_smoothing=eps)[0])
+        clean = -_np_log_sigmoid(0.7 * h)
+        assert (1 - eps) * fwd + eps * bwd == pytest.approx(clean, rel=1e-5)
+    # Stable for huge log-ratio differences of either sign.
+    big = jnp.array([-1e4, 1e4], jnp.float32)
+    zeros = jnp.zeros(2)
+    loss = L.dpo_loss(big, zeros, zeros, zeros, kind="sigmoid", beta=0.1)[0]
+    assert float(loss) == pytest.approx(500.0, rel=1e-5)
+    g = jax.grad(lambda x: L.dpo_loss(x, zeros, zeros, zeros, kind="sigmoid", beta=0.1)[0])(big)
+    np.testing.assert_allclose(g, [-0.05, 0.0], atol=1e-7)
+
+
+def test_simpo_ignores_reference_logps(rng):
+    pc, pr, rc, rr, lc, lr = _dpo_batch(rng)
+    kw = dict(kind="simpo", beta=2.0, chosen_lengths=lc, rejected_lengths=lr)
+    loss, m = L.dpo_loss(pc, pr, rc, rr, **kw)
+    nan = np.full_like(rc, np.nan)
+    for ref_c, ref_r in [(rc * 3 + 1, rr - 7), (nan, nan)]:
+        loss2, m2 = L.dpo_loss(pc, pr, ref_c, ref_r, **kw)
+        assert float(loss2) == float(loss)
+        for k in m:
+            assert float(m2[k]) == float(m[k]), k
+    g = jax.grad(lambda a: L.dpo_loss(a, pr, nan, nan, **kw)[0])(pc)
+    assert np.all(np.isfinite(g))
+
+
+def test_dpo_loss_rejects_bad_arguments():
+    x = jnp.zeros(3)
+    for kind in ("ipo", "simpo"):
+        with pytest.raises(ValueError, match=kind):
+            L.dpo_loss(x, x, x, x, kind=kind, beta=0.1)
+        with pytest.raises(ValueError, match=kind):
+            L.dpo_loss(x, x, x, x, kind=kind, beta=0.1, chosen_lengths=jnp.ones(3))
+    with pytest.raises(ValueError, match="sigmoid, robust, ipo, hinge, simpo"):
+        L.dpo_loss(x, x, x, x, kind="kto", beta=0.1)
+    with pytest.raises(ValueError, match="robust"):
+        L.dpo_loss(x, x, x, x, kind="robust", beta=0.1, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="hinge"):
+        L.dpo_loss(x, x, x, x, kind="hinge", beta=0.1, label_smoothing=0.1)
+
+
+def test_dpo_loss_with_traced_beta(rng):
+    # beta as a traced argument of a jitted step, vmapped as a per-seed coefficient in a
+    # vmapped train state.
+    pc, pr, rc, rr, lc, lr = _dpo_batch(rng)
+    betas = np.array([0.05, 0.1, 0.5], np.float32)
+    for kind in L.DPO_KINDS:
+        eps = 0.1 if kind in ("sigmoid", "robust", "simpo") else 0.0
+
+        @jax.jit
+        @jax.vmap
+        def f(beta):
+            return L.dpo_loss(pc, pr, rc, rr, kind=kind, beta=beta, label_smoothing=eps,
+                              chosen_lengths=lc, rejected_lengths=lr)
+
+        losses, m = f(jnp.asarray(betas))
+        for i, beta in enumerate(betas):
+            want = _np_dpo(kind, pc, pr, rc, rr, lc, lr, float(beta), eps)
+            np.testing.assert_allclose(losses[i], want[0].mean(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(m["rewards/chosen"][i], want[3].mean(), rtol=1e-5,
+                                       atol=1e-6)
+
 # ---------------------------------------------------------------- GAE
 
 
