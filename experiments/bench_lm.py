@@ -3,7 +3,7 @@
     python experiments/bench_lm.py [--size tiny|small|gpt2_124m] [--batch 16] [--seq 256]
                                    [--new_tokens 64] [--prompt 32] [--dtype float32|bfloat16]
 
-Training: tokens/s of our jitted AdamW step (`pretrain.make_train_step`) and of a
+Training: tokens/s of our jitted AdamW step (`optim.make_train_step`) and of a
 `transformers.GPT2LMHeadModel` of the same size with `torch.optim.AdamW` (forward, backward,
 step), on the same batch shape; our achieved FLOP/s (`model.flops_per_token`) as a fraction of
 the machine's measured matmul peak (the best of a few large `jnp.dot`s).
@@ -27,7 +27,7 @@ from rlhf_jax import benchmarking, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import pretrain
-from rlhf_jax.optim import make_optimizer
+from rlhf_jax.optim import make_optimizer, make_train_step
 
 
 def matmul_peak_flops(dtype, n=None, repeats=5):
@@ -43,7 +43,7 @@ def ours_train(config, batch, seq, steps):
     graphdef, params = model_lib.init_params(config)
     optimizer = make_optimizer(optimizers.adamw(3e-4))
     state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step = pretrain.make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
+    step = make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
                                     shardings)
     tokens = np.random.default_rng(0).integers(0, 256, (batch, seq)).astype(np.int32)
     data = mesh_lib.shard_batch(dict(tokens=tokens, positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),

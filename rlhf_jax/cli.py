@@ -8,32 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from rlhf_jax import config as config_lib
-
-# config.stage -> the module whose `train(config, workdir)` runs it. One file per stage.
-STAGES = {
-    "snack": "rlhf_jax.snack",
-    "pretrain": "rlhf_jax.pretrain",
-    "sft": "rlhf_jax.pretrain",
-    "reward": "rlhf_jax.reward",
-    "ppo": "rlhf_jax.ppo",
-}
-
-
-def run_stage(config, workdir: str, allow_config_change: bool = False):
-    if config.stage not in STAGES:
-        raise config_lib.ConfigError(f"config.stage={config.stage!r}: expected one of {sorted(STAGES)}")
-    config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change)
-    return importlib.import_module(STAGES[config.stage]).train(config, workdir)
-
+from rlhf_jax import registry
 
 def cmd_train(args, overrides):
     config = config_lib.load_config(args.config, overrides)
-    run_stage(config, args.workdir, args.allow_config_change)
+    registry.run_stage(config, args.workdir, args.allow_config_change)
     print(f"done: {args.workdir}")
 
 
@@ -60,7 +43,7 @@ def cmd_sweep(args, overrides):
         workdir = os.path.join(args.workdir, name)
         config = config_lib.load_config(args.config, run_overrides)
         print(f"=== sweep run {name}", flush=True)
-        run_stage(config, workdir, args.allow_config_change)
+        registry.run_stage(config, workdir, args.allow_config_change)
         workdirs.append(workdir)
     metrics = config.get("plot_metrics", ())
     if metrics:
@@ -89,17 +72,17 @@ def cmd_pipeline(args, overrides):
 
 
 def cmd_sample(args, overrides):
-    from rlhf_jax import pretrain
+    from rlhf_jax import runs
 
-    for i, text in enumerate(pretrain.sample_from_run(args.workdir, args.prompt, args.num, args.temperature,
+    for i, text in enumerate(runs.sample_from_run(args.workdir, args.prompt, args.num, args.temperature,
                                                       args.max_new_tokens, args.greedy)):
         print(f"--- sample {i + 1}\n{args.prompt}{text}")
 
 
 def cmd_score(args, overrides):
-    from rlhf_jax import reward
+    from rlhf_jax import runs
 
-    print(f"{reward.score_from_run(args.workdir, args.prompt, args.response):.4f}")
+    print(f"{runs.score_from_run(args.workdir, args.prompt, args.response):.4f}")
 
 
 def build_parser():

@@ -76,6 +76,12 @@ def param_shardings(mesh: Mesh, tree):
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), tree)
 
 
+def shard_state(state, mesh: Mesh):
+    """Place a train state on the mesh (replicated or FSDP-split); returns (state, shardings)."""
+    shardings = param_shardings(mesh, state)
+    return jax.device_put(state, shardings), shardings
+
+
 def shard_batch(batch, mesh: Mesh):
     """Place a host batch (pytree of arrays with a leading batch axis) on the mesh.
 

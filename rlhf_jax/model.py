@@ -281,6 +281,25 @@ def init_cache(config, batch_size: int, max_len: int, dtype=None):
     return {"layers": layers, "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
+def last_token_index(attention_mask):
+    """[B, T] mask -> [B] int32 index of the last real token (0 for a row with none)."""
+    mask = jnp.asarray(attention_mask).astype(bool)
+    t = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask, t, 0), axis=-1)
+
+
+def reward_scores(graphdef, params, tokens, attention_mask):
+    """Raw rewards [B] float32 of a 'scalar'-head model: its output at the last real token.
+
+    tokens, attention_mask: [B, T] (prompt + response + EOS, any padding: left, right or both).
+    Pure and jittable; a reward run's normalisation is applied by the caller: (r - mean) / std.
+    """
+    positions = positions_from_mask(attention_mask)
+    outputs, _ = apply(graphdef, params, tokens, positions, attention_mask)
+    last = last_token_index(attention_mask)
+    return jnp.take_along_axis(outputs["scalar"], last[:, None], axis=-1)[:, 0]
+
+
 def positions_from_mask(attention_mask):
     """[B, T] mask -> [B, T] int32 positions: cumsum - 1, clipped at 0 (right for left padding)."""
     mask = jnp.asarray(attention_mask).astype(jnp.int32)

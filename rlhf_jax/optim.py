@@ -6,7 +6,10 @@ trains like a vector of seeds: build the optimizer inside the vmapped function.
 
 from __future__ import annotations
 
+import jax
 import optax
+
+from rlhf_jax import mesh as mesh_lib
 
 
 def learning_rate_schedule(config, learning_rate=None):
@@ -43,3 +46,21 @@ def make_optimizer(config, learning_rate=None) -> optax.GradientTransformation:
         raise ValueError(f"optimizer.name={name!r}: expected 'sgd', 'adam' or 'adamw'")
     clip = config.get("grad_clip_norm", 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+
+
+def make_train_step(loss_fn, optimizer, mesh, state_shardings):
+    """jit(train_step)(state, batch, rng) -> (state, metrics) for any supervised loss
+    `loss_fn(params, batch) -> (loss, metrics)` (next-token in pretrain.py, Bradley-Terry in
+    reward.py, DPO in dpo.py). State {'params', 'opt_state'}; its buffers are donated; the batch
+    is split over every device of the mesh."""
+
+    def train_step(state, batch, rng):
+        del rng  # Dropout is off; the signature is the one every stage shares.
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
+                   out_shardings=(state_shardings, None), donate_argnums=0)

@@ -20,8 +20,8 @@ import time
 import jax
 import numpy as np
 
-from rlhf_jax import cli
 from rlhf_jax import config as config_lib
+from rlhf_jax import registry, runs, sampling
 from rlhf_jax import run as run_lib
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
@@ -61,7 +61,7 @@ def run_pipeline(spec: str, overrides, workdir: str):
             continue
         print(f"=== {name} -> {stage_dir}", file=sys.stderr, flush=True)
         t0 = time.time()
-        cli.run_stage(stages[name], stage_dir, allow_config_change=True)
+        registry.run_stage(stages[name], stage_dir, allow_config_change=True)
         print(f"=== {name}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     write_report(config, workdir)
 
@@ -69,7 +69,6 @@ def run_pipeline(spec: str, overrides, workdir: str):
 def write_report(config, workdir: str):
     """curves.png of PPO's RM score, gold score and KL; report.md with before/after responses."""
     from rlhf_jax import plotting
-    from rlhf_jax import pretrain
     from rlhf_jax.tokenizer import make_tokenizer
 
     ppo_dir = os.path.join(workdir, "ppo")
@@ -90,8 +89,8 @@ def write_report(config, workdir: str):
     gold = _gold_function(config)
     responses = {}
     for stage in ("sft", "ppo"):
-        _, graphdef, params = pretrain.load_run_params(os.path.join(workdir, stage))
-        responses[stage] = pretrain.generate_texts(
+        _, graphdef, params = runs.load_policy(os.path.join(workdir, stage))
+        responses[stage] = sampling.generate_texts(
             graphdef, params, tokenizer, prompts, max_new_tokens=config.ppo.get("max_new_tokens", 64),
             rng=jax.random.key(0), temperature=config.report_temperature)
     if gold:

@@ -25,7 +25,7 @@ Train state (checkpointed by run.train_loop, so a resumed run repeats an uninter
     value_params     scalar head, or a scalar model      value_opt_state  optax state (loss 'ppo')
     kl_coef          beta (adaptive or fixed)            baseline         [value, count] (EMA)
 The frozen reference / reward params are reloaded from their runs, never checkpointed here.
-Load a finished policy with `load_policy(workdir)` (same return as pretrain.load_run_params).
+Load a finished policy with `rlhf_jax.runs.load_policy(workdir[, seed_index])`.
 
 Seeds in one program (`num_seeds` S > 1, for small models): every train-state leaf gets a
 leading seed axis [S], and rollout and update are `jax.vmap`ped over it inside one jit (the
@@ -46,7 +46,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import losses, sampling
+from rlhf_jax import losses, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -172,10 +172,8 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
     logprobs, _, values = forward(models, state["params"], state.get("value_params"), tokens, attention_mask, p)
     ref_logprobs, _, _ = forward(models, frozen["ref"], None, tokens, attention_mask, p, with_values=False)
     if models.reward_graphdef is not None:
-        from rlhf_jax import reward as reward_lib
-
         aligned_tokens, aligned_mask = left_align(tokens, attention_mask)
-        scores = reward_lib.reward_scores(models.reward_graphdef, frozen["reward"], aligned_tokens, aligned_mask)
+        scores = model_lib.reward_scores(models.reward_graphdef, frozen["reward"], aligned_tokens, aligned_mask)
         scores = (scores - frozen["reward_mean"]) / frozen["reward_std"]
     else:
         scores = jnp.zeros(tokens.shape[:1], jnp.float32)
@@ -421,14 +419,10 @@ def init_state(config, optimizer):
     reward_graphdef); state = the train state (see the module docstring), stacked on a leading
     seed axis when num_seeds > 1; frozen = dict(ref, reward, reward_mean, reward_std).
     """
-    from rlhf_jax import pretrain
-
-    model_config, graphdef, params = pretrain.load_matching_run_params(config.init_from, config.model, "ppo")
+    model_config, graphdef, params = runs.load_matching_policy(config.init_from, config.model, "ppo")
     reward_graphdef, frozen = None, {"ref": params, "reward": None, "reward_mean": 0.0, "reward_std": 1.0}
     if config.reward_model:
-        from rlhf_jax import reward as reward_lib
-
-        _, reward_graphdef, reward_params, norm = reward_lib.load_reward_model(config.reward_model)
+        _, reward_graphdef, reward_params, norm = runs.load_reward_model(config.reward_model)
         frozen["reward"] = reward_params
         if config.use_reward_normalization and norm:
             frozen["reward_mean"], frozen["reward_std"] = float(norm["mean"]), float(norm["std"])
@@ -582,12 +576,12 @@ def train(config, workdir: str):
                   "val/num_eos_tokens"))
 
 
-# ----------------------------------------------------------------------------- hand-off
+# ----------------------------------------------------------------------------- hand-off (registry interface)
 
 
 def abstract_state(config):
     """ShapeDtypeStructs of a PPO run's train state, from its config alone (for Orbax)."""
-    graphdef, params = model_lib.abstract_params(config.model, "lm")
+    _, params = model_lib.abstract_params(config.model, "lm")
     optimizer = make_optimizer(config.optimizer)
     state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
     if config.loss == "ppo":
@@ -603,18 +597,9 @@ def abstract_state(config):
     state["baseline"] = jax.ShapeDtypeStruct((2,), jnp.float32)
     seeds = config.get("num_seeds", 1)
     lead = (seeds,) if seeds > 1 else ()
-    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
 
 
-def load_policy(workdir: str, seed_index: int = 0):
-    """The trained policy of a PPO run: (model_config, graphdef, params), as load_run_params.
-    A run of several seeds gives seed `seed_index`'s policy."""
-    config = config_lib.read_resolved_config(workdir)
-    graphdef, target = abstract_state(config)
-    num_seeds = config.get("num_seeds", 1)
-    if not 0 <= seed_index < num_seeds:  # (JAX would clamp an index out of range, silently)
-        raise ValueError(f"seed_index={seed_index}: {workdir} trained num_seeds={num_seeds}")
-    params = run_lib.load_state(workdir, target)["params"]
-    if num_seeds > 1:
-        params = jax.tree.map(lambda x: x[seed_index], params)
-    return config.model, graphdef, params
+def policy_params(config, state):
+    """(graphdef, policy params) of a restored state (with a leading seed axis if num_seeds > 1)."""
+    return model_lib.abstract_params(config.model, "lm")[0], state["params"]

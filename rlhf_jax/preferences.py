@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import labelers, sampling
+from rlhf_jax import labelers, runs, sampling
 from rlhf_jax.data import builders, loaders
 from rlhf_jax.tokenizer import make_tokenizer
 
@@ -240,8 +240,6 @@ def make_preferences(config, out_dir: str) -> dict:
     midway, it resumes at the next sampling call. With the human labeler it raises LabelsNeeded
     until enough pairs are answered (and rebuilds the dataset when more answers come in).
     """
-    from rlhf_jax import pretrain  # late import: pretrain imports nothing from here
-
     pcfg = config.preferences
     os.makedirs(out_dir, exist_ok=True)
     wanted = generation_config(config)
@@ -274,7 +272,7 @@ def make_preferences(config, out_dir: str) -> dict:
 
     def policy():  # loaded only if something is left to sample
         if not loaded:
-            _, graphdef, params = pretrain.load_run_params(policy_dir)
+            _, graphdef, params = runs.load_policy(policy_dir)
             loaded["policy"] = (graphdef, params)
         return loaded["policy"]
 

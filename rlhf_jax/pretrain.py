@@ -8,60 +8,31 @@ their batches:
 
 The train state is {'params': nnx.State, 'opt_state': optax state}; `train_step` is pure and
 jitted with the state sharded by the mesh (replicated, or FSDP-split) and the batch split over
-every device. This file also holds the hand-offs later stages use: `load_run_params` (a finished
-run's params) and `sample_from_run` (the `rlhf-jax sample` command).
+every device. Later stages load its params through `rlhf_jax.runs.load_policy`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import losses, sampling
+from rlhf_jax import losses, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer
+from rlhf_jax.optim import make_optimizer, make_train_step
 from rlhf_jax.tokenizer import make_tokenizer
 
 
 # ----------------------------------------------------------------------------- state
 
 
-def shard_state(state, mesh):
-    """Place a train state on the mesh; returns (state, shardings)."""
-    shardings = mesh_lib.param_shardings(mesh, state)
-    return jax.device_put(state, shardings), shardings
-
-
-def load_run_params(workdir: str, head: str = "lm"):
-    """Params of a finished run (pretrain, SFT, reward or PPO) from its last checkpoint.
-
-    Returns (model_config, graphdef, params). The abstract target is rebuilt from the run's own
-    config.json (model and optimizer), so Orbax restores every array with its true structure.
-    """
-    run_config = config_lib.read_resolved_config(workdir)
-    if run_config.stage == "ppo":  # A PPO checkpoint holds more than {params, opt_state}.
-        from rlhf_jax import ppo
-
-        return ppo.load_policy(workdir)
-    graphdef, abstract = model_lib.abstract_params(run_config.model, head)
-    optimizer = make_optimizer(run_config.optimizer)
-    target = {"params": abstract, "opt_state": jax.eval_shape(optimizer.init, abstract)}
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
-    state = run_lib.load_state(workdir, target)
-    return run_config.model, graphdef, state["params"]
-
-
 def save_random_run(workdir: str, model_config, seed: int = 0):
-    """A finished 'SFT run' of randomly initialised params in the layout load_run_params reads
+    """A finished 'SFT run' of randomly initialised params in the layout runs.load_policy reads
     (config.json and a checkpoint of {params, opt_state}): a stand-in policy for tests and
     benchmarks of the later stages. Returns the params."""
     import ml_collections
@@ -79,25 +50,13 @@ def save_random_run(workdir: str, model_config, seed: int = 0):
     return params
 
 
-def load_matching_run_params(workdir: str, model_config, stage: str):
-    """load_run_params, refusing a run whose model is not `model_config`: this run's own
-    config.json must describe the params it will save, or they could not be restored."""
-    run_model, graphdef, params = load_run_params(workdir)
-    changed = config_lib.differing_keys(run_model, model_config)
-    if changed:
-        raise config_lib.ConfigError(
-            f"{stage}: config.model differs from the model of {workdir} (its config.json) in {changed}; "
-            "set --config.model.* to match")
-    return run_model, graphdef, params
-
-
 def init_params_for(config):
     """Random init, or an earlier run's params (`init_from`), or a Hugging Face folder
     (`init_from_hf`). Returns (model_config, graphdef, params)."""
     if config.init_from and config.init_from_hf:
         raise config_lib.ConfigError("set at most one of init_from and init_from_hf")
     if config.init_from:
-        return load_matching_run_params(config.init_from, config.model, config.stage)
+        return runs.load_matching_policy(config.init_from, config.model, config.stage)
     if config.init_from_hf:
         from rlhf_jax import hf_import
 
@@ -115,23 +74,6 @@ def language_model_loss(params, graphdef, batch):
     """Next-token cross-entropy of a batch dict(tokens, positions, attention_mask, loss_mask)."""
     outputs, _ = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
     return losses.next_token_loss(outputs["logits"], batch["tokens"], batch["loss_mask"])
-
-
-def make_train_step(loss_fn, optimizer, mesh, state_shardings):
-    """jit(train_step)(state, batch, rng) -> (state, metrics) for any supervised loss
-    `loss_fn(params, batch) -> (loss, metrics)` (next-token here, Bradley-Terry in reward.py).
-    The state buffers are donated; the batch is split over every device of the mesh."""
-
-    def train_step(state, batch, rng):
-        del rng  # Dropout is off; the signature is the one every stage shares.
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-        return {"params": params, "opt_state": opt_state}, metrics
-
-    return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
 
 
 def make_eval_fn(graphdef, mesh, batches, num_batches: int, unigram_loss: float):
@@ -167,7 +109,7 @@ def train(config, workdir: str):
     train_batches = batches_for(config, data["train"], tokenizer)
     eval_batches = batches_for(config, data["validation"], tokenizer, shuffle=False)
     optimizer = make_optimizer(config.optimizer)
-    state, shardings = shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
     step_fn = make_train_step(lambda params, batch: language_model_loss(params, graphdef, batch),
                               optimizer, mesh, shardings)
     eval_fn = make_eval_fn(graphdef, mesh, eval_batches, config.eval_batches,
@@ -176,7 +118,7 @@ def train(config, workdir: str):
 
     def log_samples(state, step, writer):
         if prompts and config.sample_every and (step % config.sample_every == 0 or step == config.num_steps):
-            texts = generate_texts(graphdef, state["params"], tokenizer, prompts, max_new_tokens=config.sample_tokens,
+            texts = sampling.generate_texts(graphdef, state["params"], tokenizer, prompts, max_new_tokens=config.sample_tokens,
                                    greedy=True, rng=jax.random.key(0))
             table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, texts))
             writer.write_text(step, "samples", table)
@@ -192,23 +134,14 @@ def train(config, workdir: str):
         headline=("loss", "accuracy", "eval/loss", "grad_norm"))
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- hand-off (registry interface)
 
 
-def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng, temperature=1.0,
-                   greedy=False, top_k=0, top_p=1.0, max_prompt_len=64):
-    tokens, mask = sampling.encode_prompts(tokenizer, prompts, max_prompt_len)
-    out = sampling.generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), rng,
-                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                            temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
-    return sampling.decode_responses(tokenizer, np.asarray(out["response"]), np.asarray(out["response_mask"]))
+def abstract_state(config):
+    """ShapeDtypeStructs of the checkpointed {'params', 'opt_state'}, from the config alone."""
+    return runs.supervised_abstract_state(config, "lm")[1]
 
 
-def sample_from_run(workdir, prompt, num, temperature=1.0, max_new_tokens=128, greedy=False, seed=0):
-    """`rlhf-jax sample`: `num` responses of a trained run's policy (pretrain, SFT or PPO) to one prompt."""
-    run_config = config_lib.read_resolved_config(workdir)
-    _, graphdef, params = load_run_params(workdir)
-    tokenizer = make_tokenizer(run_config.get("tokenizer"))
-    print(f"sampling from {workdir} (temperature {temperature}{', greedy' if greedy else ''})", file=sys.stderr)
-    return generate_texts(graphdef, params, tokenizer, [prompt] * num, max_new_tokens=max_new_tokens,
-                          rng=jax.random.key(seed), temperature=temperature, greedy=greedy)
+def policy_params(config, state):
+    """(graphdef, params) of the language model in a restored state."""
+    return model_lib.abstract_params(config.model, "lm")[0], state["params"]

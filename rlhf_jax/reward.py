@@ -10,7 +10,7 @@ The stage (config.stage == 'reward'):
   2. params: those of the SFT run config.init_from, unembedding -> scalar head
      (model.replace_head_with_scalar: a pytree operation, the trunk is copied as is);
   3. train: pure jitted train_step(state, batch, rng), state {'params', 'opt_state'} sharded by
-     the mesh like pretrain.make_train_step; metrics loss, accuracy, margin_mean, reward_mean,
+     the mesh like every supervised step (optim.make_train_step); metrics loss, accuracy, margin_mean, reward_mean,
      reward_std, grad_norm;
   4. eval on held-out pairs (the 'validation' split): eval/accuracy against the labels,
      eval/gold_accuracy against the gold score's ordering, eval/loss, and eval/spearman, the rank
@@ -23,10 +23,9 @@ The reward is the scalar head's output at the LAST REAL token of prompt + respon
 position max{t : attention_mask[t] = 1} (= mask.sum(-1) - 1 for right padding); positions come
 from the mask, so left-padded prompts score like unpadded ones.
 
-Public API (PPO codes against it):
-    load_reward_model(workdir) -> (model_config, graphdef, params, {'mean', 'std'})
-    reward_scores(graphdef, params, tokens [B, T], attention_mask [B, T]) -> [B]   raw, jittable
-    score_from_run(workdir, prompt, response) -> float                             normalised
+Later stages load a finished reward run with `rlhf_jax.runs.load_reward_model(workdir)` ->
+(model_config, graphdef, params, {'mean', 'std'}) and score with
+`model.reward_scores(graphdef, params, tokens [B, T], attention_mask [B, T]) -> [B]` (raw, jittable).
 """
 
 from __future__ import annotations
@@ -37,42 +36,19 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import labelers, losses, preferences, pretrain
+from rlhf_jax import labelers, losses, preferences, registry, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer
+from rlhf_jax.optim import make_optimizer, make_train_step
 from rlhf_jax.tokenizer import make_tokenizer
 
-NORMALIZATION_FILE = "reward_normalization.json"
+NORMALIZATION_FILE = runs.NORMALIZATION_FILE
 NORMALIZATION_SAMPLES_FILE = "normalization_samples.jsonl"
-
-
-# ----------------------------------------------------------------------------- the reward
-
-
-def last_token_index(attention_mask):
-    """[B, T] mask -> [B] int32 index of the last real token (0 for a row with none)."""
-    mask = jnp.asarray(attention_mask).astype(bool)
-    t = jnp.arange(mask.shape[-1], dtype=jnp.int32)
-    return jnp.max(jnp.where(mask, t, 0), axis=-1)
-
-
-def reward_scores(graphdef, params, tokens, attention_mask):
-    """Raw rewards [B] float32: the scalar head at the last real token of each row.
-
-    tokens, attention_mask: [B, T] (prompt + response + EOS, any padding: left, right or both).
-    Pure and jittable; apply the normalisation of load_reward_model yourself: (r - mean) / std.
-    """
-    positions = model_lib.positions_from_mask(attention_mask)
-    outputs, _ = model_lib.apply(graphdef, params, tokens, positions, attention_mask)
-    last = last_token_index(attention_mask)
-    return jnp.take_along_axis(outputs["scalar"], last[:, None], axis=-1)[:, 0]
 
 
 # ----------------------------------------------------------------------------- the step
@@ -81,16 +57,16 @@ def reward_scores(graphdef, params, tokens, attention_mask):
 def preference_loss(params, graphdef, batch, use_margin: bool, center_coef: float):
     """Bradley-Terry loss of a batch dict(chosen_tokens, chosen_mask, rejected_tokens,
     rejected_mask [B, T], margin [B]) -> (loss, metrics)."""
-    r_chosen = reward_scores(graphdef, params, batch["chosen_tokens"], batch["chosen_mask"])
-    r_rejected = reward_scores(graphdef, params, batch["rejected_tokens"], batch["rejected_mask"])
+    r_chosen = model_lib.reward_scores(graphdef, params, batch["chosen_tokens"], batch["chosen_mask"])
+    r_rejected = model_lib.reward_scores(graphdef, params, batch["rejected_tokens"], batch["rejected_mask"])
     margin = batch["margin"] if use_margin else None
     return losses.bradley_terry_loss(r_chosen, r_rejected, margin, center_coef)
 
 
-def make_train_step(graphdef, optimizer, mesh, state_shardings, loss_config):
-    """jit(train_step)(state, batch, rng) -> (state, metrics): pretrain's step with the BT loss."""
+def make_bradley_terry_step(graphdef, optimizer, mesh, state_shardings, loss_config):
+    """jit(train_step)(state, batch, rng) -> (state, metrics): the supervised step with the BT loss."""
     use_margin, center_coef = bool(loss_config.use_margin), float(loss_config.center_coef)
-    return pretrain.make_train_step(lambda params, batch: preference_loss(params, graphdef, batch, use_margin,
+    return make_train_step(lambda params, batch: preference_loss(params, graphdef, batch, use_margin,
                                                                           center_coef),
                                     optimizer, mesh, state_shardings)
 
@@ -98,26 +74,13 @@ def make_train_step(graphdef, optimizer, mesh, state_shardings, loss_config):
 # ----------------------------------------------------------------------------- scoring texts
 
 
-def encode_texts(tokenizer, prompts, responses, seq_len: int):
-    """prompt + response + EOS rows, right-padded: (tokens, mask) [N, seq_len] int32 (as in
-    loaders.preference_batches, so training and scoring see the same rows)."""
-    rows = [loaders.join_prompt_response(tokenizer.encode(p), tokenizer.encode(r), seq_len,
-                                         tokenizer.eos_id)[0] for p, r in zip(prompts, responses)]
-    tokens = np.full((len(rows), seq_len), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(rows), seq_len), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return tokens, mask
-
-
 def make_scorer(graphdef, tokenizer, seq_len: int, batch_size: int = 64):
     """score(params, prompts, responses) -> [N] float64 raw rewards, in fixed-size batches (one
     compile; the last batch is padded with empty rows whose scores are dropped)."""
-    score_batch = jax.jit(lambda params, tokens, mask: reward_scores(graphdef, params, tokens, mask))
+    score_batch = jax.jit(lambda params, tokens, mask: model_lib.reward_scores(graphdef, params, tokens, mask))
 
     def score(params, prompts, responses):
-        tokens, mask = encode_texts(tokenizer, prompts, responses, seq_len)
+        tokens, mask = sampling.encode_prompt_responses(tokenizer, prompts, responses, seq_len)
         n = len(tokens)
         pad = -n % batch_size
         tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])
@@ -194,7 +157,7 @@ def normalize_on_policy_samples(config, workdir, score, params, tokenizer) -> di
     write reward_normalization.json (+ the samples). Returns the normalization dict."""
     ncfg = config.normalize
     policy_dir = config.preferences.policy or config.init_from
-    _, policy_graphdef, policy_params = pretrain.load_run_params(policy_dir)
+    _, policy_graphdef, policy_params = runs.load_policy(policy_dir)
     source = builders.load_dataset(config.preferences.prompts, config.data_dir)[ncfg.split]
     prompts, responses = [], []
     for _, items in preferences.sample_responses(
@@ -237,7 +200,7 @@ def init_reward_params(config):
     """The SFT run's params with a fresh scalar head. Returns (model_config, graphdef, params)."""
     if not config.init_from:
         raise config_lib.ConfigError("reward: config.init_from must name the SFT run's workdir")
-    model_config, graphdef, params = pretrain.load_matching_run_params(config.init_from, config.model, "reward")
+    model_config, graphdef, params = runs.load_matching_policy(config.init_from, config.model, "reward")
     graphdef, params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed=config.seed)
     return model_config, graphdef, params
 
@@ -250,8 +213,8 @@ def train(config, workdir: str):
     train_batches = loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
                                                config.seed)
     optimizer = make_optimizer(config.optimizer)
-    state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step_fn = make_train_step(graphdef, optimizer, mesh, shardings, config.loss)
+    state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    step_fn = make_bradley_terry_step(graphdef, optimizer, mesh, shardings, config.loss)
     score = make_scorer(graphdef, tokenizer, config.seq_len)
 
     eval_fn = None
@@ -273,30 +236,13 @@ def train(config, workdir: str):
     return state
 
 
-# ----------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------- hand-off (registry interface)
 
 
-def load_reward_model(workdir: str):
-    """A finished reward run: (model_config, graphdef, params, normalization {'mean', 'std'}).
-
-    normalization is {'mean': 0.0, 'std': 1.0} when the run fitted none. Score with
-    reward_scores(graphdef, params, tokens, mask), then (r - mean) / std.
-    """
-    model_config, graphdef, params = pretrain.load_run_params(workdir, head="scalar")
-    normalization = {"mean": 0.0, "std": 1.0}
-    path = os.path.join(workdir, NORMALIZATION_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        normalization = {"mean": float(saved["mean"]), "std": float(saved["std"])}
-    return model_config, graphdef, params, normalization
+def abstract_state(config):
+    """ShapeDtypeStructs of the checkpointed {'params', 'opt_state'} (head 'scalar')."""
+    return runs.supervised_abstract_state(config, "scalar")[1]
 
 
-def score_from_run(workdir: str, prompt: str, response: str) -> float:
-    """`rlhf-jax score`: the normalised reward of prompt + response under a reward run."""
-    run_config = config_lib.read_resolved_config(workdir)
-    tokenizer = make_tokenizer(run_config.get("tokenizer"))
-    _, graphdef, params, normalization = load_reward_model(workdir)
-    tokens, mask = encode_texts(tokenizer, [prompt], [response], int(run_config.seq_len))
-    raw = jax.jit(reward_scores, static_argnums=0)(graphdef, params, tokens, mask)
-    return float(normalize(np.asarray(raw, np.float64), normalization)[0])
+def policy_params(config, state):
+    raise registry.NoPolicy("a reward run holds a reward model (scalar head), not a language-model policy")

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data import loaders
 from rlhf_jax.model import apply, init_cache, model_config, positions_from_mask
 
 
@@ -168,3 +169,26 @@ def decode_responses(tokenizer, response, response_mask) -> list[str]:
     response, response_mask = np.asarray(response), np.asarray(response_mask)
     return [tokenizer.decode([int(t) for t, m in zip(row, mask_row) if m and t != tokenizer.eos_id])
             for row, mask_row in zip(response, response_mask)]
+
+
+def encode_prompt_responses(tokenizer, prompts, responses, seq_len: int):
+    """prompt + response + EOS rows, right-padded: (tokens, mask) [N, seq_len] int32 NumPy arrays,
+    the rows the reward model is trained on (loaders.preference_batches) and scores."""
+    rows = [loaders.join_prompt_response(tokenizer.encode(p), tokenizer.encode(r), seq_len,
+                                         tokenizer.eos_id)[0] for p, r in zip(prompts, responses)]
+    tokens = np.full((len(rows), seq_len), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(rows), seq_len), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return tokens, mask
+
+
+def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng, temperature=1.0,
+                   greedy=False, top_k=0, top_p=1.0, max_prompt_len=64) -> list[str]:
+    """Texts in, sampled continuations (as texts) out: encode_prompts -> generate -> decode_responses."""
+    tokens, mask = encode_prompts(tokenizer, prompts, max_prompt_len)
+    out = generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), rng,
+                   max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                   temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    return decode_responses(tokenizer, np.asarray(out["response"]), np.asarray(out["response_mask"]))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import registry
 from rlhf_jax import run as run_lib
 from rlhf_jax.optim import make_optimizer
 
@@ -181,6 +182,18 @@ def train(config, workdir: str):
         progress_every_s=config.get("progress_every_s", 10.0),
         headline=("reward_mean", "bias", "p_b_hunger_0", "p_b_hunger_1"))
     return learners
+
+
+# ----------------------------------------------------------------------------- hand-off (registry interface)
+
+
+def abstract_state(config):
+    """ShapeDtypeStructs of the stacked learners, from the config alone."""
+    return jax.eval_shape(lambda: init_learners(config))
+
+
+def policy_params(config, state):
+    raise registry.NoPolicy("a snack run holds snack-place learners, not a language-model policy")
 
 
 def numpy_reference_train(num_runs, num_steps, weight=20.0, bias=0.0, learning_rate=1.0, seed=0):

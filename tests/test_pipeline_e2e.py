@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import pipeline, pretrain, sampling
+from rlhf_jax import pipeline, runs, sampling
 from rlhf_jax import run as run_lib
 from rlhf_jax.tokenizer import ByteTokenizer
 
@@ -49,7 +49,7 @@ def test_pretraining_beats_the_unigram_baseline(pipeline_run):
 @pytest.mark.slow
 def test_sft_samples_are_reviews_that_end_with_eos(pipeline_run):
     workdir, _ = pipeline_run
-    _, graphdef, params = pretrain.load_run_params(os.path.join(workdir, "sft"))
+    _, graphdef, params = runs.load_policy(os.path.join(workdir, "sft"))
     tok = ByteTokenizer()
     prompts = ["Write a review of the hotel:", "Review the film:", "Review the headphones:", "The cafe was"] * 4
     tokens, mask = sampling.encode_prompts(tok, prompts, 32)

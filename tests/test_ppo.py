@@ -12,7 +12,7 @@ from configs import optimizers
 from configs import ppo as ppo_configs
 from rlhf_jax import config as config_lib
 from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import ppo, pretrain
+from rlhf_jax import ppo, pretrain, runs
 from rlhf_jax import run as run_lib
 from rlhf_jax.data import loaders
 from rlhf_jax.optim import make_optimizer
@@ -165,7 +165,7 @@ def test_resume_repeats_an_uninterrupted_run(sft_run, tmp_path):
     ppo.train(make_config(sft_run, num_steps=4, adaptive_kl=True), whole)
     ppo.train(make_config(sft_run, num_steps=2, adaptive_kl=True), parts)  # "interrupted" at step 2
     ppo.train(make_config(sft_run, num_steps=4, adaptive_kl=True), parts)
-    target = ppo.abstract_state(make_config(sft_run, num_steps=4))[1]
+    target = ppo.abstract_state(make_config(sft_run, num_steps=4))
     sa, sb = run_lib.load_state(whole, target), run_lib.load_state(parts, target)
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -185,14 +185,14 @@ def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
     train(make_config(sft_run, num_seeds=2, **extra), str(tmp_path / "both"))
     for seed in (0, 1):
         train(make_config(sft_run, seed=seed, **extra), str(tmp_path / f"seed{seed}"))
-        _, _, alone = ppo.load_policy(str(tmp_path / f"seed{seed}"))
-        _, _, vmapped = ppo.load_policy(str(tmp_path / "both"), seed_index=seed)
+        _, _, alone = runs.load_policy(str(tmp_path / f"seed{seed}"))
+        _, _, vmapped = runs.load_policy(str(tmp_path / "both"), seed_index=seed)
         for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(vmapped)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     both = run_lib.read_metrics(str(tmp_path / "both"))
-    runs = [run_lib.read_metrics(str(tmp_path / f"seed{seed}")) for seed in (0, 1)]
+    separate = [run_lib.read_metrics(str(tmp_path / f"seed{seed}")) for seed in (0, 1)]
     assert len(both) == 2
-    for row, *singles in zip(both, *runs):
+    for row, *singles in zip(both, *separate):
         for name in ("objective/scores", "objective/gold_scores", "objective/kl", "loss/value_avg"):
             values = np.array([r[name] for r in singles])
             np.testing.assert_allclose(row[name], values.mean(), rtol=1e-4, atol=1e-6, err_msg=name)
@@ -200,7 +200,7 @@ def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
     assert max(r["objective/scores_std"] for r in both) > 0  # the seeds differ: not one run twice
     assert "--- step 1" in (tmp_path / "both" / "samples.txt").read_text()
     with pytest.raises(ValueError, match="seed_index=2"):
-        ppo.load_policy(str(tmp_path / "both"), seed_index=2)
+        runs.load_policy(str(tmp_path / "both"), seed_index=2)
 
 
 def test_num_seeds_must_be_positive(sft_run, tmp_path):

@@ -8,13 +8,13 @@ import pytest
 
 from configs import datasets, mesh as mesh_configs, models, optimizers
 from configs.stages import language_model_stage
-from rlhf_jax import cli
+from rlhf_jax import cli, registry, runs
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import pretrain
 from rlhf_jax import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer
+from rlhf_jax.optim import make_optimizer, make_train_step
 from rlhf_jax.tokenizer import ByteTokenizer
 
 
@@ -67,8 +67,8 @@ def run_steps(mesh_config, num_steps=3):
     mesh = mesh_lib.make_mesh(mesh_config)
     graphdef, params = model_lib.init_params(micro_model(), seed=0)
     optimizer = make_optimizer(optimizers.adam(1e-2))
-    state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step = pretrain.make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
+    state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    step = make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
                                     shardings)
     rng = np.random.default_rng(0)
     losses = []
@@ -124,16 +124,16 @@ class CrashAt:
 def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     config = micro_config("pretrain", tmp_path / "data", num_steps=8, checkpoint_every=4, eval_every=4)
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    cli.run_stage(config, straight)
+    registry.run_stage(config, straight)
     real = loaders.pretrain_batches
     with monkeypatch.context() as m:
         m.setattr(loaders, "pretrain_batches", lambda *a, **k: CrashAt(real(*a, **k), 6) if k.get("shuffle", True) else real(*a, **k))
         with pytest.raises(RuntimeError, match="simulated crash at step 6"):
-            cli.run_stage(config, crashed)
+            registry.run_stage(config, crashed)
     assert not run_lib.is_finished(crashed)
-    cli.run_stage(config, crashed)  # Same command again: resumes from step 4.
-    _, _, a = pretrain.load_run_params(straight)
-    _, _, b = pretrain.load_run_params(crashed)
+    registry.run_stage(config, crashed)  # Same command again: resumes from step 4.
+    _, _, a = runs.load_policy(straight)
+    _, _, b = runs.load_policy(crashed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert run_lib.read_metrics(crashed) == run_lib.read_metrics(straight)
@@ -141,8 +141,8 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
 
 def test_sft_starts_from_the_pretrain_checkpoint(tmp_path):
     pre = str(tmp_path / "pre")
-    cli.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=4), pre, allow_config_change=True)
-    _, _, pre_params = pretrain.load_run_params(pre)
+    registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=4), pre, allow_config_change=True)
+    _, _, pre_params = runs.load_policy(pre)
     config = micro_config("sft", tmp_path / "data", init_from=pre)
     _, _, init = pretrain.init_params_for(config)
     for x, y in zip(jax.tree.leaves(pre_params), jax.tree.leaves(init)):
@@ -151,7 +151,7 @@ def test_sft_starts_from_the_pretrain_checkpoint(tmp_path):
 
 def test_sample_command_prints_several_responses(tmp_path, capsys):
     run = str(tmp_path / "pre")
-    cli.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), run, allow_config_change=True)
+    registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), run, allow_config_change=True)
     capsys.readouterr()
     assert cli.main(["sample", f"--workdir={run}", "--prompt=The hotel", "--num=3", "--max_new_tokens=8"]) == 0
     out = capsys.readouterr().out

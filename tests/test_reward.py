@@ -13,11 +13,11 @@ import pytest
 from configs import datasets, models
 from configs.reward import reward_stage
 from configs.stages import language_model_stage
-from rlhf_jax import cli
+from rlhf_jax import cli, registry, runs
 from rlhf_jax import config as config_lib
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
-from rlhf_jax import pretrain, reward
+from rlhf_jax import pretrain, reward, sampling
 from rlhf_jax import run as run_lib
 from rlhf_jax.data import builders, loaders
 from rlhf_jax.optim import make_optimizer
@@ -80,13 +80,13 @@ def test_replace_head_with_scalar_shapes():
     tokens = jnp.ones((3, 7), jnp.int32)
     outputs, _ = model_lib.apply(rgraphdef, rparams, tokens, model_lib.positions_from_mask(tokens), tokens)
     assert set(outputs) == {"scalar"} and outputs["scalar"].shape == (3, 7)
-    assert reward.reward_scores(rgraphdef, rparams, tokens, tokens).shape == (3,)
+    assert model_lib.reward_scores(rgraphdef, rparams, tokens, tokens).shape == (3,)
 
 
 def test_reward_is_read_at_the_last_real_token():
     config = micro_model()
     graphdef, params = model_lib.replace_head_with_scalar(*model_lib.init_params(config, "lm"), config)
-    score = jax.jit(reward.reward_scores, static_argnums=0)
+    score = jax.jit(model_lib.reward_scores, static_argnums=0)
     rng = np.random.RandomState(0)
     real = rng.randint(0, 256, size=(2, 9)).astype(np.int32)
     tokens = np.full((2, 16), 256, np.int32)
@@ -151,14 +151,16 @@ def test_eight_devices_equal_one_device():
     for name, data in (("one", 1), ("eight", -1)):
         mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=1)))
         params = jax.tree.map(jnp.copy, params0)
-        state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-        step = reward.make_train_step(graphdef, optimizer, mesh, shardings, loss_config)
+        state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+        step = reward.make_bradley_terry_step(graphdef, optimizer, mesh, shardings, loss_config)
         for i in range(3):
             state, metrics = step(state, mesh_lib.shard_batch(batch, mesh), jax.random.key(i))
         results[name] = (jax.device_get(state["params"]), jax.device_get(metrics))
     assert set(results["one"][1]) >= {"loss", "accuracy", "margin_mean", "reward_mean", "reward_std"}
+    # atol 1e-5: Adam divides by sqrt(v), so an element whose gradient is ~0 moves by an amount
+    # that depends on the summation order of the 8-way reduction (seen: 1.2e-6 on one of 2048).
     for a, b in zip(jax.tree.leaves(results["one"][0]), jax.tree.leaves(results["eight"][0])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     for k in results["one"][1]:
         assert results["one"][1][k] == pytest.approx(results["eight"][1][k], rel=1e-4, abs=1e-6), k
 
@@ -173,7 +175,7 @@ def test_learns_a_marker_word_normalises_and_scores(tmp_path, capsys):
     config.data = datasets.preferences("marker")
     config.eval_gold = "test_reward:marker_gold"
     config.lock()
-    cli.run_stage(config, workdir)
+    registry.run_stage(config, workdir)
 
     rows = run_lib.read_metrics(workdir)
     last = rows[-1]
@@ -184,14 +186,14 @@ def test_learns_a_marker_word_normalises_and_scores(tmp_path, capsys):
     # Normalisation: the policy samples it was fit on score mean 0 / std 1 through the public API.
     samples = [json.loads(line) for line in open(os.path.join(workdir, reward.NORMALIZATION_SAMPLES_FILE))]
     assert len(samples) == 16
-    _, graphdef, params, normalization = reward.load_reward_model(workdir)
+    _, graphdef, params, normalization = runs.load_reward_model(workdir)
     assert set(normalization) == {"mean", "std"} and normalization["std"] > 0
-    tokens, mask = reward.encode_texts(ByteTokenizer(), [s["prompt"] for s in samples],
+    tokens, mask = sampling.encode_prompt_responses(ByteTokenizer(), [s["prompt"] for s in samples],
                                        [s["response"] for s in samples], config.seq_len)
-    raw = np.asarray(jax.jit(reward.reward_scores, static_argnums=0)(graphdef, params, tokens, mask))
+    raw = np.asarray(jax.jit(model_lib.reward_scores, static_argnums=0)(graphdef, params, tokens, mask))
     scores = reward.normalize(raw.astype(np.float64), normalization)
     assert scores.mean() == pytest.approx(0.0, abs=1e-4) and scores.std() == pytest.approx(1.0, abs=1e-4)
-    assert reward.score_from_run(workdir, samples[0]["prompt"], samples[0]["response"]) == pytest.approx(
+    assert runs.score_from_run(workdir, samples[0]["prompt"], samples[0]["response"]) == pytest.approx(
         scores[0], abs=1e-4)
 
     # `rlhf-jax score` prints the normalised reward; the marker word raises it.

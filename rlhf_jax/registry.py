@@ -1,0 +1,51 @@
+"""The one place that maps a run's `stage` (its config's `stage` field) to the module that runs it.
+
+Every stage module has the same small interface, and nothing else is assumed about it:
+
+    train(config, workdir)            run the stage in `workdir` (resuming if it was interrupted);
+                                      returns the final train state
+    abstract_state(config)            ShapeDtypeStructs of the train state its checkpoints hold,
+                                      from the config alone (the Orbax restore target)
+    policy_params(config, state)      (graphdef, params) of the stage's language-model policy
+                                      (head 'lm') in a restored state; stages without one
+                                      raise NoPolicy
+
+Stage modules never import each other: a stage that starts from another run's policy or
+reward model loads it through `rlhf_jax.runs`, which finds the run's module here. Adding a stage
+is its file plus one line in STAGES.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from rlhf_jax import config as config_lib
+
+STAGES = {
+    "snack": "rlhf_jax.snack",
+    "pretrain": "rlhf_jax.pretrain",
+    "sft": "rlhf_jax.pretrain",
+    "reward": "rlhf_jax.reward",
+    "ppo": "rlhf_jax.ppo",
+    "dpo": "rlhf_jax.dpo",
+}
+
+# Stages whose runs hold a language-model policy (what `rlhf-jax sample` and the evaluation read).
+POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo")
+
+
+class NoPolicy(config_lib.ConfigError):
+    """The run is of a stage that has no language-model policy (a reward model, the snack learner)."""
+
+
+def stage_module(stage: str):
+    if stage not in STAGES:
+        raise config_lib.ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
+    return importlib.import_module(STAGES[stage])
+
+
+def run_stage(config, workdir: str, allow_config_change: bool = False):
+    """Write `<workdir>/config.json` (refusing a changed config on resume) and train the stage."""
+    module = stage_module(config.stage)
+    config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change)
+    return module.train(config, workdir)
