@@ -300,6 +300,20 @@ def reward_scores(graphdef, params, tokens, attention_mask):
     return jnp.take_along_axis(outputs["scalar"], last[:, None], axis=-1)[:, 0]
 
 
+def sequence_logprobs(graphdef, params, tokens, attention_mask, target_mask, temperature: float = 1.0):
+    """log p(targets | what precedes them), summed per row: [B] float32.
+
+    tokens, attention_mask [B, T] (any padding); target_mask [B, T] is 1 where tokens[:, t] is a
+    target, predicted from position t - 1 (the loss_mask convention of data/loaders: column 0 is
+    never a target). Logits are divided by `temperature`, as when the tokens were sampled.
+    """
+    positions = positions_from_mask(attention_mask)
+    outputs, _ = apply(graphdef, params, tokens, positions, attention_mask)
+    logp = jax.nn.log_softmax(outputs["logits"][:, :-1] / temperature, axis=-1)
+    token_logp = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(jnp.where(jnp.asarray(target_mask)[:, 1:].astype(bool), token_logp, 0.0), axis=-1)
+
+
 def positions_from_mask(attention_mask):
     """[B, T] mask -> [B, T] int32 positions: cumsum - 1, clipped at 0 (right for left padding)."""
     mask = jnp.asarray(attention_mask).astype(jnp.int32)

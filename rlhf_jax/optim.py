@@ -10,6 +10,7 @@ import jax
 import optax
 
 from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import run as run_lib
 
 
 def learning_rate_schedule(config, learning_rate=None):
@@ -48,11 +49,16 @@ def make_optimizer(config, learning_rate=None) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
 
 
-def make_train_step(loss_fn, optimizer, mesh, state_shardings):
+def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 1):
     """jit(train_step)(state, batch, rng) -> (state, metrics) for any supervised loss
     `loss_fn(params, batch) -> (loss, metrics)` (next-token in pretrain.py, Bradley-Terry in
     reward.py, DPO in dpo.py). State {'params', 'opt_state'}; its buffers are donated; the batch
-    is split over every device of the mesh."""
+    is split over every device of the mesh.
+
+    num_seeds S > 1: the state and the batch carry a leading seed axis [S] (unsplit; shardings
+    from mesh.stacked), the step is vmapped over it, and the metrics are run.seed_summary's mean
+    and `_std` over seeds.
+    """
 
     def train_step(state, batch, rng):
         del rng  # Dropout is off; the signature is the one every stage shares.
@@ -62,5 +68,14 @@ def make_train_step(loss_fn, optimizer, mesh, state_shardings):
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state}, metrics
 
-    return jax.jit(train_step, in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), None),
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    step = train_step
+    if num_seeds > 1:
+        per_seed, batch_sharding = jax.vmap(train_step, in_axes=(0, 0, None)), mesh_lib.stacked(batch_sharding)
+
+        def step(state, batch, rng):
+            state, metrics = per_seed(state, batch, rng)
+            return state, run_lib.seed_summary(metrics)
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, None),
                    out_shardings=(state_shardings, None), donate_argnums=0)

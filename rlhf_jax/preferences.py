@@ -2,7 +2,8 @@
 
     sources = make_preferences(config, out_dir)     # {'train': source, 'validation': source}
 
-`config` is a reward-stage config (configs/reward.py); `config.preferences` says how:
+`config` is a reward- or DPO-stage config (configs/reward.py, configs/dpo.py); `config.preferences`
+says how:
 
   1. sample  K = samples_per_prompt responses to each of num_prompts prompts (prompt_batches
              over the `prompts` dataset, train_split; and num_validation_prompts from
@@ -223,6 +224,17 @@ def _human_preferences(out_dir, pairs, pcfg):
 
 
 # ----------------------------------------------------------------------------- the entry point
+
+
+def preference_data(config, workdir: str) -> dict:
+    """The pairs a preference-trained stage (reward, DPO) reads: {split: source}. Generated into
+    <workdir>/preferences with config.preferences.enabled, else the dataset config.data."""
+    if config.preferences.enabled:
+        return make_preferences(config, os.path.join(workdir, "preferences"))
+    if not config.data or not config.data.get("name"):
+        raise config_lib.ConfigError(f"{config.stage}: set preferences.enabled=True or a preference dataset in "
+                                     "config.data")
+    return builders.load_dataset(config.data, config.data_dir)
 
 
 def generation_config(config) -> dict:

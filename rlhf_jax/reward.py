@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import labelers, losses, preferences, registry, runs, sampling
+from rlhf_jax import evaluation, labelers, losses, preferences, registry, runs
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -69,27 +69,6 @@ def make_bradley_terry_step(graphdef, optimizer, mesh, state_shardings, loss_con
     return make_train_step(lambda params, batch: preference_loss(params, graphdef, batch, use_margin,
                                                                           center_coef),
                                     optimizer, mesh, state_shardings)
-
-
-# ----------------------------------------------------------------------------- scoring texts
-
-
-def make_scorer(graphdef, tokenizer, seq_len: int, batch_size: int = 64):
-    """score(params, prompts, responses) -> [N] float64 raw rewards, in fixed-size batches (one
-    compile; the last batch is padded with empty rows whose scores are dropped)."""
-    score_batch = jax.jit(lambda params, tokens, mask: model_lib.reward_scores(graphdef, params, tokens, mask))
-
-    def score(params, prompts, responses):
-        tokens, mask = sampling.encode_prompt_responses(tokenizer, prompts, responses, seq_len)
-        n = len(tokens)
-        pad = -n % batch_size
-        tokens = np.concatenate([tokens, np.full((pad, seq_len), tokenizer.pad_id, np.int32)])
-        mask = np.concatenate([mask, np.zeros((pad, seq_len), np.int32)])
-        out = [np.asarray(score_batch(params, tokens[i:i + batch_size], mask[i:i + batch_size]))
-               for i in range(0, len(tokens), batch_size)]
-        return np.concatenate(out)[:n].astype(np.float64) if out else np.zeros([0])
-
-    return score
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -187,15 +166,6 @@ def normalize_on_policy_samples(config, workdir, score, params, tokenizer) -> di
 # ----------------------------------------------------------------------------- the stage
 
 
-def preference_data(config, workdir: str) -> dict:
-    """{split: source}: generated into <workdir>/preferences, or the dataset config.data."""
-    if config.preferences.enabled:
-        return preferences.make_preferences(config, os.path.join(workdir, "preferences"))
-    if not config.data or not config.data.get("name"):
-        raise config_lib.ConfigError("reward: set preferences.enabled=True or a preference dataset in config.data")
-    return builders.load_dataset(config.data, config.data_dir)
-
-
 def init_reward_params(config):
     """The SFT run's params with a fresh scalar head. Returns (model_config, graphdef, params)."""
     if not config.init_from:
@@ -209,13 +179,13 @@ def train(config, workdir: str):
     mesh = mesh_lib.make_mesh(config.mesh)
     model_config, graphdef, params = init_reward_params(config)
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
-    data = preference_data(config, workdir)
+    data = preferences.preference_data(config, workdir)
     train_batches = loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
                                                config.seed)
     optimizer = make_optimizer(config.optimizer)
     state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
     step_fn = make_bradley_terry_step(graphdef, optimizer, mesh, shardings, config.loss)
-    score = make_scorer(graphdef, tokenizer, config.seq_len)
+    score = evaluation.make_scorer(graphdef, tokenizer, config.seq_len)
 
     eval_fn = None
     if "validation" in data and len(data["validation"]):

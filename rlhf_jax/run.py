@@ -243,6 +243,15 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
     return state
 
 
+def seed_summary(metrics):
+    """Per-seed metrics {name: [S]} -> {name: mean over seeds, name_std: spread over seeds}: what
+    runs of several seeds trained in one program log."""
+    out = {}
+    for name, values in metrics.items():
+        out[name], out[name + "_std"] = values.mean(), values.std()
+    return out
+
+
 def _mean_metrics(rows: list[dict]) -> dict:
     """Average each metric over the steps since the last log (NaN-free rows assumed)."""
     out = {}

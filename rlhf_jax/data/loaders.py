@@ -228,25 +228,36 @@ def preference_batches(source, tokenizer, seq_len: int, batch_size: int, seed: i
 
         chosen_tokens, chosen_mask [B, T]       (mask = attention mask: 1 on real tokens)
         rejected_tokens, rejected_mask [B, T]
+        chosen_loss_mask, rejected_loss_mask [B, T]   1 on the response tokens and EOS (the
+                                                targets of DPO's log-probs; loss_mask convention)
         margin [B] float32                      (0 where the pair has none)
+        index [B] int32                         the pair's index in `source`
     The reward is read at the last real token: index mask.sum(-1) - 1 (the EOS unless
     truncated). Truncation: module docstring.
     """
     _check_size(len(source), batch_size, "preference_batches")
 
     def make_batch(indices):
-        chosen, rejected, margins = [], [], []
+        rows = {"chosen": [], "rejected": []}
+        prompt_kept = {"chosen": [], "rejected": []}
+        margins = []
         for example in read(source, indices):
             prompt = tokenizer.encode(as_str(example["prompt"]))
-            for side, rows in (("chosen", chosen), ("rejected", rejected)):
+            for side in ("chosen", "rejected"):
                 response = tokenizer.encode(as_str(example[side]))
-                rows.append(join_prompt_response(prompt, response, seq_len, tokenizer.eos_id)[0])
+                row, kept = join_prompt_response(prompt, response, seq_len, tokenizer.eos_id)
+                rows[side].append(row)
+                prompt_kept[side].append(kept)
             margins.append(float(example.get("margin", 0.0)))
-        chosen_tokens, chosen_mask = _right_padded(chosen, seq_len, tokenizer.pad_id)
-        rejected_tokens, rejected_mask = _right_padded(rejected, seq_len, tokenizer.pad_id)
-        return dict(chosen_tokens=chosen_tokens, chosen_mask=chosen_mask,
-                    rejected_tokens=rejected_tokens, rejected_mask=rejected_mask,
-                    margin=np.asarray(margins, np.float32))
+        batch = {}
+        for side in ("chosen", "rejected"):
+            tokens, mask = _right_padded(rows[side], seq_len, tokenizer.pad_id)
+            columns = np.arange(seq_len)[None, :]
+            # A response cut to the whole window keeps no prompt: its first token is not a target.
+            first_target = np.maximum(np.asarray(prompt_kept[side]), 1)[:, None]
+            batch[f"{side}_tokens"], batch[f"{side}_mask"] = tokens, mask
+            batch[f"{side}_loss_mask"] = (mask.astype(bool) & (columns >= first_target)).astype(np.int32)
+        return dict(batch, margin=np.asarray(margins, np.float32), index=np.asarray(indices, np.int32))
 
     return _batches(len(source), batch_size, seed, shuffle, make_batch)
 

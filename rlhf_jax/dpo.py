@@ -1,0 +1,235 @@
+"""Preference optimisation without RL: DPO and its variants, on the reward stage's pairs.
+
+    rlhf-jax train --config=experiments/reviews/dpo.py --workdir=runs/reviews/dpo
+
+No reward model, no sampling during training: the SFT policy is trained directly on the pairs
+(prompt, chosen, rejected) to raise the log-ratio of the chosen response against a frozen
+reference (the SFT params), with a loss chosen by name (`losses.dpo_loss`: sigmoid = DPO,
+robust, ipo, hinge, simpo). For the pair's summed response log-probs pi_c, pi_r under the policy
+and ref_c, ref_r under the reference, DPO minimises
+
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+so beta is the KL knob: the optimum of the KL-regularised objective with coefficient beta.
+
+One step (pure, jitted, sharded like every supervised step: optim.make_train_step):
+    chosen and rejected rows [B, T] go through ONE forward pass as a [2B, T] batch;
+    sequence log-probs of their response tokens (model.sequence_logprobs) -> dpo_loss.
+The reference log-probs come in the batch: computed for every pair once before training
+(`precompute_ref_logps`, the default: an epoch then costs one policy forward/backward per pair)
+or per batch on the host side of the loop.
+
+Train state {'params', 'opt_state'} (a leading seed axis with num_seeds > 1: the step is
+vmapped, each seed reads the pairs in its own order). Metrics: loss and `rewards/chosen`,
+`rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
+(TRL's names); every eval_every steps the same on held-out pairs (eval/...), and eval/gold,
+eval/kl of samples on held-out prompts (rlhf_jax.evaluation, one evaluation for every method).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import config as config_lib
+from rlhf_jax import evaluation, labelers, losses, preferences, runs
+from rlhf_jax import mesh as mesh_lib
+from rlhf_jax import model as model_lib
+from rlhf_jax import run as run_lib
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.optim import make_optimizer, make_train_step
+from rlhf_jax.tokenizer import make_tokenizer
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def pair_logprobs(graphdef, params, batch):
+    """Summed response log-probs of both sides in one forward pass: (chosen [B], rejected [B])."""
+    cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
+    logps = model_lib.sequence_logprobs(graphdef, params, cat("tokens"), cat("mask"), cat("loss_mask"))
+    b = batch["chosen_tokens"].shape[0]
+    return logps[:b], logps[b:]
+
+
+def pair_loss(params, graphdef, batch, loss_config):
+    """losses.dpo_loss of a batch: dict of preference_batches' arrays + ref_chosen_logps,
+    ref_rejected_logps [B]. Returns (loss, metrics)."""
+    chosen, rejected = pair_logprobs(graphdef, params, batch)
+    return losses.dpo_loss(
+        chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], kind=loss_config.kind,
+        beta=loss_config.beta, label_smoothing=loss_config.label_smoothing,
+        chosen_lengths=jnp.sum(batch["chosen_loss_mask"], axis=1),
+        rejected_lengths=jnp.sum(batch["rejected_loss_mask"], axis=1), simpo_gamma=loss_config.simpo_gamma)
+
+
+# ----------------------------------------------------------------------------- reference log-probs
+
+
+def all_pair_batches(source, tokenizer, seq_len: int, batch_size: int):
+    """Every pair of a source, in stored order, as fixed-size batches (the last one padded by
+    repeating the first pair; `n` says how many rows are real). Yields (batch, n)."""
+    examples = loaders.read_all(source)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        padded = chunk + [examples[0]] * (batch_size - len(chunk))
+        yield loaders.preference_batches(padded, tokenizer, seq_len, batch_size, 0, shuffle=False)[0], len(chunk)
+
+
+def logprobs_of_all_pairs(logprob_fn, params, source, tokenizer, seq_len: int, batch_size: int) -> np.ndarray:
+    """[N, 2] (chosen, rejected) summed response log-probs of every pair of `source`."""
+    out = []
+    for batch, n in all_pair_batches(source, tokenizer, seq_len, batch_size):
+        chosen, rejected = jax.device_get(logprob_fn(params, batch))
+        out.append(np.stack([chosen, rejected], axis=1)[:n])
+    return np.concatenate(out) if out else np.zeros([0, 2], np.float32)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn):
+    """eval_fn(state, step): dpo_loss metrics on held-out pairs and the shared policy evaluation
+    (gold score and KL to the SFT policy of samples on held-out prompts), per seed."""
+    ecfg = config.eval_prompts
+    prompts = loaders.prompt_texts(*_prompt_split(config))
+    gold_fn = labelers.load_function(config.gold_function) if config.gold_function else None
+    evaluate = evaluation.make_policy_evaluator(
+        (graphdef, ref_params), tokenizer, prompts, gold_fn=gold_fn, max_prompt_len=ecfg.max_prompt_len,
+        max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, seed=config.seed)
+    loss_fn = jax.jit(lambda logps, ref: losses.dpo_loss(
+        logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], kind=config.loss.kind, beta=config.loss.beta,
+        label_smoothing=config.loss.label_smoothing, chosen_lengths=held_out["lengths"][:, 0],
+        rejected_lengths=held_out["lengths"][:, 1], simpo_gamma=config.loss.simpo_gamma)[1])
+
+    def eval_one(params):
+        metrics = {}
+        if held_out["source"] is not None:
+            logps = logprobs_of_all_pairs(logprob_fn, params, held_out["source"], tokenizer, config.seq_len,
+                                          config.batch_size)
+            metrics = {f"eval/{k}": v for k, v in jax.device_get(loss_fn(logps, held_out_ref)).items()}
+        policy = evaluate(graphdef, params)
+        metrics.update({f"eval/{k}": policy[k] for k in ("kl", "gold", "length") if k in policy})
+        return metrics
+
+    def eval_fn(state, step):
+        if config.num_seeds == 1:
+            return eval_one(state["params"])
+        per_seed = [eval_one(jax.tree.map(lambda x: x[i], state["params"])) for i in range(config.num_seeds)]
+        return run_lib.seed_summary({k: np.asarray([m[k] for m in per_seed]) for k in per_seed[0]})
+
+    return eval_fn
+
+
+def _prompt_split(config):
+    """(source, indices) of the held-out prompts the samples are drawn on."""
+    ecfg = config.eval_prompts
+    source = builders.load_dataset(ecfg.data, config.data_dir)[ecfg.split]
+    return source, range(min(ecfg.num, len(source)))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _check_config(config):
+    if config.loss.kind not in losses.DPO_KINDS:
+        raise config_lib.ConfigError(f"loss.kind={config.loss.kind!r}: expected one of {losses.DPO_KINDS}")
+    if not config.loss.beta > 0:
+        raise config_lib.ConfigError(f"loss.beta={config.loss.beta}: expected > 0")
+    if config.num_seeds < 1:
+        raise config_lib.ConfigError(f"num_seeds={config.num_seeds}: expected >= 1")
+    if not config.init_from:
+        raise config_lib.ConfigError("init_from: the SFT run the policy and the reference start from")
+
+
+def seeds_of(config) -> list[int]:
+    return [config.seed + i for i in range(config.num_seeds)]
+
+
+def train(config, workdir: str):
+    _check_config(config)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    model_config, graphdef, ref_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
+    tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
+    data = preferences.preference_data(config, workdir)
+    optimizer = make_optimizer(config.optimizer)
+    num_seeds = config.num_seeds
+
+    one_seed = {"params": ref_params, "opt_state": optimizer.init(ref_params)}
+    state = one_seed if num_seeds == 1 else jax.tree.map(lambda x: jnp.stack([x] * num_seeds), one_seed)
+    state = jax.tree.map(jnp.array, state)  # own copy: the step donates it, the reference stays
+    shardings = mesh_lib.param_shardings(mesh, one_seed)
+    if num_seeds > 1:
+        shardings = mesh_lib.stacked(shardings)
+    state = jax.device_put(state, shardings)
+    ref_params = jax.device_put(ref_params, mesh_lib.param_shardings(mesh, ref_params))
+    step_fn = make_train_step(lambda params, batch: pair_loss(params, graphdef, batch, config.loss),
+                              optimizer, mesh, shardings, num_seeds)
+
+    # Reference log-probs: once for every pair (train and held-out), or per batch.
+    logprob_fn = jax.jit(lambda params, batch: pair_logprobs(graphdef, params, batch))
+    uses_ref = config.loss.kind != "simpo"  # SimPO is reference-free
+    train_ref = None
+    if config.precompute_ref_logps and uses_ref:
+        train_ref = logprobs_of_all_pairs(logprob_fn, ref_params, data["train"], tokenizer, config.seq_len,
+                                          config.batch_size)
+    train_batches = [loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size, seed)
+                     for seed in seeds_of(config)]
+
+    def with_ref(batch):
+        if not uses_ref:
+            zeros = np.zeros(batch["index"].shape, np.float32)
+            return dict(batch, ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+        if train_ref is not None:
+            ref = train_ref[batch["index"]]
+        else:
+            ref = np.stack(jax.device_get(logprob_fn(ref_params, batch)), axis=1)
+        return dict(batch, ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1])
+
+    def batch_fn(step):
+        per_seed = [with_ref(batches[step]) for batches in train_batches]
+        if num_seeds == 1:
+            return mesh_lib.shard_batch(per_seed[0], mesh)
+        sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
+        return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in per_seed]))
+                for k in per_seed[0]}
+
+    eval_fn = None
+    if config.eval_every:
+        held_out = {"source": None, "lengths": np.zeros([0, 2])}
+        held_out_ref = np.zeros([0, 2], np.float32)
+        if "validation" in data and len(data["validation"]):
+            examples = loaders.read_all(data["validation"])[:config.eval_max_pairs or None]
+            lengths = np.concatenate([np.stack([b["chosen_loss_mask"].sum(1), b["rejected_loss_mask"].sum(1)], 1)[:n]
+                                      for b, n in all_pair_batches(examples, tokenizer, config.seq_len,
+                                                                   config.batch_size)])
+            held_out = {"source": examples, "lengths": lengths}
+            held_out_ref = logprobs_of_all_pairs(logprob_fn, ref_params, examples, tokenizer, config.seq_len,
+                                                 config.batch_size)
+        eval_fn = make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn)
+
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
+    return run_lib.train_loop(
+        workdir=workdir, state=state, step_fn=step_fn, batch_fn=batch_fn, num_steps=config.num_steps,
+        rng=seed_keys if num_seeds > 1 else seed_keys[0], log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, eval_fn=eval_fn, eval_every=config.eval_every,
+        progress_every_s=config.get("progress_every_s", 10.0),
+        headline=("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "eval/gold",
+                  "eval/kl"))
+
+
+# ----------------------------------------------------------------------------- hand-off (registry interface)
+
+
+def abstract_state(config):
+    """ShapeDtypeStructs of the checkpointed {'params', 'opt_state'} (a leading seed axis with
+    num_seeds > 1)."""
+    state = runs.supervised_abstract_state(config, "lm")[1]
+    seeds = config.get("num_seeds", 1)
+    lead = (seeds,) if seeds > 1 else ()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
+
+
+def policy_params(config, state):
+    return model_lib.abstract_params(config.model, "lm")[0], state["params"]
