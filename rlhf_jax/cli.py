@@ -1,7 +1,9 @@
-"""`rlhf-jax <command>`: train, sweep, plot, pipeline, sample, score, label.
+"""`rlhf-jax <command>`: train, sweep, plot, pipeline, compare, best_of_n, sample, score, label.
 
     rlhf-jax train --config=experiments/<name>.py [--config.<key>=<value> ...] --workdir=<dir>
     rlhf-jax sweep --config=experiments/<name>.py --workdir=<dir>
+    rlhf-jax compare --config=experiments/reviews/compare.py --workdir=<dir>
+    rlhf-jax best_of_n --policy=<run> --reward_model=<reward run> [--max_n=64]
     rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
 """
 
@@ -71,6 +73,34 @@ def cmd_pipeline(args, overrides):
     pipeline.run_pipeline(args.config, overrides, args.workdir)
 
 
+def cmd_compare(args, overrides):
+    from rlhf_jax import compare
+
+    compare.run_comparison(args.config, overrides, args.workdir)
+
+
+def cmd_best_of_n(args, _overrides):
+    from rlhf_jax import evaluation, labelers, runs
+    from rlhf_jax.data import builders, loaders
+    from rlhf_jax.tokenizer import make_tokenizer
+
+    run_config = config_lib.read_resolved_config(args.policy)
+    tokenizer = make_tokenizer(run_config.get("tokenizer"))
+    _, graphdef, params = runs.load_policy(args.policy)
+    rm_seq_len = int(config_lib.read_resolved_config(args.reward_model).seq_len)
+    reward = evaluation.make_reward(runs.load_reward_model(args.reward_model), tokenizer, rm_seq_len)
+    # Held-out prompts: the split of the policy run's own dataset (SFT: its (prompt, review) pairs).
+    source = builders.load_dataset(run_config.data, args.data_dir or run_config.data_dir)[args.split]
+    prompts = loaders.prompt_texts(source, range(min(args.num_prompts, len(source))))
+    ns = [2 ** i for i in range(args.max_n.bit_length()) if 2 ** i <= args.max_n]
+    rows = evaluation.best_of_n((graphdef, params), tokenizer, prompts, reward=reward,
+                                gold_fn=labelers.load_function(args.gold_function), ns=ns,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print("| n | KL (log n - (n-1)/n) | gold | RM score |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']} | {r['kl']:.3f} | {r['gold']:+.3f} +- {r['gold_sem']:.3f} | {r['rm']:+.3f} +- {r['rm_sem']:.3f} |")
+
+
 def cmd_sample(args, overrides):
     from rlhf_jax import runs
 
@@ -89,7 +119,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("train", cmd_train), ("sweep", cmd_sweep), ("pipeline", cmd_pipeline)):
+    for name, fn in (("train", cmd_train), ("sweep", cmd_sweep), ("pipeline", cmd_pipeline), ("compare", cmd_compare)):
         p = sub.add_parser(name, help=f"{name} from a config file; --config.<key>=<value> overrides")
         p.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
         p.add_argument("--workdir", required=True)
@@ -113,6 +143,17 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--greedy", action="store_true")
     p.set_defaults(fn=cmd_sample)
+    p = sub.add_parser("best_of_n", help="best-of-n sampling from a policy against a reward model, n = 1, 2, 4, ...")
+    p.add_argument("--policy", required=True, help="a run with a policy (sft, ppo, dpo, ...)")
+    p.add_argument("--reward_model", required=True, help="a reward run")
+    p.add_argument("--max_n", type=int, default=64)
+    p.add_argument("--num_prompts", type=int, default=128, help="prompts of the policy run's dataset")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--data_dir", default="", help="where that dataset lives (default: the run's data_dir)")
+    p.add_argument("--gold_function", default="rlhf_jax.labelers:vader_gold_score")
+    p.add_argument("--max_new_tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.set_defaults(fn=cmd_best_of_n)
     p = sub.add_parser("score", help="print the reward model's score of a response")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)
@@ -126,7 +167,7 @@ def main(argv=None):
     try:
         rest, overrides = config_lib.split_override_args(argv)
         args = build_parser().parse_args(rest)
-        if overrides and args.command not in ("train", "sweep", "pipeline"):
+        if overrides and args.command not in ("train", "sweep", "pipeline", "compare"):
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
         args.fn(args, overrides)
     except config_lib.ConfigError as e:

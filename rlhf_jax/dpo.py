@@ -125,7 +125,7 @@ def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref
 def _prompt_split(config):
     """(source, indices) of the held-out prompts the samples are drawn on."""
     ecfg = config.eval_prompts
-    source = builders.load_dataset(ecfg.data, config.data_dir)[ecfg.split]
+    source = builders.load_dataset(ecfg.data, ecfg.data_dir)[ecfg.split]
     return source, range(min(ecfg.num, len(source)))
 
 

@@ -1,4 +1,5 @@
-"""The whole RLHF pipeline from one config: pre-train -> SFT -> pairs + labels -> reward model -> PPO.
+"""The whole RLHF pipeline from one config: pre-train -> SFT -> pairs + labels -> reward model -> PPO
+(or, with `experiments/reviews/pipeline.py:dpo`, pre-train -> SFT -> pairs + labels -> DPO).
 
     rlhf-jax pipeline --config=experiments/reviews/pipeline.py --workdir=runs/pipeline \
         [--config.ppo.kl_coef=0.05 ...]
@@ -7,8 +8,9 @@ Each stage runs in its own subfolder with its own config.json / metrics.jsonl / 
 finished stage (DONE marker) is skipped, an interrupted one resumes from its last checkpoint.
 Stages hand off through checkpoints: SFT starts from pre-training, the reward model from SFT
 (which also samples and labels the pairs), PPO from SFT (policy and reference) and the reward
-model. At the end: `curves.png` (RM score, gold score, KL against PPO step) and `report.md`
-(responses to held-out prompts before and after PPO).
+model, DPO from SFT (policy, reference, and the policy its pairs are sampled from). At the end:
+`curves.png` (the last stage's headline metrics against step) and `report.md` (the SFT and the
+trained policy judged by rlhf_jax.evaluation on held-out prompts, and their responses).
 """
 
 from __future__ import annotations
@@ -17,34 +19,29 @@ import os
 import sys
 import time
 
-import jax
-import numpy as np
-
 from rlhf_jax import config as config_lib
-from rlhf_jax import registry, runs, sampling
+from rlhf_jax import registry, runs
 from rlhf_jax import run as run_lib
 
-STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
+POLICY_STAGES = ("ppo", "dpo")  # the stage whose policy the report compares with SFT
 
 
 def wire_stages(config, workdir: str) -> dict:
-    """Each stage's config with pre-training's model and its hand-off paths pointing at the
-    earlier stages' workdirs."""
-    dirs = {name: os.path.join(workdir, name) for name in STAGE_ORDER}
+    """Each stage's config (config.stages, in order) with pre-training's model and its hand-off
+    paths pointing at the earlier stages' workdirs."""
+    dirs = {name: os.path.join(workdir, name) for name in config.stages}
     stages = {}
-    for name in STAGE_ORDER:
+    for name in config.stages:
         stage = config[name]
         with stage.unlocked():
             # One model through the whole pipeline: --config.pretrain.model.* sizes every stage.
             stage.model = config.pretrain.model
-            if name == "sft":
+            if name in ("sft",):
                 stage.init_from = dirs["pretrain"]
-            elif name == "reward":
+            elif name in ("reward", "dpo", "ppo"):
                 stage.init_from = dirs["sft"]
-            elif name == "ppo":
-                stage.init_from = dirs["sft"]
-                if not stage.get("reward_function"):
-                    stage.reward_model = dirs["reward"]
+            if name == "ppo" and not stage.get("reward_function"):
+                stage.reward_model = dirs["reward"]
         stages[name] = stage
     return stages
 
@@ -54,7 +51,7 @@ def run_pipeline(spec: str, overrides, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_resolved_config(config, workdir, allow_change=True)
     stages = wire_stages(config, workdir)
-    for name in STAGE_ORDER:
+    for name in config.stages:
         stage_dir = os.path.join(workdir, name)
         if run_lib.is_finished(stage_dir):
             print(f"=== {name}: finished earlier, skipped ({stage_dir})", file=sys.stderr, flush=True)
@@ -66,42 +63,65 @@ def run_pipeline(spec: str, overrides, workdir: str):
     write_report(config, workdir)
 
 
+CURVES = {"ppo": ("objective/scores", "objective/gold_scores", "objective/kl"),
+          "dpo": ("rewards/accuracies", "eval/rewards/accuracies", "eval/gold", "eval/kl")}
+
+
 def write_report(config, workdir: str):
-    """curves.png of PPO's RM score, gold score and KL; report.md with before/after responses."""
-    from rlhf_jax import plotting
+    """curves.png of the policy stage's headline metrics; report.md: the SFT and the trained
+    policy judged by the shared evaluation (rlhf_jax.evaluation: gold score, KL to SFT, reward
+    model score of samples on held-out prompts) and their responses side by side."""
+    from rlhf_jax import evaluation, labelers, plotting
     from rlhf_jax.tokenizer import make_tokenizer
 
-    ppo_dir = os.path.join(workdir, "ppo")
-    rows = run_lib.read_metrics(ppo_dir)
-    metrics = [m for m in ("objective/scores", "objective/gold_scores", "objective/kl") if any(m in r for r in rows)]
-    curves = plotting.plot_runs([ppo_dir], metrics, os.path.join(workdir, "curves.png"), labels=["ppo"])
+    final = [name for name in config.stages if name in POLICY_STAGES][-1]
+    final_dir = os.path.join(workdir, final)
+    rows = run_lib.read_metrics(final_dir)
+    metrics = [m for m in CURVES[final] if any(m in r for r in rows)]
+    curves = plotting.plot_runs([final_dir], metrics, os.path.join(workdir, "curves.png"), labels=[final])
 
     prompts = held_out_prompts(config)
-    tokenizer = make_tokenizer(config.ppo.get("tokenizer"))
+    tokenizer = make_tokenizer(config[final].get("tokenizer"))
+    label = final.upper()
     lines = ["# RLHF pipeline report", "", f"workdir: `{workdir}`", ""]
     if rows:
         first, last = rows[0], rows[-1]
-        lines += [f"PPO metrics (logged means), steps {first['step']} and {last['step']}:", "",
+        lines += [f"{label} metrics (logged means), steps {first['step']} and {last['step']}:", "",
                   "| metric | first | last |", "|---|---|---|"]
         for m in metrics:
             lines.append(f"| {m} | {first.get(m, float('nan')):.4f} | {last.get(m, float('nan')):.4f} |")
         lines.append("")
-    gold = _gold_function(config)
-    responses = {}
-    for stage in ("sft", "ppo"):
-        _, graphdef, params = runs.load_policy(os.path.join(workdir, stage))
-        responses[stage] = sampling.generate_texts(
-            graphdef, params, tokenizer, prompts, max_new_tokens=config.ppo.get("max_new_tokens", 64),
-            rng=jax.random.key(0), temperature=config.report_temperature)
+    gold_path = config[final].get("gold_function", "") or config.get("report_gold_function", "")
+    gold = labelers.load_function(gold_path) if gold_path else None
+    reward = None
+    if "reward" in config.stages:
+        reward_dir = os.path.join(workdir, "reward")
+        reward = evaluation.make_reward(runs.load_reward_model(reward_dir), tokenizer, int(config.reward.seq_len))
+    _, sft_graphdef, sft_params = runs.load_policy(os.path.join(workdir, "sft"))
+    evaluate = evaluation.make_policy_evaluator(
+        (sft_graphdef, sft_params), tokenizer, prompts, gold_fn=gold, reward=reward,
+        max_new_tokens=config[final].get("max_new_tokens", 96), temperature=config.report_temperature)
+    results = {"sft": evaluate(sft_graphdef, sft_params)}
+    _, graphdef, params = runs.load_policy(final_dir)
+    results[final] = evaluate(graphdef, params)
+    lines += [f"Held-out evaluation (rlhf_jax.evaluation): {len(prompts)} validation prompts, one sample each at "
+              f"temperature {config.report_temperature}; KL = sampled sequence KL to the SFT policy (nats).", "",
+              "| policy | " + " | ".join(k for k in ("gold", "rm", "kl", "length") if k in results["sft"]) + " |",
+              "|---|" + "---|" * sum(k in results["sft"] for k in ("gold", "rm", "kl", "length"))]
+    for stage, m in results.items():
+        cells = [f"{m[k]:+.3f} +- {m[k + '_sem']:.3f}" if k + "_sem" in m else f"{m[k]:.1f}"
+                 for k in ("gold", "rm", "kl", "length") if k in m]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines.append("")
     if gold:
-        means = {stage: np.mean([gold(p, r) for p, r in zip(prompts, responses[stage])]) for stage in responses}
-        lines += [f"Mean gold score of responses to {len(prompts)} held-out prompts (validation split, "
-                  f"temperature {config.report_temperature}): SFT {means['sft']:+.3f}, PPO {means['ppo']:+.3f}", ""]
-    lines += ["## Held-out prompts, before (SFT) and after (PPO)", ""]
+        lines += [f"Mean gold score of responses to {len(prompts)} held-out prompts (validation split, temperature "
+                  f"{config.report_temperature}): SFT {results['sft']['gold']:+.3f}, {label} {results[final]['gold']:+.3f}",
+                  ""]
+    lines += [f"## Held-out prompts, before (SFT) and after ({label})", ""]
     for i, prompt in enumerate(prompts[:config.report_table_rows]):
         lines.append(f"**{prompt}**")
-        for stage in ("sft", "ppo"):
-            text = responses[stage][i]
+        for stage, m in results.items():
+            text = m["samples"][i][1]
             score = f" (gold {gold(prompt, text):+.3f})" if gold else ""
             lines.append(f"- {stage}{score}: {text.strip()!r}")
         lines.append("")
@@ -111,19 +131,10 @@ def write_report(config, workdir: str):
 
 
 def held_out_prompts(config) -> list[str]:
-    """`report_prompts`, or the first `num_report_prompts` prompts of PPO's validation split."""
+    """`report_prompts`, or the first `num_report_prompts` prompts of SFT's validation split."""
     if config.report_prompts:
         return list(config.report_prompts)
     from rlhf_jax.data import builders, loaders
 
-    source = builders.load_dataset(config.ppo.data, config.ppo.data_dir)["validation"]
+    source = builders.load_dataset(config.sft.data, config.sft.data_dir)["validation"]
     return loaders.prompt_texts(source, range(min(config.num_report_prompts, len(source))))
-
-
-def _gold_function(config):
-    path = config.ppo.get("gold_function", "")
-    if not path:
-        return None
-    from rlhf_jax.labelers import load_function
-
-    return load_function(path)

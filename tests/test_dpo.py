@@ -59,6 +59,7 @@ def tiny_config(setup, **fields):
     c.checkpoint_every = 4
     c.eval_every = 4
     c.eval_prompts.data = datasets.reviews_sft(num_train=64, num_validation=32)
+    c.eval_prompts.data_dir = setup["data"]
     c.eval_prompts.num = 8
     c.eval_prompts.max_new_tokens = 8
     c.gold_function = "rlhf_jax.labelers:vader_gold_score"

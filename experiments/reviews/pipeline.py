@@ -1,10 +1,12 @@
 """The default experiment: the whole RLHF pipeline on the embedded review task, offline.
 
     rlhf-jax pipeline --config=experiments/reviews/pipeline.py --workdir=runs/pipeline
+    rlhf-jax pipeline --config=experiments/reviews/pipeline.py:dpo --workdir=runs/pipeline_dpo
 
 pre-train a tiny byte-level GPT on generated reviews -> SFT on (prompt, review) pairs ->
-sample 4 responses per prompt, pair them, label with a simulated annotator (VADER gold score
+sample 2 responses per prompt, pair them, label with a simulated annotator (VADER gold score
 + Bradley-Terry noise: "people prefer the more positive review") -> reward model -> PPO.
+With `:dpo`: pre-train -> SFT -> the same pairs and labels -> DPO (no reward model, no RL).
 Every stage's config is the experiment file of the same name beside this one; override any
 field as --config.<stage>.<key>=<value>.
 """
@@ -18,12 +20,23 @@ from rlhf_jax.config import load_config_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def get_config():
+def get_config(variant: str = ""):
+    if variant not in ("", "dpo"):
+        raise ValueError(f"experiments/reviews/pipeline.py:{variant}: expected no argument or ':dpo'")
     c = ml_collections.ConfigDict()
-    for stage in ("pretrain", "sft", "reward", "ppo"):
+    c.stages = ("pretrain", "sft", "dpo") if variant == "dpo" else ("pretrain", "sft", "reward", "ppo")
+    for stage in c.stages:
         c[stage] = load_config_file(os.path.join(HERE, f"{stage}.py"))
-    # report.md: responses of the SFT and PPO policies to held-out prompts (PPO's validation
-    # split unless report_prompts lists some), their mean gold score, and a table of the first rows.
+    if variant == "dpo":
+        # The DPO stage samples, pairs and labels its own preferences exactly as the reward stage
+        # does (same fields, same seed: the same pairs), into dpo/preferences.
+        reward = load_config_file(os.path.join(HERE, "reward.py"))
+        c.dpo.preferences = reward.preferences
+        c.dpo.preferences.enabled = True
+        c.dpo.data_dir = reward.data_dir
+        c.dpo.eval_every = 50
+    # report.md: the SFT and the trained policy judged by rlhf_jax.evaluation on held-out prompts
+    # (SFT's validation split unless report_prompts lists some), and a table of the first rows.
     c.report_prompts = ()
     c.num_report_prompts = 128
     c.report_table_rows = 8

@@ -1,0 +1,98 @@
+"""The method comparison: its summary arithmetic, and one tiny end-to-end run of every kind of
+method (PPO, RLOO, a DPO variant, best-of-n) through the same evaluation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import models, optimizers
+from configs.reward import reward_stage
+from rlhf_jax import compare
+from rlhf_jax import config as config_lib
+from rlhf_jax import model as model_lib
+from rlhf_jax import pretrain
+from rlhf_jax import run as run_lib
+from rlhf_jax.data import builders
+from rlhf_jax.optim import make_optimizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_summary_is_mean_and_std_over_seeds_and_best_respects_the_budget():
+    rows = [{"method": "a", "value": 0.1, "seed": s, "kl": kl, "gold": g, "rm": 0.0}
+            for s, (kl, g) in enumerate([(2.0, 0.3), (4.0, 0.5)])]
+    rows += [{"method": "b", "value": 1.0, "seed": 0, "kl": 20.0, "gold": 0.9, "rm": 1.0}]
+    summary = {s["method"]: s for s in compare.summarize(rows)}
+    assert summary["a"]["kl"] == pytest.approx(3.0) and summary["a"]["kl_std"] == pytest.approx(1.0)
+    assert summary["a"]["gold"] == pytest.approx(0.4) and summary["a"]["gold_std"] == pytest.approx(0.1)
+    assert compare.best_at_budget(list(summary.values()), 6.0)["method"] == "a"
+    assert compare.best_at_budget(list(summary.values()), 25.0)["method"] == "b"
+    assert compare.best_at_budget(list(summary.values()), 1.0) is None
+
+
+def micro_model():
+    config = models.tiny()
+    config.update(dict(max_len=128, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64))
+    return config
+
+
+def fake_reward_run(workdir, sft_dir):
+    """A finished reward run of random params with a stored preference set beside it."""
+    config = reward_stage(num_steps=1, batch_size=8, seq_len=96)
+    config.model = micro_model()
+    config.init_from = sft_dir
+    config_lib.write_resolved_config(config, workdir)
+    graphdef, params = model_lib.replace_head_with_scalar(*model_lib.init_params(config.model, "lm", 5),
+                                                          config.model)
+    manager = run_lib.checkpoint_manager(workdir)
+    run_lib.save_checkpoint(manager, 1, {"params": params, "opt_state": make_optimizer(config.optimizer).init(params)})
+    manager.wait_until_finished()
+    manager.close()
+    pairs = [{"prompt": f"Review {i}:", "chosen": " good great.", "rejected": " bad."} for i in range(32)]
+    builders.write_preferences({"train": pairs, "validation": pairs[:8]},
+                               os.path.join(workdir, "preferences", "tfds"), "preferences")
+
+
+@pytest.mark.slow
+def test_every_kind_of_method_is_trained_and_evaluated(tmp_path):
+    sft, rm, data = str(tmp_path / "sft"), str(tmp_path / "reward"), str(tmp_path / "data")
+    pretrain.save_random_run(sft, micro_model())
+    fake_reward_run(rm, sft)
+    spec = os.path.join(ROOT, "experiments", "reviews", "compare.py")
+    common = (f"data_dir={data}", "batch_size=8", "num_steps=2", "max_new_tokens=8", "max_prompt_len=16")
+    ppo_common = ("adaptive_kl=False", "gold_function=", "sample_every=0", "checkpoint_every=2", "num_minibatches=2",
+                  "log_every=1", "model.max_len=128", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
+                  "model.num_kv_heads=2", "model.d_ff=64") + common
+    dpo_common = ("eval_every=0", "num_steps=2", "checkpoint_every=2", "batch_size=8", "seq_len=48", "log_every=1",
+                  "model.max_len=128", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
+                  "model.num_kv_heads=2", "model.d_ff=64")
+    overrides = [("sft", sft), ("reward_model", rm), ("num_seeds", "2"), ("data_dir", data),
+                 ("methods.ppo.knob_values", "(0.1,)"), ("methods.ppo.overrides", repr(ppo_common)),
+                 ("methods.rloo.knob_values", "(0.1,)"),
+                 ("methods.rloo.overrides", repr(ppo_common + ("loss=rloo", "samples_per_prompt=2", "batch_size=4"))),
+                 ("methods.dpo.knob_values", "(0.1, 0.3)"), ("methods.dpo.overrides", repr(dpo_common)),
+                 ("best_of_n.ns", "(1, 2, 4)"), ("eval.num_prompts", "6"), ("eval.max_new_tokens", "8"),
+                 ("eval.batch_size", "8")]
+    for other in ("grpo", "robust_dpo", "ipo", "slic_hinge", "simpo"):
+        overrides.append((f"methods.{other}.knob_values", "()"))
+    workdir = str(tmp_path / "compare")
+    compare.run_comparison(spec, overrides, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "results.jsonl"))]
+    methods = {(r["method"], r["value"], r["seed"]) for r in rows}
+    assert {("ppo", 0.1, 0), ("ppo", 0.1, 1), ("rloo", 0.1, 1), ("dpo", 0.1, 0), ("dpo", 0.3, 1), ("sft", 0.0, 0),
+            ("best_of_n", 4.0, 0)} <= methods
+    sft_row = next(r for r in rows if r["method"] == "sft")
+    assert abs(sft_row["kl"]) < 1e-3  # the SFT policy against itself
+    for r in rows:
+        assert np.isfinite([r["kl"], r["gold"], r["rm"]]).all(), r
+    # the two seeds of a run are different policies (data order / rollouts differ)
+    ppo_rows = [r for r in rows if r["method"] == "ppo"]
+    assert ppo_rows[0]["kl"] != ppo_rows[1]["kl"]
+    assert os.path.getsize(os.path.join(workdir, "frontier.png")) > 5000
+    assert "| dpo | loss.beta | 0.3 |" in open(os.path.join(workdir, "results.md")).read()
+    # a second call trains nothing and reads every cached evaluation
+    mtime = os.path.getmtime(os.path.join(workdir, "ppo", "kl_coef=0.1", "eval.json"))
+    compare.run_comparison(spec, overrides, workdir)
+    assert os.path.getmtime(os.path.join(workdir, "ppo", "kl_coef=0.1", "eval.json")) == mtime
