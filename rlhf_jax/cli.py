@@ -3,6 +3,10 @@
     rlhf-jax train --config=experiments/<name>.py [--config.<key>=<value> ...] --workdir=<dir>
     rlhf-jax sweep --config=experiments/<name>.py --workdir=<dir>
     rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
+
+A mistake in what you give (a config value, a data file, a run directory, a damaged checkpoint)
+is one line on stderr naming the file / key / step and what is allowed, with exit status 2;
+add --debug (anywhere) to see the traceback as well.
 """
 
 from __future__ import annotations
@@ -123,14 +127,21 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         rest, overrides = config_lib.split_override_args(argv)
         args = build_parser().parse_args(rest)
         if overrides and args.command not in ("train", "sweep", "pipeline"):
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
         args.fn(args, overrides)
-    except config_lib.ConfigError as e:
-        print(f"rlhf-jax: config error: {e}", file=sys.stderr)
+    except config_lib.UserError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        # One line: the message itself is one line; what it quotes from elsewhere may not be.
+        print(f"rlhf-jax: {e.kind}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 
