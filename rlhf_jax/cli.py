@@ -41,11 +41,19 @@ def sweep_runs(module, base_overrides):
 def cmd_sweep(args, overrides):
     from rlhf_jax import plotting
 
+    from rlhf_jax import validation
+
     module = config_lib.load_config_module(args.config)
+    planned = [(name, config_lib.load_config(args.config, run_overrides))
+               for name, run_overrides in sweep_runs(module, overrides)]
+    for name, config in planned:  # Every run's values, before the first one trains.
+        try:
+            validation.validate(config)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"sweep run {name}: {e}") from e
     workdirs = []
-    for name, run_overrides in sweep_runs(module, overrides):
+    for name, config in planned:
         workdir = os.path.join(args.workdir, name)
-        config = config_lib.load_config(args.config, run_overrides)
         print(f"=== sweep run {name}", flush=True)
         registry.run_stage(config, workdir, args.allow_config_change)
         workdirs.append(workdir)
@@ -75,9 +83,22 @@ def cmd_pipeline(args, overrides):
     pipeline.run_pipeline(args.config, overrides, args.workdir)
 
 
+def check_flags(args, **rules):
+    """`--flag` values against `rules` {flag: (ok(value), what is allowed)}: one line naming the flag."""
+    for flag, (ok, allowed) in rules.items():
+        value = getattr(args, flag)
+        if not ok(value):
+            raise config_lib.ConfigError(f"--{flag}={value!r}: expected {allowed}")
+
+
 def cmd_sample(args, overrides):
+    import math
+
     from rlhf_jax import runs
 
+    check_flags(args, num=(lambda n: n >= 1, "an integer >= 1"),
+                max_new_tokens=(lambda n: n >= 1, "an integer >= 1"),
+                temperature=(lambda t: math.isfinite(t) and t > 0, "a finite number > 0"))
     for i, text in enumerate(runs.sample_from_run(args.workdir, args.prompt, args.num, args.temperature,
                                                       args.max_new_tokens, args.greedy)):
         print(f"--- sample {i + 1}\n{args.prompt}{text}")

@@ -82,6 +82,12 @@ def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in err and "validation.py" in err and "config.num_steps=0" in err
 
 
+def test_sweep_checks_every_run_before_the_first_trains(tmp_path, capsys):
+    err = cli_error(capsys, "sweep", f"--config={SNACK}", f"--workdir={tmp_path}", "--config.log_every=0")
+    assert "sweep run" in err and "config.log_every=0" in err
+    assert not os.listdir(tmp_path)
+
+
 def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path, capsys):
     err = cli_error(capsys, "pipeline", f"--config={PIPELINE}", f"--workdir={tmp_path / 'p'}",
                     "--config.ppo.kl_estimator=k9")
@@ -304,6 +310,9 @@ def test_wrong_stage_hand_offs_are_one_line(tmp_path, capsys):
     (reward_run / "config.json").write_text(json.dumps({"stage": "reward"}))
     err = cli_error(capsys, "sample", f"--workdir={reward_run}", "--prompt=a")
     assert "'reward' run" in err and "pretrain / sft / ppo / dpo" in err
+    for flag in ("--num=0", "--temperature=-1", "--max_new_tokens=0"):
+        err = cli_error(capsys, "sample", f"--workdir={sft}", "--prompt=a", flag)
+        assert flag in err and "expected" in err
     err = cli_error(capsys, "sample", f"--workdir={tmp_path / 'nothing'}", "--prompt=a")
     assert "no config.json" in err
     empty = tmp_path / "empty"
