@@ -5,6 +5,10 @@
     rlhf-jax compare --config=experiments/reviews/compare.py --workdir=<dir>
     rlhf-jax best_of_n --policy=<run> --reward_model=<reward run> [--max_n=64]
     rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
+
+A mistake in what you give (a config value, a data file, a run directory, a damaged checkpoint)
+is one line on stderr naming the file / key / step and what is allowed, with exit status 2;
+add --debug (anywhere) to see the traceback as well.
 """
 
 from __future__ import annotations
@@ -39,11 +43,19 @@ def sweep_runs(module, base_overrides):
 def cmd_sweep(args, overrides):
     from rlhf_jax import plotting
 
+    from rlhf_jax import validation
+
     module = config_lib.load_config_module(args.config)
+    planned = [(name, config_lib.load_config(args.config, run_overrides))
+               for name, run_overrides in sweep_runs(module, overrides)]
+    for name, config in planned:  # Every run's values, before the first one trains.
+        try:
+            validation.validate(config)
+        except config_lib.ConfigError as e:
+            raise config_lib.ConfigError(f"sweep run {name}: {e}") from e
     workdirs = []
-    for name, run_overrides in sweep_runs(module, overrides):
+    for name, config in planned:
         workdir = os.path.join(args.workdir, name)
-        config = config_lib.load_config(args.config, run_overrides)
         print(f"=== sweep run {name}", flush=True)
         registry.run_stage(config, workdir, args.allow_config_change)
         workdirs.append(workdir)
@@ -101,9 +113,22 @@ def cmd_best_of_n(args, _overrides):
         print(f"| {r['n']} | {r['kl']:.3f} | {r['gold']:+.3f} +- {r['gold_sem']:.3f} | {r['rm']:+.3f} +- {r['rm_sem']:.3f} |")
 
 
+def check_flags(args, **rules):
+    """`--flag` values against `rules` {flag: (ok(value), what is allowed)}: one line naming the flag."""
+    for flag, (ok, allowed) in rules.items():
+        value = getattr(args, flag)
+        if not ok(value):
+            raise config_lib.ConfigError(f"--{flag}={value!r}: expected {allowed}")
+
+
 def cmd_sample(args, overrides):
+    import math
+
     from rlhf_jax import runs
 
+    check_flags(args, num=(lambda n: n >= 1, "an integer >= 1"),
+                max_new_tokens=(lambda n: n >= 1, "an integer >= 1"),
+                temperature=(lambda t: math.isfinite(t) and t > 0, "a finite number > 0"))
     for i, text in enumerate(runs.sample_from_run(args.workdir, args.prompt, args.num, args.temperature,
                                                       args.max_new_tokens, args.greedy)):
         print(f"--- sample {i + 1}\n{args.prompt}{text}")
@@ -164,14 +189,21 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
         rest, overrides = config_lib.split_override_args(argv)
         args = build_parser().parse_args(rest)
         if overrides and args.command not in ("train", "sweep", "pipeline", "compare"):
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
         args.fn(args, overrides)
-    except config_lib.ConfigError as e:
-        print(f"rlhf-jax: config error: {e}", file=sys.stderr)
+    except config_lib.UserError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        # One line: the message itself is one line; what it quotes from elsewhere may not be.
+        print(f"rlhf-jax: {e.kind}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

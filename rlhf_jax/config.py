@@ -18,8 +18,30 @@ import os
 import ml_collections
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Something the user gave is wrong (a config value, a data file, a run directory). The
+    message is one line naming the file / key / step, what was wrong and what is allowed;
+    `rlhf-jax` prints it without a traceback (unless --debug) and exits with status 2."""
+
+    kind = "error"
+
+
+class ConfigError(UserError):
     """A config file or override is wrong; the message says which file / key and why."""
+
+    kind = "config error"
+
+
+class DataError(UserError):
+    """A data file is wrong: the message names the file (and line) and what was expected."""
+
+    kind = "data error"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged, of another stage, or does not fit the config."""
+
+    kind = "checkpoint error"
 
 
 def load_config_module(spec: str):
@@ -138,12 +160,22 @@ def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `<workdir>/checkpoints` holds a step (Orbax names step folders by their number)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
 def write_resolved_config(config, workdir: str, allow_change: bool = False) -> None:
-    """Write `<workdir>/config.json`; on resume, refuse a config that differs from the saved one."""
+    """Write `<workdir>/config.json`; on resume, refuse a config that differs from the saved one.
+
+    Only a workdir with a checkpoint holds an experiment to protect: a run that failed before
+    its first checkpoint (a missing file, a bad path) is simply started again with the
+    corrected command."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     resolved = config_to_dict(config)
-    if os.path.exists(path) and not allow_change:
+    if os.path.exists(path) and not allow_change and has_checkpoint(workdir):
         with open(path) as f:
             saved = json.load(f)
         changed = differing_keys(saved, resolved)

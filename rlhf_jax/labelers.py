@@ -191,12 +191,21 @@ def _preference(pair: dict, choice: int, extra: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL file; a truncated (unparseable) last line is ignored."""
+def _read_jsonl(path: str, torn_tail_ok: bool = True) -> list[dict]:
+    """Records of a JSONL file. A truncated (unparseable) last line is ignored when
+    `torn_tail_ok` (an answer file appended to while a kill may come); otherwise, and for
+    any other bad line, a DataError names the file and line."""
+    from rlhf_jax.config import DataError
+
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8") from None
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -204,20 +213,27 @@ def _read_jsonl(path: str) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if any(rest.strip() for rest in lines[i + 1 :]):
-                raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}")
-            # Only the last line: a write cut short by a kill. Ignore it.
+            last = not any(rest.strip() for rest in lines[i + 1 :])
+            if last and torn_tail_ok:
+                continue  # A write cut short by a kill: its pair is asked again.
+            what = "is cut short (the file is incomplete)" if last else "is not valid JSON"
+            raise DataError(f"{path} line {i + 1} {what}: {line[:80]!r}; expected one JSON object per line")
     return records
 
 
 def read_pairs(data_dir: str) -> list[dict]:
     """The pairs of ``<data_dir>/pairs.jsonl`` (first occurrence of each id)."""
     pairs, seen = [], set()
-    for p in _read_jsonl(os.path.join(data_dir, PAIRS_FILE)):
-        missing = {"id", "prompt", "response_a", "response_b"} - set(p)
+    from rlhf_jax.config import DataError
+
+    path = os.path.join(data_dir, PAIRS_FILE)
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist: --data must be the folder holding the pairs to label")
+    # pairs.jsonl is written whole (write_pairs): a torn last line means a damaged file, not a kill.
+    for p in _read_jsonl(path, torn_tail_ok=False):
+        missing = {"id", "prompt", "response_a", "response_b"} - set(p) if isinstance(p, dict) else ["a JSON object"]
         if missing:
-            path = os.path.join(data_dir, PAIRS_FILE)
-            raise ValueError(f"{path}: pair {p!r} lacks {sorted(missing)}")
+            raise DataError(f"{path}: pair {str(p)[:80]} lacks {sorted(missing)}")
         if p["id"] not in seen:
             seen.add(p["id"])
             pairs.append(p)
@@ -285,6 +301,21 @@ def _repair_truncated_tail(path: str) -> None:
 _HELP = "Please answer 1 (first is better), 2 (second is better), s (skip) or q (quit)."
 
 
+def shown(text) -> str:
+    """Model text made safe for a terminal: control characters (ESC sequences that clear the
+    screen or set the title, carriage returns, bells, ...) are shown escaped (`\\x1b`), so
+    the person sees exactly what the model wrote and their terminal is left alone. Newlines
+    and tabs stay as they are."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if ch in "\n\t" or not (code < 32 or 127 <= code < 160 or ch in "\u2028\u2029"):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def label_in_terminal(
     data_dir: str,
     input_fn: Callable[[str], str] = input,
@@ -323,10 +354,10 @@ def label_in_terminal(
             for k, pair in enumerate(todo):
                 print_fn("")
                 number = len(pairs) - len(todo) + k + 1
-                print_fn(f"=== Pair {number}/{len(pairs)} (id {pair['id']}) ===")
-                print_fn(f"PROMPT:\n{pair['prompt']}")
-                print_fn(f"\n[1]\n{pair['response_a']}")
-                print_fn(f"\n[2]\n{pair['response_b']}")
+                print_fn(f"=== Pair {number}/{len(pairs)} (id {shown(pair['id'])}) ===")
+                print_fn(f"PROMPT:\n{shown(pair['prompt'])}")
+                print_fn(f"\n[1]\n{shown(pair['response_a'])}")
+                print_fn(f"\n[2]\n{shown(pair['response_b'])}")
                 while True:
                     answer = input_fn("Which is better? [1/2/s/q]: ").strip().lower()
                     if answer in ("1", "2", "s", "skip"):
@@ -380,10 +411,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--data", required=True, help="directory holding pairs.jsonl")
     args = parser.parse_args(argv)
-    if not os.path.exists(os.path.join(args.data, PAIRS_FILE)):
-        print(f"error: {os.path.join(args.data, PAIRS_FILE)} does not exist")
+    from rlhf_jax.config import UserError
+
+    try:
+        n = label_in_terminal(args.data)
+    except UserError as e:
+        print(f"error: {e}")
         return 2
-    n = label_in_terminal(args.data)
     print(f"{n} new answers saved in {os.path.join(args.data, LABELS_FILE)}")
     return 0
 

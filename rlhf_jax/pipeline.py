@@ -47,10 +47,14 @@ def wire_stages(config, workdir: str) -> dict:
 
 
 def run_pipeline(spec: str, overrides, workdir: str):
+    from rlhf_jax import validation
+
     config = config_lib.load_config(spec, overrides)
+    stages = wire_stages(config, workdir)
+    for name in config.stages:  # Every stage's values, before hours go into the first stage.
+        validation.validate(stages[name], prefix=f"{name}.")
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_resolved_config(config, workdir, allow_change=True)
-    stages = wire_stages(config, workdir)
     for name in config.stages:
         stage_dir = os.path.join(workdir, name)
         if run_lib.is_finished(stage_dir):

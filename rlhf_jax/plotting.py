@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rlhf_jax import config as config_lib  # noqa: E402
 from rlhf_jax.run import read_metrics  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def plot_runs(workdirs, metrics, out: str, group_mean: bool = False, labels=None
         missing = [label for label, s in series if s is None]
         series = [(label, s) for label, s in series if s is not None]
         if not series:
-            raise ValueError(f"metric {metric!r} is in none of {list(workdirs)}' metrics.jsonl")
+            raise config_lib.ConfigError(f"--metric={metric!r} is in none of {list(workdirs)}' metrics.jsonl")
         if missing:
             print(f"note: {metric!r} not logged in {missing}")
         if group_mean and len(series) > 1:

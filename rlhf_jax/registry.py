@@ -45,7 +45,19 @@ def stage_module(stage: str):
 
 
 def run_stage(config, workdir: str, allow_config_change: bool = False):
-    """Write `<workdir>/config.json` (refusing a changed config on resume) and train the stage."""
+    """Check the config, write `<workdir>/config.json` (refusing a changed config on resume),
+    train the stage, then mark it finished (DONE) once everything it hands off is on disk.
+
+    Nothing is written before the checks pass: a bad value, or a changed config that does not
+    fit the workdir's checkpoint, leaves the workdir as it was."""
+    from rlhf_jax import run as run_lib
+    from rlhf_jax import validation
+
+    validation.validate(config)
     module = stage_module(config.stage)
+    if allow_config_change:
+        run_lib.check_workdir_fits(workdir, module.abstract_state(config))
     config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change)
-    return module.train(config, workdir)
+    state = module.train(config, workdir)
+    run_lib.mark_finished(workdir, f"{config.get('num_steps', '')}")
+    return state

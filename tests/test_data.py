@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import datasets
+from rlhf_jax import config as config_lib
 from rlhf_jax.data import builders, loaders, reviews
 from rlhf_jax.data import load_dataset, load_preferences, write_preferences
 from rlhf_jax.tokenizer import ByteTokenizer
@@ -172,7 +173,7 @@ def test_preferences_from_jsonl_and_records(tmp_path):
         "train": 10, "validation": 2}
     with pytest.raises(ValueError, match=r"records\[1\]: missing key 'rejected'"):
         write_preferences([records[0], {"prompt": "x", "chosen": "y"}], str(tmp_path / "d"), "r2")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(config_lib.DataError, match="no preferences named"):
         load_preferences(str(tmp_path / "d"), "never_written")
     assert "tensorflow" not in sys.modules
 

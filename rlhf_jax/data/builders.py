@@ -49,6 +49,7 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax.config import DataError
 from rlhf_jax.data import reviews as reviews_lib
 
 VERSION = tfds.core.Version("1.0.0")
@@ -131,35 +132,48 @@ def _indexed(examples: list[dict]):
         yield i, example
 
 
+def decode_utf8(data: bytes, path: str, lineno: int = 1) -> str:
+    """`data` as text; DataError naming the file and line of the first byte that is not UTF-8.
+    `lineno` is the line `data` starts on."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lineno + data.count(b"\n", 0, e.start)
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
+                        "expected UTF-8 text") from None
+
+
 def read_jsonl(path: str) -> list[tuple[str, object]]:
     """[(where, row)] for every non-blank line of a JSONL file; `where` is '<path> line <n>'
-    (1-based) for error messages. Bad JSON raises ValueError naming the file and line."""
+    (1-based) for error messages. Bad JSON or bytes that are not UTF-8 raise DataError naming
+    the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
                 rows.append((f"{path} line {lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
     return rows
 
 
 def check_record(row, fields, optional, where: str) -> dict:
     """`row` itself if it has every key in `fields` with the right type; ValueError otherwise."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object with keys {sorted(fields)}, "
+        raise DataError(f"{where}: expected a JSON object with keys {sorted(fields)}, "
                          f"got {type(row).__name__}")
     for key, types in list(fields.items()) + list(optional.items()):
         if key not in row:
             if key in fields:
-                raise ValueError(f"{where}: missing key {key!r}")
+                raise DataError(f"{where}: missing key {key!r}")
             continue
         value = row[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             names = " or ".join(t.__name__ for t in types)
-            raise ValueError(f"{where}: key {key!r} must be {names}, got "
+            raise DataError(f"{where}: key {key!r} must be {names}, got "
                              f"{type(value).__name__} {value!r:.40}")
     return row
 
@@ -180,7 +194,7 @@ def preference_example(row: dict, where: str) -> dict:
         metadata_json = metadata if isinstance(metadata, str) else json.dumps(metadata,
                                                                              sort_keys=True)
     except TypeError as e:
-        raise ValueError(f"{where}: key 'metadata' is not JSON-serialisable ({e})") from None
+        raise DataError(f"{where}: key 'metadata' is not JSON-serialisable ({e})") from None
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
             "metadata": metadata_json, "margin": float(row.get("margin", 0.0))}
 
@@ -253,11 +267,11 @@ def text_documents(path: str, split_paragraphs: bool) -> list[dict]:
     else:
         files = sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
     if not files:
-        raise ValueError(f"text_folder: no .txt files under {path!r}")
+        raise DataError(f"text_folder: no .txt files under {path!r}")
     documents = []
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+        with open(file, "rb") as f:
+            text = decode_utf8(f.read(), file)
         pieces = re.split(r"\n\s*\n", text) if split_paragraphs else [text]
         rel = os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)
         documents += [{"text": p.strip(), "file": rel} for p in pieces if p.strip()]
@@ -385,11 +399,30 @@ class PreferencesBuilder(_Builder, skip_registration=True):
 # Entry points.
 
 
-def prepare(builder) -> dict[str, Source]:
+class Splits(dict):
+    """{split: Source}; asking for a split the dataset does not have is a DataError saying why
+    (a small file dataset whose hash hold-out picked no example has no 'validation' split)."""
+
+    def __init__(self, sources: dict, description: str, hint: str = ""):
+        super().__init__(sources)
+        self.description, self.hint = description, hint
+
+    def __missing__(self, split):
+        raise DataError(f"{self.description} has no {split!r} split (it has {sorted(self)}){self.hint}")
+
+
+def prepare(builder) -> Splits:
     """Write the dataset unless it is already in builder.data_dir; return {split: Source}."""
     tfds.disable_progress_bar()  # Progress bars would flood the run logs; the datasets are small.
     builder.download_and_prepare()
-    return {split: Source(source) for split, source in builder.as_data_source().items()}
+    sources = {split: Source(source) for split, source in builder.as_data_source().items()}
+    hint = ""
+    if getattr(builder, "path", "") and not getattr(builder, "validation_path", ""):
+        hint = (f": none of its examples fell in the held-out fraction validation_fraction="
+                f"{builder.validation_fraction}; set data.validation_path to held-out data or raise "
+                "data.validation_fraction")
+    where = getattr(builder, "path", "") or builder.data_dir
+    return Splits(sources, f"dataset {builder.name} ({where})", hint)
 
 
 def load_dataset(config, data_dir: str) -> dict[str, Source]:
@@ -406,7 +439,7 @@ def load_dataset(config, data_dir: str) -> dict[str, Source]:
     if name in ("text_folder", "jsonl_sft", "preferences_jsonl"):
         path = get("path", "")
         if not path or not os.path.exists(path):
-            raise ValueError(f"dataset {name!r}: config.path={path!r} does not exist")
+            raise DataError(f"dataset {name!r}: config.path={path!r} does not exist")
         files = dict(path=path, validation_path=get("validation_path", ""),
                      validation_fraction=get("validation_fraction", 0.05))
         if name == "text_folder":
@@ -419,7 +452,7 @@ def load_dataset(config, data_dir: str) -> dict[str, Source]:
         return load_preferences(data_dir, get("records_name", ""))
     if name == "imdb_reviews":
         return load_imdb_reviews(data_dir)
-    raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
+    raise DataError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
 
 
 def write_preferences(records, data_dir: str, name: str,
@@ -433,7 +466,7 @@ def write_preferences(records, data_dir: str, name: str,
     In a multi-host run call this on one process only.
     """
     if not re.fullmatch(r"[a-z0-9_]+", name):
-        raise ValueError(f"preferences name {name!r}: use lowercase letters, digits and _")
+        raise DataError(f"preferences name {name!r}: use lowercase letters, digits and _")
     builder = PreferencesBuilder(records=records, name=name,
                                  validation_fraction=validation_fraction,
                                  data_dir=os.path.expanduser(data_dir), file_format="array_record")
@@ -447,7 +480,7 @@ def load_preferences(data_dir: str, name: str) -> dict[str, Source]:
     builder = PreferencesBuilder(name=name, data_dir=os.path.expanduser(data_dir),
                                  file_format="array_record")
     if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-        raise FileNotFoundError(f"no preferences named {name!r} in {data_dir!r} (looked in "
+        raise DataError(f"no preferences named {name!r} in {data_dir!r} (looked in "
                                 f"{builder.data_dir}); write them with write_preferences first")
     return prepare(builder)
 
@@ -470,7 +503,7 @@ def load_imdb_reviews(data_dir: str) -> dict[str, Source]:
     try:
         builder.download_and_prepare()
     except Exception as e:  # network errors come in many types (urllib, requests, OSError)
-        raise RuntimeError(
+        raise DataError(
             f"imdb_reviews is not prepared in {data_dir!r} and could not be downloaded "
             f"({type(e).__name__}: {e}). It needs network access the first time: run "
             f"load_dataset(imdb_reviews(), data_dir) on a machine with network and copy "

@@ -37,6 +37,8 @@ import math
 import grain
 import numpy as np
 
+from rlhf_jax.config import DataError
+
 # ----------------------------------------------------------------------------------------------
 # Reading and tokenizing examples.
 
@@ -80,7 +82,8 @@ def join_prompt_response(prompt_ids: list[int], response_ids: list[int], seq_len
 
 def _check_size(num_examples: int, batch_size: int, what: str):
     if num_examples < batch_size:
-        raise ValueError(f"{what}: {num_examples} examples cannot fill one batch of {batch_size}")
+        raise DataError(f"{what}: {num_examples} examples cannot fill one batch of batch_size={batch_size}; "
+                        "expected more data or a smaller batch_size")
 
 
 def _batches(num_examples: int, batch_size: int, seed: int, shuffle: bool, make_batch):

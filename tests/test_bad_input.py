@@ -1,0 +1,365 @@
+"""Bad input never leaves a run worse than it found it (issue 14): validated configs, verified
+checkpoints, safe hand-offs, DONE last, data errors and the labeller as one line, logs flushed."""
+
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import models
+from rlhf_jax import cli, registry, runs, validation
+from rlhf_jax import config as config_lib
+from rlhf_jax import labelers, pretrain, snack
+from rlhf_jax import run as run_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SNACK = os.path.join(ROOT, "experiments", "snack_bandit.py")
+PRETRAIN = os.path.join(ROOT, "experiments", "reviews", "pretrain.py")
+PIPELINE = os.path.join(ROOT, "experiments", "reviews", "pipeline.py")
+
+
+def cli_error(capsys, *argv):
+    """Run `rlhf-jax argv`; return its stderr, asserting exit status 2 and a one-line message."""
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and err.startswith("rlhf-jax: "), err
+    return err
+
+
+def snack_config(**overrides):
+    return config_lib.load_config(SNACK, [(k, str(v)) for k, v in overrides.items()])
+
+
+def micro_model():
+    m = models.tiny()
+    m.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64, max_len=64)
+    return m
+
+
+# ----------------------------------------------------------------------------- 4. config values
+
+
+@pytest.mark.parametrize("config,key,value,allowed", [
+    (SNACK, "num_steps", "0", ">= 1"),
+    (SNACK, "log_every", "0", ">= 1"),
+    (SNACK, "checkpoint_every", "155", "multiple of log_every=10"),
+    (SNACK, "optimizer.learning_rate", "-1", "(0, inf)"),
+    (SNACK, "optimizer.learning_rate", "nan", "(0, inf)"),
+    (SNACK, "optimizer.name", "adamx", "'sgd', 'adam', 'adamw'"),
+    (SNACK, "num_seeds", "0", ">= 1"),
+    (SNACK, "mesh.fsdp", "3", "divisor of the 8 devices"),
+    (PRETRAIN, "batch_size", "-4", ">= 1"),
+    (PRETRAIN, "batch_size", "12", "multiple of the 8 devices"),
+    (PRETRAIN, "eval_every", "-1", ">= 0"),
+    (PRETRAIN, "optimizer.schedule", "cosin", "'constant', 'linear', 'cosine'"),
+    (PRETRAIN, "optimizer.b2", "1.5", "[0, 1)"),
+    (PRETRAIN, "seq_len", "999", "model.max_len"),
+    (PRETRAIN, "model.num_heads", "3", "divisor of model.d_model"),
+    (PRETRAIN, "data.name", "nope", "'reviews'"),
+])
+def test_bad_value_is_one_line_and_writes_nothing(tmp_path, capsys, config, key, value, allowed):
+    workdir = tmp_path / "run"
+    err = cli_error(capsys, "train", f"--config={config}", f"--workdir={workdir}", f"--config.{key}={value}")
+    assert f"config.{key}=" in err and value.strip("'") in err and allowed in err
+    assert not workdir.exists()  # so the corrected command starts cleanly
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    capsys.readouterr()
+    assert cli.main(["train", f"--config={SNACK}", f"--workdir={tmp_path}", "--config.num_steps=0", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "validation.py" in err and "config.num_steps=0" in err
+
+
+def test_sweep_checks_every_run_before_the_first_trains(tmp_path, capsys):
+    err = cli_error(capsys, "sweep", f"--config={SNACK}", f"--workdir={tmp_path}", "--config.log_every=0")
+    assert "sweep run" in err and "config.log_every=0" in err
+    assert not os.listdir(tmp_path)
+
+
+def test_pipeline_checks_every_stage_before_the_first_runs(tmp_path, capsys):
+    err = cli_error(capsys, "pipeline", f"--config={PIPELINE}", f"--workdir={tmp_path / 'p'}",
+                    "--config.ppo.kl_estimator=k9")
+    assert "config.ppo.kl_estimator='k9'" in err and "'k1'" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_every_stage_kind_has_rules():
+    dpo = config_lib.ml_collections.ConfigDict(dict(
+        stage="dpo", num_steps=10, batch_size=8, log_every=1, checkpoint_every=5, eval_every=0, beta=0.1,
+        loss="sigmoid", label_smoothing=0.0, num_seeds=1, init_from="sft", model=micro_model(),
+        seq_len=64, optimizer=config_lib.load_config(SNACK).optimizer.to_dict(),
+        preferences=dict(enabled=True)))
+    validation.validate(dpo)
+    for key, value, allowed in (("beta", 0.0, "(0, inf)"), ("loss", "dpo2", "'sigmoid'"),
+                                ("label_smoothing", 0.5, "[0, 0.5)"), ("num_seeds", 0, ">= 1")):
+        bad = config_lib.ml_collections.ConfigDict(dpo.to_dict())
+        bad[key] = value
+        with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}=.*{__import__('re').escape(allowed)}"):
+            validation.validate(bad)
+    with pytest.raises(config_lib.ConfigError, match=r"config.stage='nope'"):
+        validation.validate(config_lib.ml_collections.ConfigDict(dict(stage="nope")))
+
+
+def test_ppo_choices_match_the_ppo_module():
+    from rlhf_jax import data, ppo
+
+    assert validation.PPO_LOSSES == ppo.LOSSES
+    assert validation.PPO_VALUE_MODELS == ppo.VALUE_MODELS
+    assert validation.PPO_MISSING_EOS == ppo.MISSING_EOS
+    assert validation.DATASET_NAMES == data.builders.DATASET_NAMES
+
+
+def test_config_json_of_a_run_without_checkpoint_is_replaced(tmp_path):
+    """A run that failed before its first checkpoint holds no experiment: the corrected command
+    starts it; a run with a checkpoint still refuses a changed config."""
+    workdir = str(tmp_path)
+    config_lib.write_resolved_config(snack_config(num_steps=100), workdir)
+    config_lib.write_resolved_config(snack_config(num_steps=200), workdir)
+    os.makedirs(os.path.join(workdir, "checkpoints", "100"))
+    with pytest.raises(config_lib.ConfigError, match="different config"):
+        config_lib.write_resolved_config(snack_config(num_steps=300), workdir)
+
+
+# ----------------------------------------------------------------------------- 1. damaged checkpoints
+
+
+def damage(path, mode):
+    data = bytearray(open(path, "rb").read())
+    if mode == "random":
+        data[len(data) // 2:len(data) // 2 + 4096] = os.urandom(4096)
+    elif mode == "truncate":
+        data = data[:len(data) // 2]
+    if mode == "delete":
+        os.remove(path)
+    else:
+        open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("mode", ["random", "truncate", "delete"])
+def test_damaged_checkpoint_stops_a_hand_off_in_one_line(tmp_path, capsys, mode):
+    run = str(tmp_path / "sft")
+    pretrain.save_random_run(run, micro_model())
+    largest = max(glob.glob(os.path.join(run, "checkpoints", "1", "state", "ocdbt.process_0", "d", "*")),
+                  key=os.path.getsize)
+    damage(largest, mode)
+    with pytest.raises(run_lib.DamagedCheckpoint, match=os.path.join(run, "checkpoints", "1")):
+        runs.load_policy(run)
+    err = cli_error(capsys, "sample", f"--workdir={run}", "--prompt=hi", "--num=1", "--max_new_tokens=2")
+    assert "checkpoint error" in err and os.path.join("checkpoints", "1") in err
+
+
+def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, capsys):
+    straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+    registry.run_stage(snack_config(num_steps=300, checkpoint_every=100), straight)
+    registry.run_stage(snack_config(num_steps=200, checkpoint_every=100), damaged)
+    for f in glob.glob(os.path.join(damaged, "checkpoints", "200", "state", "d", "*")):
+        damage(f, "truncate")
+    capsys.readouterr()
+    registry.run_stage(snack_config(num_steps=300, checkpoint_every=100), damaged, allow_config_change=True)
+    err = capsys.readouterr().err
+    assert "checkpoints/200: cannot be read" in err and "from step 100" in err
+    assert os.listdir(os.path.join(damaged, "damaged_checkpoints"))
+    target = jax.device_get(snack.init_learners(snack_config()))
+    np.testing.assert_array_equal(run_lib.load_state(damaged, target)["params"]["bias"],
+                                  run_lib.load_state(straight, target)["params"]["bias"])
+
+
+def test_checksum_mismatch_is_caught(tmp_path):
+    """What Orbax cannot see (bytes changed inside a valid file) shows as a checksum mismatch."""
+    run = str(tmp_path / "sft")
+    pretrain.save_random_run(run, micro_model())
+    manifest_path = os.path.join(run, "checkpoints", "1", run_lib.MANIFEST)
+    manifest = json.load(open(manifest_path))
+    name = sorted(manifest["arrays"])[0]
+    manifest["arrays"][name]["crc32"] ^= 1
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(run_lib.DamagedCheckpoint, match="does not match its checksum"):
+        runs.load_policy(run)
+
+
+# ----------------------------------------------------------------------------- 2. divergence
+
+
+def test_non_finite_state_never_replaces_a_finite_checkpoint(tmp_path):
+    def step_fn(state, batch, rng):
+        w = state["w"] + 1.0
+        return {"w": jnp.where(w >= 4, jnp.nan, w)}, {"w": w.mean()}
+
+    with pytest.raises(run_lib.Diverged, match=r"step 4: .*NaN or inf.*\['w'\].*step 3 stays the latest"):
+        run_lib.train_loop(workdir=str(tmp_path), state={"w": jnp.zeros(3)}, step_fn=step_fn, batch_fn=None,
+                           num_steps=10, rng=jax.random.key(0), log_every=1, checkpoint_every=1)
+    manager = run_lib.checkpoint_manager(str(tmp_path))
+    assert manager.all_steps() == [2, 3]
+    step, state = run_lib.restore_checkpoint(manager, {"w": jnp.zeros(3)})
+    manager.close()
+    assert step == 3 and np.isfinite(state["w"]).all()
+
+
+# ----------------------------------------------------------------------------- 3. changed config
+
+
+def test_changed_config_that_does_not_fit_the_checkpoint_changes_nothing(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = ["train", f"--config={SNACK}", f"--workdir={workdir}", "--config.num_steps=100"]
+    assert cli.main(args) == 0
+    saved = (workdir / "config.json").read_text()
+    err = cli_error(capsys, *args, "--config.num_seeds=32", "--allow_config_change")
+    assert "checkpoints/100" in err and "another config" in err
+    assert (workdir / "config.json").read_text() == saved
+    assert cli.main(args + ["--config.num_steps=200", "--allow_config_change"]) == 0  # still resumable
+
+
+# ----------------------------------------------------------------------------- 5. DONE last
+
+
+def test_done_is_written_after_the_stage_returns(tmp_path, monkeypatch):
+    """A stage killed after its loop but before its last hand-off file is not finished."""
+    real = snack.train
+
+    def dies_after_the_loop(config, workdir):
+        real(config, workdir)
+        raise KeyboardInterrupt  # e.g. reward: killed while writing reward_normalization.json
+
+    monkeypatch.setattr(snack, "train", dies_after_the_loop)
+    with pytest.raises(KeyboardInterrupt):
+        registry.run_stage(snack_config(num_steps=100), str(tmp_path))
+    assert not run_lib.is_finished(str(tmp_path))
+    monkeypatch.setattr(snack, "train", real)
+    registry.run_stage(snack_config(num_steps=100), str(tmp_path))
+    assert run_lib.is_finished(str(tmp_path)) and not os.path.exists(tmp_path / "DONE.tmp")
+
+
+# ----------------------------------------------------------------------------- 6. data errors
+
+
+def pretrain_with_data(tmp_path, capsys, name, path, **more):
+    return cli_error(capsys, "train", f"--config={PRETRAIN}", f"--workdir={tmp_path / 'run'}",
+                     f"--config.data.name={name}", f"--config.data.path={path}", f"--config.data_dir={tmp_path / 'd'}",
+                     "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.num_kv_heads=2",
+                     "--config.batch_size=8", "--config.seq_len=64", *[f"--config.{k}={v}" for k, v in more.items()])
+
+
+def test_data_errors_are_one_line_with_file_and_line(tmp_path, capsys):
+    bad_json = tmp_path / "sft.jsonl"
+    bad_json.write_text('{"prompt": "a", "response": "b"}\n' * 3 + '{"prompt": "a", "resp\n')
+    err = pretrain_with_data(tmp_path, capsys, "jsonl_sft", bad_json)
+    assert "data error" in err and f"{bad_json} line 4: not valid JSON" in err
+
+    bad_bytes = tmp_path / "bytes.jsonl"
+    bad_bytes.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    err = pretrain_with_data(tmp_path, capsys, "jsonl_sft", bad_bytes)
+    assert f"{bad_bytes} line 2: not valid UTF-8" in err
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text(f"A short document number {i}.\n" * 40)
+    (folder / "5.txt").write_bytes(b"fine\n\xc3\x28 broken\n")
+    err = pretrain_with_data(tmp_path, capsys, "text_folder", folder)
+    assert f"{folder / '5.txt'} line 2: not valid UTF-8" in err
+    os.remove(folder / "5.txt")
+    err = pretrain_with_data(tmp_path, capsys, "text_folder", folder, **{"data.validation_fraction": "0.01"})
+    assert "has no 'validation' split" in err and "validation_path" in err
+
+
+# ----------------------------------------------------------------------------- 7. the terminal labeller
+
+
+def test_labeller_escapes_control_characters(tmp_path):
+    labelers.write_pairs(str(tmp_path), [{"prompt": "p\x1b]0;owned\x07", "response_a": "a\x1b[2J",
+                                          "response_b": "b\r\x9b"}])
+    printed = []
+    labelers.label_in_terminal(str(tmp_path), input_fn=lambda _: "1", print_fn=lambda *a: printed.append(" ".join(map(str, a))))
+    text = "\n".join(printed)
+    assert "\x1b" not in text and "\x07" not in text and "\r" not in text and "\x9b" not in text
+    assert "a\\x1b[2J" in text and "p\\x1b]0;owned\\x07" in text
+
+
+def test_labeller_refuses_a_torn_pairs_file_and_a_missing_folder(tmp_path, capsys):
+    labelers.write_pairs(str(tmp_path), [{"prompt": "p", "response_a": "a", "response_b": "b"}] * 2)
+    with open(tmp_path / labelers.PAIRS_FILE, "a") as f:
+        f.write('{"id": "9", "prompt": "cut sh')
+    err = cli_error(capsys, "label", f"--data={tmp_path}")
+    assert "pairs.jsonl line 3 is cut short" in err
+    err = cli_error(capsys, "label", f"--data={tmp_path / 'missing'}")
+    assert "pairs.jsonl does not exist" in err
+
+
+# ----------------------------------------------------------------------------- 8. wrong-stage hand-offs
+
+
+def test_wrong_stage_hand_offs_are_one_line(tmp_path, capsys):
+    sft = str(tmp_path / "sft")
+    pretrain.save_random_run(sft, micro_model())
+    err = cli_error(capsys, "score", f"--workdir={sft}", "--prompt=a", "--response=b")
+    assert "'sft' run" in err and "'reward' run" in err
+    reward_run = tmp_path / "reward"
+    reward_run.mkdir()
+    (reward_run / "config.json").write_text(json.dumps({"stage": "reward"}))
+    err = cli_error(capsys, "sample", f"--workdir={reward_run}", "--prompt=a")
+    assert "'reward' run" in err and "pretrain / sft / ppo / dpo" in err
+    for flag in ("--num=0", "--temperature=-1", "--max_new_tokens=0"):
+        err = cli_error(capsys, "sample", f"--workdir={sft}", "--prompt=a", flag)
+        assert flag in err and "expected" in err
+    err = cli_error(capsys, "sample", f"--workdir={tmp_path / 'nothing'}", "--prompt=a")
+    assert "no config.json" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((tmp_path / "sft" / "config.json").read_text())
+    err = cli_error(capsys, "sample", f"--workdir={empty}", "--prompt=a")
+    assert "holds no checkpoint" in err
+
+
+# ----------------------------------------------------------------------------- 9. logs on disk
+
+
+def tensorboard_steps(workdir):
+    """Steps of the scalar 'bias' in a run's TensorBoard event files (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
+        data = open(path, "rb").read()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            steps += [event.step for v in event.summary.value if v.tag == "bias"]
+    return steps
+
+
+def snack_process(workdir, *overrides, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf_jax.cli", "train", f"--config={SNACK}", f"--workdir={workdir}", *overrides],
+        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_tensorboard_is_flushed_at_checkpoints_and_on_sigterm(tmp_path):
+    killed = str(tmp_path / "killed")
+    proc = snack_process(killed, "--config.num_steps=400", "--config.checkpoint_every=100",
+                         env={"RLHF_JAX_FAULT_AFTER_STEP": "250"})
+    assert proc.wait() == -9
+    assert max(tensorboard_steps(killed)) >= 200  # kill -9: everything up to the last checkpoint
+
+    termed = str(tmp_path / "termed")
+    proc = snack_process(termed, "--config.num_steps=100000000", "--config.checkpoint_every=100000000")
+    deadline = time.time() + 60
+    while time.time() < deadline and len(run_lib.read_metrics(termed)) < 20:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == -signal.SIGTERM
+    logged = [r["step"] for r in run_lib.read_metrics(termed)]
+    assert tensorboard_steps(termed)[-1] == logged[-1]
