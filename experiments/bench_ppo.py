@@ -28,11 +28,12 @@ TRL 1.16 has no PPO trainer; its `RLOOTrainer` and `GRPOTrainer` are compared wi
 What is timed, per iteration (the first `--warmup` iterations are excluded: ours compiles there,
 TRL allocates its caches; median and best of the next `--iterations` are reported):
 
-    ours  `ppo.make_step(...)` -> step_fn(state, batch, rng) followed by block_until_ready on
-          the new state and metrics: the jitted rollout (KV-cache sampling, policy and reference
-          log-prob forward passes), device_get + decode + the host reward function + device_put
-          of the scores, and the jitted update (advantages, forward/backward, Adam step). The
-          prompt batch is tokenized and placed once, outside the timed region.
+    ours  `ppo.ppo_step(setup, state, batch, rng)` of `ppo.build(config)`, followed by
+          block_until_ready on the new state and metrics: the jitted rollout (KV-cache sampling,
+          policy and reference log-prob forward passes), device_get + decode + the host reward
+          function + device_put of the scores, the jitted final_scores, and the jitted update
+          (advantages, forward/backward, Adam step). The prompt batch is tokenized and placed
+          once, outside the timed region.
     TRL   `trainer.train()` for warmup + iterations optimizer steps; a `TrainerCallback` times
           on_step_begin -> on_step_end, which covers `training_step` (its `_prepare_inputs`:
           prompt tokenization, `model.generate` with KV cache, decoding, reward function, the
@@ -82,10 +83,8 @@ import numpy as np
 from configs import models, optimizers
 from configs import ppo as ppo_configs
 from rlhf_jax import benchmarking
-from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import ppo, pretrain
-from rlhf_jax.optim import make_optimizer
 from rlhf_jax.tokenizer import ByteTokenizer
 
 LEARNING_RATE = 1e-5
@@ -122,7 +121,7 @@ def ours_config(loss, args, sft_dir):
     c.model = models.tiny()
     c.model.max_len = max(c.model.max_len, args.prompt_length + args.response_length)
     c.init_from = sft_dir
-    c.reward_function = f"{__name__}:frac_e"  # imported by ppo.make_step ('__main__' when run as a script)
+    c.reward_function = f"{__name__}:frac_e"  # imported by ppo.build ('__main__' when run as a script)
     c.gold_function = ""
     c.loss = loss
     c.samples_per_prompt = args.samples
@@ -146,38 +145,29 @@ def ours_config(loss, args, sft_dir):
 
 
 def make_sft_run(workdir, model_config):
-    """A random finished 'SFT run' on disk, so ppo.init_state builds the state the stage builds.
+    """A random finished 'SFT run' on disk, so ppo.build builds the state the stage builds.
     Returns its parameter count."""
     return model_lib.count_params(pretrain.save_random_run(workdir, model_config))
 
 
 def ours_iteration_times(loss, args, prompt_texts, tmp):
-    """Wall-clock seconds of each `step_fn` call (rollout + host reward + update), as train() runs it."""
+    """Wall-clock seconds of each `ppo_step` call (rollout + host reward + update), as train() runs it."""
     sft_dir = os.path.join(tmp, "sft")
     config = ours_config(loss, args, sft_dir)
+    config.prompts = tuple(prompt_texts)  # one batch holds every prompt (batch_size = --prompts)
     n_params = make_sft_run(sft_dir, config.model)
-    tokenizer = ByteTokenizer()
-    mesh = mesh_lib.make_mesh(config.mesh)
-    optimizer = make_optimizer(config.optimizer)
-    (graphdef, value_graphdef, reward_graphdef), state, frozen = ppo.init_state(config, optimizer)
-    ppo_models = ppo.Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer)
-    state_shardings = mesh_lib.param_shardings(mesh, state)
-    state = jax.device_put(state, state_shardings)
-    frozen_shardings = mesh_lib.param_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    step_fn, _ = ppo.make_step(config, ppo_models, mesh, optimizer, state_shardings, frozen, frozen_shardings,
-                               tokenizer)
-
-    tokens = np.asarray([tokenizer.encode(t) for t in prompt_texts], np.int32)
+    setup = ppo.build(config)
+    assert isinstance(setup.tokenizer, ByteTokenizer)
+    batch = setup.batch_fn(0)
+    tokens = batch["prompts"]["prompt_tokens"]
     assert tokens.shape == (args.prompts, args.prompt_length), tokens.shape
-    prompts = ppo.place_prompts({"prompt_tokens": tokens, "prompt_mask": np.ones_like(tokens)}, mesh)
+    assert int(np.asarray(batch["prompts"]["prompt_mask"]).min()) == 1  # no padding
 
-    times, lengths, rng = [], [], jax.random.key(config.seed)
+    times, lengths, state, rng = [], [], setup.state, jax.random.key(config.seed)
     for i in range(args.warmup + args.iterations):
-        batch = {"step": i, "prompts": prompts, "texts": list(prompt_texts)}
         rng, step_rng = jax.random.split(rng)
         t0 = time.perf_counter()
-        state, metrics = step_fn(state, batch, step_rng)
+        state, metrics, _ = ppo.ppo_step(setup, state, {**batch, "step": i}, step_rng)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
         lengths.append(float(metrics["val/mean_response_length"]))

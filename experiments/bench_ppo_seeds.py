@@ -9,9 +9,9 @@ response each of up to `--response_length` tokens, temperature 1, k1 KL at beta 
 frozen reference, a value head on the policy, 1 epoch x 1 minibatch, Adam; reward: the fraction
 of 'e' in the decoded response (a Python function on the host).
 
-    vmapped     `ppo.make_step` of a config with num_seeds=S: one rollout and one update program
+    vmapped     `ppo.ppo_step` of a config with num_seeds=S: one rollout and one update program
                 over state leaves [S, ...]; the host reward sees S x prompts responses at once
-    sequential  `ppo.make_step` of the same config with num_seeds=1, called once for each of S
+    sequential  `ppo.ppo_step` of the same config with num_seeds=1, called once for each of S
                 states (seeds seed ... seed+S-1), i.e. what S separate runs cost per iteration,
                 without the S-1 extra compilations separate runs also pay (reported apart)
 
@@ -25,39 +25,12 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import bench_ppo
 from rlhf_jax import benchmarking
-from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import ppo
 from rlhf_jax import run as run_lib
-from rlhf_jax.optim import make_optimizer
-from rlhf_jax.tokenizer import ByteTokenizer
-
-
-def build(config):
-    """(step_fn, state) of a PPO config as ppo.train builds them."""
-    tokenizer = ByteTokenizer()
-    mesh = mesh_lib.make_mesh(config.mesh)
-    optimizer = make_optimizer(config.optimizer)
-    parts, state, frozen = ppo.init_state(config, optimizer)
-    models = ppo.Models(config, *parts, tokenizer)
-    state_shardings = ppo.state_shardings_of(mesh, state, config.num_seeds)
-    state = jax.device_put(state, state_shardings)
-    frozen_shardings = mesh_lib.param_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    step_fn, _ = ppo.make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_shardings, tokenizer)
-    return mesh, step_fn, state
-
-
-def prompt_batch(texts, num_seeds, mesh):
-    tokens = np.asarray([ByteTokenizer().encode(t) for t in texts], np.int32)
-    prompts = {"prompt_tokens": tokens, "prompt_mask": np.ones_like(tokens)}
-    if num_seeds > 1:
-        prompts = {k: np.stack([v] * num_seeds) for k, v in prompts.items()}
-    return ppo.place_prompts(prompts, mesh, num_seeds)
 
 
 def timed(fn, n):
@@ -89,22 +62,23 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         config = bench_ppo.ours_config("ppo", args, tmp)
         config.ppo_epochs, config.num_minibatches = 1, 1
+        config.prompts = tuple(texts)  # one batch holds every prompt (batch_size = --prompts)
         result["params"] = bench_ppo.make_sft_run(tmp, config.model)
 
-        # Sequential: one compiled step, S states.
-        mesh, step_fn, state0 = build(config)
-        states = [state0]
+        # Sequential: one compiled step, S states. The prompt batch is placed once, outside the timing.
+        setup = ppo.build(config)
+        states = [setup.state]
         for i in range(1, s):
             seed_config = config.copy_and_resolve_references()
             seed_config.seed = config.seed + i
-            states.append(build(seed_config)[2])
-        prompts = prompt_batch(texts, 1, mesh)
+            states.append(ppo.build(seed_config).state)
+        batch = setup.batch_fn(0)
 
         def sequential(i):
             out = []
             for j in range(s):
-                batch = {"step": i, "prompts": prompts, "texts": texts}
-                states[j], metrics = step_fn(states[j], batch, run_lib.step_rng(jax.random.key(config.seed + j), i))
+                step_rng = run_lib.step_rng(jax.random.key(config.seed + j), i)
+                states[j], metrics, _ = ppo.ppo_step(setup, states[j], {**batch, "step": i}, step_rng)
                 out.append(metrics)
             return states, out
 
@@ -113,14 +87,12 @@ def main():
 
         # Vmapped: one compiled step over [S, ...] states.
         config.num_seeds = s
-        mesh, step_fn, state = build(config)
-        prompts = prompt_batch(texts, s, mesh)
-        holder = [state]
-        seed_keys = jax.vmap(jax.random.key)(jnp.arange(config.seed, config.seed + s))
+        setup = ppo.build(config)
+        batch = setup.batch_fn(0)
+        holder = [setup.state]
 
         def vmapped(i):
-            batch = {"step": i, "prompts": prompts, "texts": [texts] * s}
-            holder[0], metrics = step_fn(holder[0], batch, run_lib.step_rng(seed_keys, i))
+            holder[0], metrics, _ = ppo.ppo_step(setup, holder[0], {**batch, "step": i}, run_lib.step_rng(setup.rng, i))
             return holder[0], metrics
 
         first_vmap = timed(vmapped, 1)[0]

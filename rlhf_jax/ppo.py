@@ -1,15 +1,23 @@
 """RLHF with PPO (and REINFORCE / RLOO / GRPO ablations) on a language model.
 
-One iteration (`config.num_steps` of them) is:
+One iteration (`config.num_steps` of them) is `ppo_step(setup, state, batch, rng)`:
 
     rollout          jitted: sample responses with the policy at `temperature`, recompute
                      log-probs under the policy and the frozen reference (logits / temperature),
-                     values, and the reward model's score at the last real token
-    score (host)     only with `reward_function` / `gold_function`: decode and call a Python
-                     function of (prompt, response)
+                     values, and the reward model's raw score at the last real token -> `Rollout`
+    raw scores       the reward model's (from the rollout), or with `reward_function` a Python
+                     function of (prompt, response) called on the host with the decoded text
+    final_scores     jitted: the one place a score changes: the reward run's normalisation, then
+                     the missing-EOS rule
     ppo_update       jitted: compute_advantages (per-token reward -beta * KL_t plus the score at
-                     the last token, GAE or sequence-level baselines, whitening) then
-                     `ppo_epochs` epochs of shuffled minibatch steps, then the adaptive KL step
+                     the last token, GAE or sequence-level baselines, whitening) -> `Advantages`,
+                     then `ppo_epochs` epochs of shuffled minibatch steps, then the adaptive KL step
+
+The host work (decoding, Python reward and gold functions) is why the step is a Python function
+and not one jitted program. It has no effect but its outputs: (state, metrics, sample table or
+None); `train` writes the table (samples.txt, TensorBoard) and hands run.train_loop the shared
+(state, metrics) step. `build(config)` makes everything a run needs (models, state, jitted
+functions, prompt batches); `train` runs it, and the tests and benchmarks take it apart.
 
 Shapes: B rollout batch (prompts x samples_per_prompt), P prompt length (left padded), N new
 tokens, V vocabulary, M minibatches. Masks are applied with `jnp.where` (NaN * 0 is NaN).
@@ -20,12 +28,11 @@ values), or a separate scalar model initialised from the reward model ('reward_m
 the SFT params ('sft'). The reward is a reward-model run (`reward_model`) or an importable
 Python function (`reward_function`, e.g. 'rlhf_jax.labelers:vader_gold_score').
 
-Train state (checkpointed by run.train_loop, so a resumed run repeats an uninterrupted one):
-    params           policy params, head 'lm'            opt_state        optax state of params
-    value_params     scalar head, or a scalar model      value_opt_state  optax state (loss 'ppo')
-    kl_coef          beta (adaptive or fixed)            baseline         [value, count] (EMA)
-The frozen reference / reward params are reloaded from their runs, never checkpointed here.
-Load a finished policy with `rlhf_jax.runs.load_policy(workdir[, seed_index])`.
+Train state (`TrainState`, checkpointed by run.train_loop, so a resumed run repeats an
+uninterrupted one): params {'policy', 'value'} and one optax state over both, kl_coef (beta,
+adaptive or fixed), baseline (EMA of the sequence reward). The frozen reference / reward params
+are reloaded from their runs, never checkpointed here. Load a finished policy with
+`rlhf_jax.runs.load_policy(workdir[, seed_index])`.
 
 Seeds in one program (`num_seeds` S > 1, for small models): every train-state leaf gets a
 leading seed axis [S], and rollout and update are `jax.vmap`ped over it inside one jit (the
@@ -36,14 +43,16 @@ seeds plus `<name>_std` (the plots draw the band); the sample table shows seed 0
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import losses, runs, sampling
@@ -59,6 +68,81 @@ VALUE_MODELS = ("policy", "reward_model", "sft")
 MISSING_EOS = ("keep", "penalty")
 
 
+# ----------------------------------------------------------------------------- state and samples
+
+
+@struct.dataclass
+class TrainState:
+    """What run.train_loop checkpoints; with num_seeds S > 1 every leaf has a leading [S].
+
+    params      {'policy': policy params (head 'lm'),
+                 'value': the value head (value_model 'policy') or a scalar model ('reward_model',
+                          'sft'); None without a value function (loss != 'ppo')}
+    opt_state   optax state of params: one optimizer over both, so the gradient clip
+                (config.optimizer.grad_clip_norm) is by their joint global norm
+    kl_coef     [] float32    beta (adaptive or fixed)
+    baseline    [2] float32   EMA of the sequence reward and the number of updates
+                              (loss 'reinforce_baseline')
+    """
+
+    params: dict
+    opt_state: optax.OptState
+    kl_coef: jax.Array
+    baseline: jax.Array
+
+
+@struct.dataclass
+class Rollout:
+    """One batch of sampled responses and what the policy, the reference, the value function and
+    the reward model make of them. 0 at masked positions; a leading [S] with num_seeds > 1.
+
+    tokens, attention_mask      [B, P + N] int32   prompt (left padded), response (right padded)
+    response, response_mask     [B, N] int32       mask 1 up to and including EOS (or the truncate token)
+    sampler_logprobs            [B, N] float32     log-probs of the sampled tokens, as sampled
+    logprobs, ref_logprobs      [B, N] float32     recomputed by a forward pass of the policy / reference
+    values                      [B, N] float32     value estimates (0 without a value function)
+    has_eos                     [B] bool           the response ended (EOS or the truncate token)
+    reward_model_scores         [B] float32        the reward model's raw (unnormalised) score at the
+                                                   last real token; None with a reward function
+    Row b * K + j is sample j of prompt b (K = samples_per_prompt).
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    response: jax.Array
+    response_mask: jax.Array
+    sampler_logprobs: jax.Array
+    logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+    has_eos: jax.Array
+    reward_model_scores: jax.Array | None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.tokens.shape[-1] - self.response.shape[-1]
+
+
+@struct.dataclass
+class Advantages:
+    """What the update trains on, from a rollout and its final scores. 0 at masked positions.
+
+    kl              [B, N]  per-token KL estimate against the reference (config.kl_estimator)
+    rewards         [B, N]  -beta * kl_t, plus the score at the last real token (whitened with
+                            whiten_rewards)
+    advantages      [B, N]  GAE (loss 'ppo'; whitened with whiten_advantages), or each token
+                            carries its sequence's advantage
+    returns         [B, N]  value targets (loss 'ppo'; else 0)
+    seq_advantages  [B]     the sequence-level advantage (REINFORCE family; 0 for 'ppo')
+    """
+
+    kl: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    returns: jax.Array
+    seq_advantages: jax.Array
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -68,14 +152,17 @@ class Models:
     graphdef         policy / reference, head 'lm'
     value_graphdef   'lm_and_scalar' (value_model='policy') or 'scalar' (separate value model)
     reward_graphdef  reward model ('scalar'), or None with a reward function
+    reward_mean, reward_std   the reward run's normalisation of its scores (0, 1: none), for final_scores
     """
 
-    def __init__(self, config, graphdef, value_graphdef, reward_graphdef, tokenizer):
+    def __init__(self, config, graphdef, value_graphdef, reward_graphdef, tokenizer, reward_normalization):
         self.config = config
         self.graphdef, self.value_graphdef, self.reward_graphdef = graphdef, value_graphdef, reward_graphdef
         self.eos_id, self.pad_id = int(tokenizer.eos_id), int(tokenizer.pad_id)
         self.truncate_id = _truncate_id(tokenizer, config.truncate_token)
         self.uses_value = config.loss == "ppo"
+        self.reward_mean = float(reward_normalization["mean"])
+        self.reward_std = float(reward_normalization["std"])
 
 
 def _truncate_id(tokenizer, token: str) -> int:
@@ -95,6 +182,7 @@ def with_value_head(params, head):
 def forward(models, params, value_params, tokens, attention_mask, prompt_len: int, with_values: bool = True):
     """Log-probs, entropies and values of the response tokens of full sequences.
 
+    params: policy (or reference) params; value_params: params['value'] of the train state.
     tokens, attention_mask [B, P + N] (prompt left padded, response right padded).
     Logits are divided by the sampling temperature, as when the tokens were drawn.
     Returns logprobs [B, N], entropy [B, N], values [B, N] (zeros without a value model, or
@@ -137,25 +225,22 @@ def left_align(tokens, mask):
 # ----------------------------------------------------------------------------- rollout
 
 
-def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=None):
+def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=None) -> Rollout:
     """Sample and evaluate one batch of responses. Pure; jitted by `make_rollout`.
 
     prompts: dict(prompt_tokens, prompt_mask) [Bp, P]; each prompt is repeated
     `samples_per_prompt` (K) times, consecutively, so B = Bp * K and rows b*K ... b*K+K-1 share
     a prompt. frozen: dict(ref=reference params, reward=reward-model params or None).
-    Returns a dict of [B, ...] arrays:
-        tokens, attention_mask [B, P+N]; response, response_mask [B, N] (1 up to and including
-        EOS, or the truncate token); sampler_logprobs, logprobs, ref_logprobs, values [B, N];
-        scores [B] (reward model, normalised; 0 with a reward function); has_eos [B] bool.
     """
     c = models.config
     k = c.samples_per_prompt
+    policy, value = state.params["policy"], state.params["value"]
     prompt_tokens = jnp.repeat(prompts["prompt_tokens"], k, axis=0)
     prompt_mask = jnp.repeat(prompts["prompt_mask"], k, axis=0)
     if batch_sharding is not None:  # the repeated batch is split over the devices
         prompt_tokens, prompt_mask = jax.lax.with_sharding_constraint((prompt_tokens, prompt_mask), batch_sharding)
     p = prompt_tokens.shape[1]
-    out = sampling.generate(models.graphdef, state["params"], prompt_tokens, prompt_mask, rng,
+    out = sampling.generate(models.graphdef, policy, prompt_tokens, prompt_mask, rng,
                             max_new_tokens=c.max_new_tokens, eos_id=models.eos_id, pad_id=models.pad_id,
                             temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, vmap_axis=vmap_axis)
     response, mask = out["response"], out["response_mask"].astype(bool)
@@ -165,40 +250,48 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
         after_end = jnp.cumsum(ends, axis=1) - ends > 0
         mask = mask & ~after_end
         response = jnp.where(mask, response, models.pad_id)
-    has_eos = jnp.any(ends & mask, axis=1)
     tokens = jnp.concatenate([prompt_tokens, response], axis=1)
     attention_mask = jnp.concatenate([prompt_mask, mask.astype(jnp.int32)], axis=1)
 
-    logprobs, _, values = forward(models, state["params"], state.get("value_params"), tokens, attention_mask, p)
+    logprobs, _, values = forward(models, policy, value, tokens, attention_mask, p)
     ref_logprobs, _, _ = forward(models, frozen["ref"], None, tokens, attention_mask, p, with_values=False)
+    reward_model_scores = None
     if models.reward_graphdef is not None:
-        aligned_tokens, aligned_mask = left_align(tokens, attention_mask)
-        scores = model_lib.reward_scores(models.reward_graphdef, frozen["reward"], aligned_tokens, aligned_mask)
-        scores = (scores - frozen["reward_mean"]) / frozen["reward_std"]
-    else:
-        scores = jnp.zeros(tokens.shape[:1], jnp.float32)
-    return dict(tokens=tokens, attention_mask=attention_mask, response=response, response_mask=mask.astype(jnp.int32),
-                sampler_logprobs=jnp.where(mask, out["logprobs"], 0.0), logprobs=jnp.where(mask, logprobs, 0.0),
-                ref_logprobs=jnp.where(mask, ref_logprobs, 0.0), values=jnp.where(mask, values, 0.0),
-                scores=scores.astype(jnp.float32), has_eos=has_eos)
+        reward_model_scores = model_lib.reward_scores(models.reward_graphdef, frozen["reward"],
+                                                      *left_align(tokens, attention_mask)).astype(jnp.float32)
+    return Rollout(tokens=tokens, attention_mask=attention_mask, response=response,
+                   response_mask=mask.astype(jnp.int32), sampler_logprobs=jnp.where(mask, out["logprobs"], 0.0),
+                   logprobs=jnp.where(mask, logprobs, 0.0), ref_logprobs=jnp.where(mask, ref_logprobs, 0.0),
+                   values=jnp.where(mask, values, 0.0), has_eos=jnp.any(ends & mask, axis=1),
+                   reward_model_scores=reward_model_scores)
 
 
-# ----------------------------------------------------------------------------- advantages
+# ----------------------------------------------------------------------------- scores and advantages
 
 
-def compute_advantages(config, samples, kl_coef, baseline):
+def final_scores(models, raw_scores, has_eos):
+    """The score the advantages use, from the reward's raw score: the one place a score changes.
+
+    raw_scores: [B] the reward model's output at the last real token, or the reward function's
+    value. has_eos: [B] bool. Returns [B] float32: the reward run's normalisation
+    (score - mean) / std (the identity with a reward function, or use_reward_normalization off),
+    then with missing_eos='penalty' a response that never ended scores missing_eos_penalty.
+    """
+    c = models.config
+    scores = (raw_scores.astype(jnp.float32) - models.reward_mean) / models.reward_std
+    if c.missing_eos == "penalty":
+        scores = jnp.where(has_eos, scores, c.missing_eos_penalty)
+    return scores
+
+
+def compute_advantages(config, samples: Rollout, scores, kl_coef, baseline):
     """Rewards and advantages of a rollout. Pure; runs inside the jitted update.
 
-    samples: the rollout dict (scores [B] already final except for the missing-EOS rule).
-    kl_coef: scalar beta. baseline: [2] (EMA of the sequence reward, number of updates).
-    Returns (samples + scores, kl, rewards, advantages, returns [B, N]; seq_advantages [B]),
-    and the new baseline.
+    scores: [B] final scores (`final_scores`). kl_coef: scalar beta. baseline: [2] (EMA of the
+    sequence reward, number of updates). Returns (Advantages, the new baseline).
     """
-    mask = samples["response_mask"].astype(bool)
-    scores = samples["scores"]
-    if config.missing_eos == "penalty":
-        scores = jnp.where(samples["has_eos"], scores, config.missing_eos_penalty)
-    kl = jnp.where(mask, losses.kl_penalty(samples["logprobs"], samples["ref_logprobs"], config.kl_estimator), 0.0)
+    mask = samples.response_mask.astype(bool)
+    kl = jnp.where(mask, losses.kl_penalty(samples.logprobs, samples.ref_logprobs, config.kl_estimator), 0.0)
     rewards = losses.per_token_rewards(scores, kl, mask, kl_coef)
     seq_reward = losses.masked_sum(rewards, mask, axis=1)  # score - beta * sum_t KL_t
     if config.whiten_rewards:
@@ -207,7 +300,7 @@ def compute_advantages(config, samples, kl_coef, baseline):
     new_baseline = baseline
     seq_adv = jnp.zeros_like(seq_reward)
     if config.loss == "ppo":
-        advantages, returns = losses.generalized_advantage_estimate(rewards, samples["values"], mask,
+        advantages, returns = losses.generalized_advantage_estimate(rewards, samples.values, mask,
                                                                     config.gamma, config.lam)
     else:
         returns = jnp.zeros_like(rewards)
@@ -226,25 +319,26 @@ def compute_advantages(config, samples, kl_coef, baseline):
         advantages = jnp.where(mask, seq_adv[:, None], 0.0)  # every token shares its sequence's
     if config.whiten_advantages and config.loss == "ppo":
         advantages = losses.whiten(advantages, mask)
-    samples = dict(samples, scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
-                   seq_advantages=seq_adv)
-    return samples, new_baseline
+    return Advantages(kl=kl, rewards=rewards, advantages=advantages, returns=returns,
+                      seq_advantages=seq_adv), new_baseline
 
 
 # ----------------------------------------------------------------------------- update
 
 
-def minibatch_loss(models, params, value_params, mb, prompt_len: int):
-    """Loss of one minibatch: policy objective + vf_coef * value loss - entropy_coef * entropy."""
+def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len: int):
+    """Loss of one minibatch (the rows of `samples` and `adv` it holds): policy objective +
+    vf_coef * value loss - entropy_coef * entropy. params: {'policy', 'value'}."""
     c = models.config
-    mask = mb["response_mask"].astype(bool)
-    logprobs, entropy, values = forward(models, params, value_params, mb["tokens"], mb["attention_mask"], prompt_len)
-    clipped_loss, pm = losses.ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask, c.clip_eps)
+    mask = samples.response_mask.astype(bool)
+    logprobs, entropy, values = forward(models, params["policy"], params["value"], samples.tokens,
+                                        samples.attention_mask, prompt_len)
+    clipped_loss, pm = losses.ppo_policy_loss(logprobs, samples.logprobs, adv.advantages, mask, c.clip_eps)
     if c.loss in ("ppo", "grpo"):
         policy_loss = clipped_loss
     else:  # REINFORCE: -adv * log p(sequence); the clipped-surrogate numbers are still logged.
-        policy_loss = losses.reinforce_loss(losses.masked_sum(logprobs, mask, axis=1), mb["seq_advantages"])
-    value_loss, vm = (losses.ppo_value_loss(values, mb["values"], mb["returns"], mask, c.value_clip)
+        policy_loss = losses.reinforce_loss(losses.masked_sum(logprobs, mask, axis=1), adv.seq_advantages)
+    value_loss, vm = (losses.ppo_value_loss(values, samples.values, adv.returns, mask, c.value_clip)
                       if models.uses_value else (jnp.zeros(()), {"value_clipfrac": jnp.zeros(())}))
     mean_entropy = losses.masked_mean(entropy, mask)
     loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * mean_entropy
@@ -254,84 +348,68 @@ def minibatch_loss(models, params, value_params, mb, prompt_len: int):
     return loss, metrics
 
 
-def ppo_update(models, optimizer, mesh, state, samples, rng):
+def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, scores, rng):
     """compute_advantages, then `ppo_epochs` epochs x `num_minibatches` shuffled minibatch steps,
     then the KL-coefficient update. Pure; jitted by `make_update` with the state donated.
 
-    Gradients of the policy and the value params are clipped together by their joint global
-    norm (config.optimizer.grad_clip_norm), as one optimizer over both would.
+    scores: [B] final scores. One optimizer steps the policy and the value params together, so
+    its gradient clip (config.optimizer.grad_clip_norm) is by their joint global norm; Adam is
+    elementwise, so this is the update two Adams over the two would make.
     Returns (state, metrics).
     """
     c = models.config
-    p = samples["tokens"].shape[1] - samples["response"].shape[1]
-    batch = samples["tokens"].shape[0]
-    samples, baseline = compute_advantages(c, samples, state["kl_coef"], state["baseline"])
-    train_keys = ("tokens", "attention_mask", "response_mask", "logprobs", "values", "advantages", "returns",
-                  "seq_advantages")
-    data = {key: samples[key] for key in train_keys}
+    batch = samples.response.shape[0]
+    adv, baseline = compute_advantages(c, samples, scores, state.kl_coef, state.baseline)
     m = c.num_minibatches
     if batch % m:
         raise config_lib.ConfigError(f"rollout batch {batch} is not divisible by num_minibatches={m}")
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    uses_value = models.uses_value
 
     def minibatch_step(carry, idx):
-        params, opt_state, value_params, value_opt_state = carry
-        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[idx], batch_sharding), data)
-        grad_fn = jax.value_and_grad(minibatch_loss, argnums=(1, 2), has_aux=True)
-        (_, metrics), (grads, value_grads) = grad_fn(models, params, value_params, mb, p)
-        norm = optax.tree.norm((grads, value_grads) if uses_value else grads)
-        clip = c.optimizer.grad_clip_norm
-        if clip:
-            scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-12))
-            grads, value_grads = jax.tree.map(lambda g: g * scale, (grads, value_grads))
+        params, opt_state = carry
+        mb_samples, mb_adv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[idx], batch_sharding),
+                                          (samples, adv))
+        grad_fn = jax.value_and_grad(minibatch_loss, argnums=1, has_aux=True)
+        (_, metrics), grads = grad_fn(models, params, mb_samples, mb_adv, samples.prompt_len)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if uses_value:
-            updates, value_opt_state = optimizer.update(value_grads, value_opt_state, value_params)
-            value_params = optax.apply_updates(value_params, updates)
-        metrics["grad_norm"] = norm
-        return (params, opt_state, value_params, value_opt_state), metrics
+        metrics["grad_norm"] = optax.tree.norm(grads)  # before the clip
+        return (optax.apply_updates(params, updates), opt_state), metrics
 
     def epoch(carry, key):
         order = jax.random.permutation(key, batch).reshape(m, batch // m)
         return jax.lax.scan(minibatch_step, carry, order)
 
-    carry = (state["params"], state["opt_state"], state.get("value_params"), state.get("value_opt_state"))
-    carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(rng, c.ppo_epochs))
+    (params, opt_state), metrics = jax.lax.scan(epoch, (state.params, state.opt_state),
+                                                jax.random.split(rng, c.ppo_epochs))
     metrics = jax.tree.map(jnp.mean, metrics)
 
-    mask = samples["response_mask"].astype(bool)
-    kl_sum = losses.masked_sum(samples["kl"], mask, axis=1)  # [B]
-    non_score = losses.masked_sum(jnp.where(mask, -state["kl_coef"] * samples["kl"], 0.0), mask, axis=1)
+    mask = samples.response_mask.astype(bool)
+    kl_sum = losses.masked_sum(adv.kl, mask, axis=1)  # [B]
+    non_score = losses.masked_sum(jnp.where(mask, -state.kl_coef * adv.kl, 0.0), mask, axis=1)
     mean_kl = jnp.mean(kl_sum)
-    kl_coef = state["kl_coef"]
+    kl_coef = state.kl_coef
     if c.adaptive_kl:
         kl_coef = losses.adaptive_kl_coef(kl_coef, mean_kl, c.kl_target, c.kl_horizon, batch)
     metrics.update({
-        "objective/scores": jnp.mean(samples["scores"]),
+        "objective/scores": jnp.mean(scores),
         "objective/kl": mean_kl,
-        "objective/entropy": jnp.mean(losses.masked_sum(-samples["logprobs"], mask, axis=1)),
+        "objective/entropy": jnp.mean(losses.masked_sum(-samples.logprobs, mask, axis=1)),
         "objective/non_score_reward": jnp.mean(non_score),
-        "objective/rlhf_reward": jnp.mean(samples["scores"] + non_score),
-        "objective/kl_coef": state["kl_coef"],
-        "val/num_eos_tokens": jnp.sum(samples["has_eos"]),
+        "objective/rlhf_reward": jnp.mean(scores + non_score),
+        "objective/kl_coef": state.kl_coef,
+        "val/num_eos_tokens": jnp.sum(samples.has_eos),
         "val/mean_response_length": jnp.mean(jnp.sum(mask, axis=1)),
-        "val/advantage_mean": losses.masked_mean(samples["advantages"], mask),
+        "val/advantage_mean": losses.masked_mean(adv.advantages, mask),
     })
-    params, opt_state, value_params, value_opt_state = carry
-    new_state = dict(state, params=params, opt_state=opt_state, kl_coef=kl_coef, baseline=baseline)
-    if uses_value:
-        new_state.update(value_params=value_params, value_opt_state=value_opt_state)
-    return new_state, metrics
+    return state.replace(params=params, opt_state=opt_state, kl_coef=kl_coef, baseline=baseline), metrics
 
 
 def make_rollout(models, mesh, state_shardings, frozen_shardings):
-    """jit(rollout)(state, frozen, prompts, rng) -> samples sharded on the batch axes.
+    """jit(rollout)(state, frozen, prompts, rng) -> Rollout sharded on the batch axes.
 
     The prompts come as placed by `place_prompts` (split, or replicated when there are fewer
     prompts than devices, e.g. 4 prompts x K=4 samples on 8 devices). With num_seeds > 1,
-    state, prompts, rng and the samples carry a leading seed axis; frozen is shared."""
+    state, prompts, rng and the rollout carry a leading seed axis; frozen is shared."""
     batch = mesh_lib.batch_sharding(mesh)
     fn = functools.partial(rollout, models, batch_sharding=batch)
     if models.config.num_seeds > 1:
@@ -361,18 +439,19 @@ def seed_summary(metrics):
 
 
 def make_update(models, optimizer, mesh, state_shardings):
-    """jit(ppo_update)(state, samples, rng) -> (state, metrics); the state buffers are donated.
-    With num_seeds > 1 it is vmapped over the seed axis and the metrics are `seed_summary`s."""
+    """jit(ppo_update)(state, samples, scores, rng) -> (state, metrics); the state buffers are
+    donated. With num_seeds > 1 it is vmapped over the seed axis and the metrics are
+    `seed_summary`s."""
     fn = functools.partial(ppo_update, models, optimizer, mesh)
     batch = mesh_lib.batch_sharding(mesh)
     if models.config.num_seeds > 1:
         per_seed, batch = jax.vmap(fn), mesh_lib.stacked(batch)
 
-        def fn(state, samples, rng):
-            state, metrics = per_seed(state, samples, rng)
+        def fn(state, samples, scores, rng):
+            state, metrics = per_seed(state, samples, scores, rng)
             return state, seed_summary(metrics)
 
-    return jax.jit(fn, in_shardings=(state_shardings, batch, None), out_shardings=(state_shardings, None),
+    return jax.jit(fn, in_shardings=(state_shardings, batch, batch, None), out_shardings=(state_shardings, None),
                    donate_argnums=0)
 
 
@@ -412,100 +491,41 @@ def seeds_of(config) -> list[int]:
     return [config.seed + i for i in range(config.num_seeds)]
 
 
-def init_state(config, optimizer):
-    """Load the SFT policy, reference, value and reward models.
+def init_models(config, tokenizer, optimizer):
+    """Load the SFT policy (the reference is the same params, kept frozen) and the reward model,
+    and make each seed's value function.
 
-    Returns (models_parts, state, frozen): models_parts = (graphdef, value_graphdef,
-    reward_graphdef); state = the train state (see the module docstring), stacked on a leading
-    seed axis when num_seeds > 1; frozen = dict(ref, reward, reward_mean, reward_std).
+    Returns (models, state, frozen): the train state is stacked on a leading seed axis when
+    num_seeds > 1; frozen = dict(ref=reference params, reward=reward-model params or None).
     """
-    model_config, graphdef, params = runs.load_matching_policy(config.init_from, config.model, "ppo")
-    reward_graphdef, frozen = None, {"ref": params, "reward": None, "reward_mean": 0.0, "reward_std": 1.0}
+    model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo")
+    reward_graphdef, reward_params, normalization = None, None, {"mean": 0.0, "std": 1.0}
     if config.reward_model:
-        _, reward_graphdef, reward_params, norm = runs.load_reward_model(config.reward_model)
-        frozen["reward"] = reward_params
-        if config.use_reward_normalization and norm:
-            frozen["reward_mean"], frozen["reward_std"] = float(norm["mean"]), float(norm["std"])
-    frozen["reward_mean"] = jnp.float32(frozen["reward_mean"])
-    frozen["reward_std"] = jnp.float32(frozen["reward_std"])
+        _, reward_graphdef, reward_params, reward_normalization = runs.load_reward_model(config.reward_model)
+        if config.use_reward_normalization:
+            normalization = reward_normalization
 
-    value_graphdef = None
+    def value_function(seed):
+        """(graphdef, params) of one seed's value function; (None, None) without one."""
+        if config.loss != "ppo":
+            return None, None
+        if config.value_model == "policy":
+            value_graphdef, with_head = model_lib.add_scalar_head(graphdef, policy, model_config, seed)
+            return value_graphdef, with_head["scalar_head"]
+        if config.value_model == "sft":
+            return model_lib.replace_head_with_scalar(graphdef, policy, model_config, seed)
+        return reward_graphdef, reward_params
 
-    def seed_state(seed):
-        nonlocal value_graphdef
-        state = {"params": jax.tree.map(jnp.array, params),  # own copy: the reference keeps the originals
-                 "opt_state": optimizer.init(params)}
-        if config.loss == "ppo":
-            if config.value_model == "policy":
-                value_graphdef, full = model_lib.add_scalar_head(graphdef, params, model_config, seed)
-                value_params = full["scalar_head"]
-            elif config.value_model == "sft":
-                value_graphdef, value_params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed)
-            else:
-                value_graphdef, value_params = reward_graphdef, frozen["reward"]
-            value_params = jax.tree.map(jnp.array, value_params)  # own copy: the update donates it
-            state.update(value_params=value_params, value_opt_state=optimizer.init(value_params))
-        state["kl_coef"] = jnp.float32(config.kl_coef)
-        state["baseline"] = jnp.zeros([2], jnp.float32)
-        return state
-
-    states = [seed_state(seed) for seed in seeds_of(config)]
+    states = []
+    for seed in seeds_of(config):
+        value_graphdef, value_params = value_function(seed)
+        # Own copies: the reference and the reward model keep the loaded arrays; the update donates these.
+        params = jax.tree.map(jnp.array, {"policy": policy, "value": value_params})
+        states.append(TrainState(params=params, opt_state=optimizer.init(params), kl_coef=jnp.float32(config.kl_coef),
+                                 baseline=jnp.zeros([2], jnp.float32)))
     state = states[0] if config.num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    return (graphdef, value_graphdef, reward_graphdef), state, frozen
-
-
-def _host_scores(fn, prompts: list[str], responses: list[str]) -> np.ndarray:
-    return np.asarray([float(fn(p, r)) for p, r in zip(prompts, responses)], np.float32)
-
-
-def make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_shardings, tokenizer):
-    """The Python step train_loop calls: jitted rollout -> host scoring -> jitted update.
-
-    batch = dict(step, prompts (sharded), texts (prompt strings; one list per seed with
-    num_seeds > 1)). `last` keeps the decoded samples of the latest step (seed 0) for the sample
-    table.
-    """
-    rollout_fn = make_rollout(models, mesh, state_shardings, frozen_shardings)
-    update_fn = make_update(models, optimizer, mesh, state_shardings)
-    reward_fn = labelers_load(config.reward_function)
-    gold_fn = labelers_load(config.gold_function)
-    k, num_seeds = config.samples_per_prompt, config.num_seeds
-    seeded = num_seeds > 1
-    samples_sharding = mesh_lib.batch_sharding(mesh)
-    if seeded:
-        samples_sharding = mesh_lib.stacked(samples_sharding)
-    last = {}
-
-    def step_fn(state, batch, rng):
-        """rng: this step's key, or with seeds one key per seed (run.step_rng)."""
-        keys = (jax.vmap(jax.random.split) if seeded else jax.random.split)(rng)
-        rollout_rng, update_rng = keys[..., 0], keys[..., 1]
-        samples = rollout_fn(state, frozen, batch["prompts"], rollout_rng)
-        extra = {}
-        want_samples = config.sample_every and batch["step"] % config.sample_every == 0
-        if reward_fn is not None or gold_fn is not None or want_samples:
-            response, mask = jax.device_get((samples["response"], samples["response_mask"]))
-            n = response.shape[-1]
-            texts = sampling.decode_responses(tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
-            prompts = [t for seed_texts in (batch["texts"] if seeded else [batch["texts"]]) for t in seed_texts
-                       for _ in range(k)]
-            if reward_fn is not None:
-                scores = _host_scores(reward_fn, prompts, texts).reshape(response.shape[:-1])
-                samples["scores"] = jax.device_put(scores, samples_sharding)
-            if gold_fn is not None:
-                gold = _host_scores(gold_fn, prompts, texts)
-                per_seed = gold.reshape(num_seeds, -1).mean(axis=1)
-                extra = (seed_summary({"objective/gold_scores": per_seed}) if seeded
-                         else {"objective/gold_scores": float(per_seed[0])})
-            if want_samples:  # the sample table: texts, scores and gold of this one step, seed 0
-                b = len(texts) // num_seeds
-                last.update(step=batch["step"], prompts=prompts[:b], texts=texts[:b],
-                            gold=gold[:b] if gold_fn is not None else None,
-                            scores=np.asarray(jax.device_get(samples["scores"])).reshape(-1)[:b])
-        state, metrics = update_fn(state, samples, update_rng)
-        return state, {**metrics, **extra}
-
-    return step_fn, last
+    models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer, normalization)
+    return models, state, {"ref": policy, "reward": reward_params}
 
 
 def labelers_load(path):
@@ -524,25 +544,39 @@ def prompt_source(config):
     return data[config.prompt_split]
 
 
-# ----------------------------------------------------------------------------- the stage
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a PPO run is made of, as `build(config)` makes it (placed on the mesh)."""
+
+    config: object
+    mesh: jax.sharding.Mesh
+    tokenizer: object
+    models: Models
+    state: TrainState                # the initial train state
+    frozen: dict                     # dict(ref=reference params, reward=reward-model params or None)
+    rollout: Callable                # (state, frozen, prompts, rng) -> Rollout
+    final_scores: Callable           # (raw_scores, has_eos) -> scores
+    update: Callable                 # (state, samples, scores, rng) -> (state, metrics)
+    reward_function: Callable | None  # host (prompt, response) -> raw score, or None (reward model)
+    gold_function: Callable | None   # host (prompt, response) -> gold score, logged only
+    batch_fn: Callable               # step -> dict(step, prompts (placed), texts)
+    rng: jax.Array                   # the run's key, or one key per seed
 
 
-def train(config, workdir: str):
+def build(config) -> Setup:
+    """The models, the initial state, the jitted functions and the prompt batches of a PPO run."""
     _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     tokenizer = make_tokenizer(config.tokenizer)
     optimizer = make_optimizer(config.optimizer)
-    (graphdef, value_graphdef, reward_graphdef), state, frozen = init_state(config, optimizer)
-    models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer)
+    models, state, frozen = init_models(config, tokenizer, optimizer)
     state_shardings = state_shardings_of(mesh, state, config.num_seeds)
-    state = jax.device_put(state, state_shardings)
     frozen_shardings = mesh_lib.param_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    state, frozen = jax.device_put(state, state_shardings), jax.device_put(frozen, frozen_shardings)
 
     source = prompt_source(config)
     prompt_batches = [loaders.prompt_batches(source, tokenizer, config.max_prompt_len, config.batch_size, seed)
                       for seed in seeds_of(config)]  # each seed draws prompts in its own order
-    step_fn, last = make_step(config, models, mesh, optimizer, state_shardings, frozen, frozen_shardings, tokenizer)
 
     def batch_fn(step):
         per_seed = [batches[step] for batches in prompt_batches]
@@ -552,38 +586,118 @@ def train(config, workdir: str):
             prompts, texts = {key: v[0] for key, v in prompts.items()}, texts[0]
         return {"step": step, "prompts": place_prompts(prompts, mesh, config.num_seeds), "texts": texts}
 
-    def log_samples(state, step, writer):
-        if not last or "scores" not in last:
-            return
-        rows = []
-        for i in range(min(config.num_sample_rows, len(last["texts"]))):
-            gold = "" if last["gold"] is None else f"  gold={last['gold'][i]:+.3f}"
-            rows.append(f"score={last['scores'][i]:+.3f}{gold}  {last['prompts'][i]!r} -> {last['texts'][i]!r}")
-        table = "\n".join(rows)
-        writer.write_text(last["step"], "samples", table)
-        with open(os.path.join(workdir, "samples.txt"), "a") as f:
-            f.write(f"--- step {last['step']}\n{table}\n")
-        last.pop("scores")
-
     # With seeds, one key per seed: seed i gets the step keys the run `seed + i` gets alone.
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
-    rng = seed_keys if config.num_seeds > 1 else seed_keys[0]
-    return run_lib.train_loop(
-        workdir=workdir, state=state, step_fn=step_fn, batch_fn=batch_fn, num_steps=config.num_steps,
-        rng=rng, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
-        log_fn=log_samples, progress_every_s=config.get("progress_every_s", 10.0),
-        headline=("objective/scores", "objective/gold_scores", "objective/kl", "objective/kl_coef",
-                  "val/num_eos_tokens"))
+    return Setup(config=config, mesh=mesh, tokenizer=tokenizer, models=models, state=state, frozen=frozen,
+                 rollout=make_rollout(models, mesh, state_shardings, frozen_shardings),
+                 final_scores=jax.jit(functools.partial(final_scores, models)),
+                 update=make_update(models, optimizer, mesh, state_shardings),
+                 reward_function=labelers_load(config.reward_function),
+                 gold_function=labelers_load(config.gold_function), batch_fn=batch_fn,
+                 rng=seed_keys if config.num_seeds > 1 else seed_keys[0])
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _host_scores(fn, prompts: list[str], responses: list[str]) -> np.ndarray:
+    return np.asarray([float(fn(p, r)) for p, r in zip(prompts, responses)], np.float32)
+
+
+def sample_table(prompts, responses, scores, gold, num_rows: int) -> str:
+    """One line per response: its final score, its gold score (if any), prompt -> response."""
+    rows = []
+    for i in range(min(num_rows, len(responses))):
+        gold_text = "" if gold is None else f"  gold={gold[i]:+.3f}"
+        rows.append(f"score={scores[i]:+.3f}{gold_text}  {prompts[i]!r} -> {responses[i]!r}")
+    return "\n".join(rows)
+
+
+def ppo_step(setup: Setup, state: TrainState, batch, rng):
+    """One iteration: jitted rollout -> raw scores (host, with a reward function) -> jitted
+    final_scores -> jitted update. No effect beyond its outputs (and donating `state`'s buffers).
+
+    batch: setup.batch_fn(step): dict(step, prompts (placed), texts (prompt strings; one list
+    per seed with num_seeds > 1)). rng: this step's key, or with seeds one key per seed
+    (run.step_rng). Returns (state, metrics, sample table): the table (text, seed 0) at every
+    `sample_every`-th step, else None.
+    """
+    c = setup.config
+    seeded = c.num_seeds > 1
+    keys = (jax.vmap(jax.random.split) if seeded else jax.random.split)(rng)
+    samples = setup.rollout(state, setup.frozen, batch["prompts"], keys[..., 0])
+
+    want_table = c.sample_every and batch["step"] % c.sample_every == 0
+    prompts = responses = gold = None
+    if setup.reward_function is not None or setup.gold_function is not None or want_table:
+        response, mask = jax.device_get((samples.response, samples.response_mask))
+        n = response.shape[-1]
+        responses = sampling.decode_responses(setup.tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
+        # The prompt of each response: K consecutive rows per prompt, the seeds one after another.
+        prompts = [t for seed_texts in (batch["texts"] if seeded else [batch["texts"]]) for t in seed_texts
+                   for _ in range(c.samples_per_prompt)]
+    if setup.reward_function is None:
+        raw_scores = samples.reward_model_scores
+    else:
+        raw_scores = _host_scores(setup.reward_function, prompts, responses).reshape(samples.has_eos.shape)
+        raw_scores = jax.device_put(raw_scores, samples.has_eos.sharding)
+    scores = setup.final_scores(raw_scores, samples.has_eos)
+    state, metrics = setup.update(state, samples, scores, keys[..., 1])
+
+    if setup.gold_function is not None:
+        gold = _host_scores(setup.gold_function, prompts, responses)
+        per_seed = gold.reshape(c.num_seeds, -1).mean(axis=1)
+        metrics.update(seed_summary({"objective/gold_scores": per_seed}) if seeded
+                       else {"objective/gold_scores": float(per_seed[0])})
+    table = None
+    if want_table:
+        b = len(responses) // c.num_seeds  # seed 0's rows
+        table = sample_table(prompts[:b], responses[:b], np.asarray(jax.device_get(scores)).reshape(-1)[:b],
+                             None if gold is None else gold[:b], c.num_sample_rows)
+    return state, metrics, table
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def train(config, workdir: str):
+    setup = build(config)
+    # The sample tables go to samples.txt and to TensorBoard through a writer of their own
+    # (train_loop's is not handed to a step; TensorBoard reads every event file in tb/).
+    tensorboard = None
+    if config.sample_every:
+        from tensorboardX import SummaryWriter
+
+        tensorboard = SummaryWriter(os.path.join(workdir, "tb"), filename_suffix=".samples")
+
+    def step_fn(state, batch, rng):
+        """`ppo_step` in train_loop's (state, metrics) form: the sample table is written as it is made."""
+        state, metrics, table = ppo_step(setup, state, batch, rng)
+        if table is not None:
+            tensorboard.add_text("samples", table, batch["step"])
+            with open(os.path.join(workdir, "samples.txt"), "a") as f:
+                f.write(f"--- step {batch['step']}\n{table}\n")
+        return state, metrics
+
+    try:
+        return run_lib.train_loop(
+            workdir=workdir, state=setup.state, step_fn=step_fn, batch_fn=setup.batch_fn,
+            num_steps=config.num_steps, rng=setup.rng, log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every, progress_every_s=config.get("progress_every_s", 10.0),
+            headline=("objective/scores", "objective/gold_scores", "objective/kl", "objective/kl_coef",
+                      "val/num_eos_tokens"))
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
 
 
 # ----------------------------------------------------------------------------- hand-off (registry interface)
 
 
 def abstract_state(config):
-    """ShapeDtypeStructs of a PPO run's train state, from its config alone (for Orbax)."""
-    _, params = model_lib.abstract_params(config.model, "lm")
-    optimizer = make_optimizer(config.optimizer)
-    state = {"params": params, "opt_state": jax.eval_shape(optimizer.init, params)}
+    """ShapeDtypeStructs of a PPO run's TrainState, from its config alone (for Orbax)."""
+    _, policy = model_lib.abstract_params(config.model, "lm")
+    value = None
     if config.loss == "ppo":
         if config.value_model == "policy":
             value = model_lib.abstract_params(config.model, "lm_and_scalar")[1]["scalar_head"]
@@ -592,9 +706,9 @@ def abstract_state(config):
         else:
             reward_config = config_lib.read_resolved_config(config.reward_model)
             value = model_lib.abstract_params(reward_config.model, "scalar")[1]
-        state.update(value_params=value, value_opt_state=jax.eval_shape(optimizer.init, value))
-    state["kl_coef"] = jax.ShapeDtypeStruct((), jnp.float32)
-    state["baseline"] = jax.ShapeDtypeStruct((2,), jnp.float32)
+    params = {"policy": policy, "value": value}
+    state = TrainState(params=params, opt_state=jax.eval_shape(make_optimizer(config.optimizer).init, params),
+                       kl_coef=jax.ShapeDtypeStruct((), jnp.float32), baseline=jax.ShapeDtypeStruct((2,), jnp.float32))
     seeds = config.get("num_seeds", 1)
     lead = (seeds,) if seeds > 1 else ()
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
@@ -602,4 +716,4 @@ def abstract_state(config):
 
 def policy_params(config, state):
     """(graphdef, policy params) of a restored state (with a leading seed axis if num_seeds > 1)."""
-    return model_lib.abstract_params(config.model, "lm")[0], state["params"]
+    return model_lib.abstract_params(config.model, "lm")[0], state.params["policy"]

@@ -1,5 +1,6 @@
 """PPO stage: parallel == single device, log-prob recomputation, NaN safety, KL at the start,
-learning on a toy reward (ppo, rloo, grpo), and resume == uninterrupted. Tiny models only."""
+final scores, the checkpoint target, learning on a toy reward (ppo, rloo, grpo), resume ==
+uninterrupted, and seeds in one program == separate runs. Tiny models only."""
 
 
 import jax
@@ -14,8 +15,6 @@ from rlhf_jax import config as config_lib
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import ppo, pretrain, runs
 from rlhf_jax import run as run_lib
-from rlhf_jax.data import loaders
-from rlhf_jax.optim import make_optimizer
 from rlhf_jax.tokenizer import make_tokenizer
 
 PROMPTS = ("The hotel", "I loved", "A film", "My phone", "The cafe was", "Our room", "Service", "Food")
@@ -74,38 +73,28 @@ def make_config(sft_run, **overrides):
 
 
 def setup(config, data_axis):
-    """Everything train() builds, on a mesh with `data_axis` devices."""
+    """ppo.build on a mesh with `data_axis` devices, and the placed prompts of its first batch."""
     config.mesh.data = data_axis
-    mesh = mesh_lib.make_mesh(config.mesh)
-    tokenizer = make_tokenizer(config.tokenizer)
-    optimizer = make_optimizer(config.optimizer)
-    parts, state, frozen = ppo.init_state(config, optimizer)
-    models = ppo.Models(config, *parts, tokenizer)
-    shardings = mesh_lib.param_shardings(mesh, state)
-    state = jax.device_put(state, shardings)
-    frozen_shardings = mesh_lib.param_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    rollout = ppo.make_rollout(models, mesh, shardings, frozen_shardings)
-    update = ppo.make_update(models, optimizer, mesh, shardings)
-    batches = loaders.prompt_batches([{"prompt": p} for p in config.prompts], tokenizer, config.max_prompt_len,
-                                     config.batch_size, 0)
-    b = batches[0]
-    prompts = ppo.place_prompts({"prompt_tokens": b["prompt_tokens"], "prompt_mask": b["prompt_mask"]}, mesh)
-    return dict(mesh=mesh, state=state, frozen=frozen, rollout=rollout, update=update, prompts=prompts,
-                models=models)
+    built = ppo.build(config)
+    return built, built.batch_fn(0)["prompts"]
+
+
+def zero_scores(samples):
+    """Final scores of 0 for every response (the test reward function is never called here)."""
+    return jnp.zeros(samples.has_eos.shape, jnp.float32)
 
 
 def test_update_on_8_devices_equals_single_device(sft_run):
     config = make_config(sft_run)
-    one = setup(make_config(sft_run), 1)
-    samples = jax.device_get(one["rollout"](one["state"], one["frozen"], one["prompts"], jax.random.key(1)))
-    samples["scores"] = np.linspace(-1, 1, len(samples["scores"])).astype(np.float32)
-    many = setup(config, -1)
-    assert many["mesh"].devices.size == 8
+    one, prompts = setup(make_config(sft_run), 1)
+    samples = jax.device_get(one.rollout(one.state, one.frozen, prompts, jax.random.key(1)))
+    scores = np.linspace(-1, 1, len(samples.has_eos)).astype(np.float32)
+    many, _ = setup(config, -1)
+    assert many.mesh.devices.size == 8
     results = []
     for s in (one, many):
-        batch = mesh_lib.shard_batch(samples, s["mesh"])
-        state, metrics = s["update"](s["state"], batch, jax.random.key(2))
+        batch, batch_scores = mesh_lib.shard_batch((samples, scores), s.mesh)
+        state, metrics = s.update(s.state, batch, batch_scores, jax.random.key(2))
         results.append(jax.device_get((state, metrics)))
     (s1, m1), (s8, m8) = results
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
@@ -116,32 +105,52 @@ def test_update_on_8_devices_equals_single_device(sft_run):
 
 
 def test_rollout_recomputes_sampler_logprobs_and_kl_starts_at_zero(sft_run):
-    s = setup(make_config(sft_run, temperature=0.7), 1)
-    samples = jax.device_get(s["rollout"](s["state"], s["frozen"], s["prompts"], jax.random.key(3)))
-    mask = samples["response_mask"].astype(bool)
+    s, prompts = setup(make_config(sft_run, temperature=0.7), 1)
+    samples = jax.device_get(s.rollout(s.state, s.frozen, prompts, jax.random.key(3)))
+    mask = samples.response_mask.astype(bool)
     assert mask.sum() > 0
-    np.testing.assert_allclose(samples["logprobs"][mask], samples["sampler_logprobs"][mask], atol=2e-5)
+    np.testing.assert_allclose(samples.logprobs[mask], samples.sampler_logprobs[mask], atol=2e-5)
     # Policy == reference at the first iteration: the KL is exactly 0, not merely small.
-    np.testing.assert_array_equal(samples["logprobs"], samples["ref_logprobs"])
-    _, metrics = s["update"](s["state"], mesh_lib.shard_batch(samples, s["mesh"]), jax.random.key(4))
+    np.testing.assert_array_equal(samples.logprobs, samples.ref_logprobs)
+    batch, scores = mesh_lib.shard_batch((samples, zero_scores(samples)), s.mesh)
+    _, metrics = s.update(s.state, batch, scores, jax.random.key(4))
     assert float(metrics["objective/kl"]) == 0.0
 
 
 def test_masked_positions_cannot_leak_nan(sft_run):
     config = make_config(sft_run)
-    s = setup(config, 1)
-    samples = jax.device_get(s["rollout"](s["state"], s["frozen"], s["prompts"], jax.random.key(5)))
-    mask = samples["response_mask"].astype(bool)
+    s, prompts = setup(config, 1)
+    samples = jax.device_get(s.rollout(s.state, s.frozen, prompts, jax.random.key(5)))
+    mask = samples.response_mask.astype(bool)
     mask[0, 3:] = False  # make sure some positions are masked
-    samples["response_mask"] = mask.astype(np.int32)
-    for key in ("logprobs", "ref_logprobs", "values"):
-        samples[key] = np.where(mask, samples[key], np.nan).astype(np.float32)
-    out, _ = ppo.compute_advantages(config, samples, jnp.float32(0.05), jnp.zeros([2]))
+    samples = samples.replace(response_mask=mask.astype(np.int32), **{
+        key: np.where(mask, getattr(samples, key), np.nan).astype(np.float32)
+        for key in ("logprobs", "ref_logprobs", "values")})
+    out, _ = ppo.compute_advantages(config, samples, zero_scores(samples), jnp.float32(0.05), jnp.zeros([2]))
     for key in ("kl", "rewards", "advantages", "returns"):
-        assert np.all(np.isfinite(np.asarray(out[key]))), key
-    state, metrics = s["update"](s["state"], mesh_lib.shard_batch(samples, s["mesh"]), jax.random.key(6))
+        assert np.all(np.isfinite(np.asarray(getattr(out, key)))), key
+    batch, scores = mesh_lib.shard_batch((samples, zero_scores(samples)), s.mesh)
+    state, metrics = s.update(s.state, batch, scores, jax.random.key(6))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(jax.device_get(state)))
     assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values())
+
+
+def test_final_scores_normalise_then_penalise_a_missing_eos(sft_run):
+    config = make_config(sft_run, missing_eos="penalty")
+    models = ppo.Models(config, None, None, None, make_tokenizer(config.tokenizer), {"mean": 0.5, "std": 2.0})
+    scores = ppo.final_scores(models, jnp.asarray([2.5, -1.5, 7.0]), jnp.asarray([True, True, False]))
+    np.testing.assert_allclose(scores, [1.0, -1.0, config.missing_eos_penalty])
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(loss="rloo", samples_per_prompt=4, batch_size=4),
+                                       dict(value_model="sft", num_seeds=2)])
+def test_abstract_state_describes_the_built_state(sft_run, overrides):
+    """The Orbax restore target from the config alone has the train state's exact tree and shapes."""
+    config = make_config(sft_run, **overrides)
+    state, target = ppo.build(config).state, ppo.abstract_state(config)
+    assert jax.tree.structure(state) == jax.tree.structure(target)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(target)):
+        assert (x.shape, x.dtype) == (y.shape, y.dtype)
 
 
 def _scores(workdir):
@@ -169,7 +178,7 @@ def test_resume_repeats_an_uninterrupted_run(sft_run, tmp_path):
     sa, sb = run_lib.load_state(whole, target), run_lib.load_state(parts, target)
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert float(sa["kl_coef"]) != 0.05  # the adaptive coefficient moved and was checkpointed
+    assert float(sa.kl_coef) != 0.05  # the adaptive coefficient moved and was checkpointed
     np.testing.assert_allclose(_scores(whole), _scores(parts))
 
 
