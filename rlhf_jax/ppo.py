@@ -430,18 +430,10 @@ def place_prompts(prompts, mesh, num_seeds: int = 1):
     return mesh_lib.shard_batch(prompts, mesh)
 
 
-def seed_summary(metrics):
-    """Per-seed metrics {name: [S]} -> {name: mean over seeds, name_std: spread over seeds}."""
-    out = {}
-    for name, values in metrics.items():
-        out[name], out[name + "_std"] = values.mean(), values.std()
-    return out
-
-
 def make_update(models, optimizer, mesh, state_shardings):
     """jit(ppo_update)(state, samples, scores, rng) -> (state, metrics); the state buffers are
     donated. With num_seeds > 1 it is vmapped over the seed axis and the metrics are
-    `seed_summary`s."""
+    run.seed_summary's mean and `_std`."""
     fn = functools.partial(ppo_update, models, optimizer, mesh)
     batch = mesh_lib.batch_sharding(mesh)
     if models.config.num_seeds > 1:
@@ -449,7 +441,7 @@ def make_update(models, optimizer, mesh, state_shardings):
 
         def fn(state, samples, scores, rng):
             state, metrics = per_seed(state, samples, scores, rng)
-            return state, seed_summary(metrics)
+            return state, run_lib.seed_summary(metrics)
 
     return jax.jit(fn, in_shardings=(state_shardings, batch, batch, None), out_shardings=(state_shardings, None),
                    donate_argnums=0)
@@ -647,7 +639,7 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
     if setup.gold_function is not None:
         gold = _host_scores(setup.gold_function, prompts, responses)
         per_seed = gold.reshape(c.num_seeds, -1).mean(axis=1)
-        metrics.update(seed_summary({"objective/gold_scores": per_seed}) if seeded
+        metrics.update(run_lib.seed_summary({"objective/gold_scores": per_seed}) if seeded
                        else {"objective/gold_scores": float(per_seed[0])})
     table = None
     if want_table:
