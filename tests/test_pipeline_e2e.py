@@ -94,3 +94,35 @@ def test_finished_pipeline_is_skipped_when_run_again(pipeline_run):
     t0 = time.time()
     pipeline.run_pipeline(PIPELINE, overrides, workdir)
     assert time.time() - t0 < 120  # Only the report is redone: every stage has its DONE marker.
+
+
+DPO_SCALED_DOWN = [
+    ("dpo.preferences.num_prompts", "256"), ("dpo.preferences.num_validation_prompts", "64"),
+    ("dpo.num_steps", "48"), ("dpo.eval_every", "24"), ("dpo.checkpoint_every", "24"), ("dpo.log_every", "8"),
+    ("dpo.optimizer.decay_steps", "48"), ("dpo.eval_prompts.num", "32"), ("num_report_prompts", "64"),
+]
+
+
+@pytest.mark.slow
+def test_dpo_variant_trains_on_its_own_pairs_and_raises_the_gold_score(pipeline_run, tmp_path):
+    """pipeline.py:dpo from the finished pre-training and SFT runs (copied: they are skipped):
+    pairs sampled and labelled as the reward stage does, then DPO against the SFT reference."""
+    import shutil
+
+    source, overrides = pipeline_run
+    workdir = str(tmp_path / "dpo_pipeline")
+    for stage in ("pretrain", "sft"):
+        shutil.copytree(os.path.join(source, stage), os.path.join(workdir, stage))
+    data = os.path.join(source, "datasets")
+    stage_overrides = [(k, v) for k, v in overrides if k.split(".")[0] in ("pretrain", "sft")]
+    pipeline.run_pipeline(PIPELINE + ":dpo", stage_overrides + DPO_SCALED_DOWN + [
+        ("dpo.data_dir", data), ("dpo.eval_prompts.data_dir", data)], workdir)
+    rows = [r for r in run_lib.read_metrics(os.path.join(workdir, "dpo")) if "eval/rewards/accuracies" in r]
+    assert rows[-1]["eval/rewards/accuracies"] > 0.55, rows[-1]
+    assert os.path.exists(os.path.join(workdir, "dpo", "preferences", "preferences.json"))
+    assert not os.path.exists(os.path.join(workdir, "reward"))  # no reward model in this variant
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "before (SFT) and after (DPO)" in report
+    gold = {stage: float(line.split("|")[2].split("+-")[0]) for line in report.splitlines()
+            for stage in ("sft", "dpo") if line.startswith(f"| {stage} |")}
+    assert gold["dpo"] > gold["sft"], report
