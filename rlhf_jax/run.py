@@ -7,7 +7,8 @@
 
 `train_loop` is the one outer Python loop: it restores the last checkpoint that verifies
 against its manifest (see "checkpoints" below) if there is one,
-calls a jitted pure `step_fn(state, batch, rng) -> (state, metrics)`, fetches metrics every
+calls `step_fn(state, batch, rng) -> (state, metrics)`, a function of its arguments alone (one
+jitted pure step, or PPO's jitted rollout and update around host-side scoring), fetches metrics every
 `log_every` steps, saves every `checkpoint_every` steps and at the end. Batches are a pure
 function of the step (`batch_fn(step)`), and so is the step's rng (`step_rng(rng, step)`): the
 data-iterator state is the step number, and a resumed run repeats an uninterrupted one exactly.
@@ -393,7 +394,8 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
                log_fn=None, progress_every_s: float = 10.0, headline=()):
     """Run `step_fn` from the last checkpoint (or `state`) to `num_steps`; return the final state.
 
-    step_fn(state, batch, rng) -> (state, metrics): jitted and pure; advances `steps_per_call` steps.
+    step_fn(state, batch, rng) -> (state, metrics): a function of its arguments alone (jitted, or
+        jitted parts around host work); advances `steps_per_call` steps.
     batch_fn(step) -> batch (already placed on the mesh) or None.
     rng: a key, or an array of keys (seeds trained in one program); see `step_rng`.
     eval_fn(state, step) -> metrics dict, run every `eval_every` steps and at the end.
