@@ -417,9 +417,9 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
     progress = Progress(num_steps, start, progress_every_s, headline=headline)
     pending = []
     step = start
-    with _sigterm_as_exception():  # outermost: the writers below are closed first
+    with _SigtermAfterStep() as sigterm:  # outermost: the writers below are closed first
         try:
-            while step < num_steps:
+            while step < num_steps and not sigterm.requested:
                 batch = batch_fn(step) if batch_fn is not None else None
                 state, metrics = step_fn(state, batch, step_rng(rng, step))
                 step += steps_per_call
@@ -460,26 +460,25 @@ def seed_summary(metrics):
     return out
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the loop so that its `finally` flushes the logs before the process ends."""
-
-
-class _sigterm_as_exception:
-    """Within the block, SIGTERM unwinds the stack (closing the metric and TensorBoard writers)
-    and then ends the process by SIGTERM as before, so callers see the usual exit status."""
+class _SigtermAfterStep:
+    """Within the block, SIGTERM only sets `requested`: the loop stops after the step in flight,
+    its `finally` closes the metric and TensorBoard writers, and on leaving the block the process
+    ends by SIGTERM as before (callers see the usual exit status). Raising from the handler
+    instead could interrupt a writer or Orbax while it holds a lock, and the cleanup then waited
+    on that lock for ever (seen: a test hung in futex_wait)."""
 
     def __enter__(self):
-        self.previous = None
+        self.requested, self.previous = False, None
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
-                raise _Terminated()
+                self.requested = True
             self.previous = signal.signal(signal.SIGTERM, handler)
         return self
 
     def __exit__(self, kind, value, tb):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-        if kind is _Terminated:
+        if self.requested:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         return False
