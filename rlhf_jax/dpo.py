@@ -67,20 +67,23 @@ def pair_loss(params, graphdef, batch, loss_config):
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-def all_pair_batches(source, tokenizer, seq_len: int, batch_size: int):
+def all_pair_batches(source, tokenizer, seq_len: int, batch_size: int) -> list:
     """Every pair of a source, in stored order, as fixed-size batches (the last one padded by
-    repeating the first pair; `n` says how many rows are real). Yields (batch, n)."""
+    repeating the first pair; `n` says how many rows are real): [(batch, n)]."""
     examples = loaders.read_all(source)
+    out = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         padded = chunk + [examples[0]] * (batch_size - len(chunk))
-        yield loaders.preference_batches(padded, tokenizer, seq_len, batch_size, 0, shuffle=False)[0], len(chunk)
+        out.append((loaders.preference_batches(padded, tokenizer, seq_len, batch_size, 0, shuffle=False)[0],
+                    len(chunk)))
+    return out
 
 
-def logprobs_of_all_pairs(logprob_fn, params, source, tokenizer, seq_len: int, batch_size: int) -> np.ndarray:
-    """[N, 2] (chosen, rejected) summed response log-probs of every pair of `source`."""
+def logprobs_of_all_pairs(logprob_fn, params, pair_batches) -> np.ndarray:
+    """[N, 2] (chosen, rejected) summed response log-probs of every pair of all_pair_batches."""
     out = []
-    for batch, n in all_pair_batches(source, tokenizer, seq_len, batch_size):
+    for batch, n in pair_batches:
         chosen, rejected = jax.device_get(logprob_fn(params, batch))
         out.append(np.stack([chosen, rejected], axis=1)[:n])
     return np.concatenate(out) if out else np.zeros([0, 2], np.float32)
@@ -105,9 +108,8 @@ def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref
 
     def eval_one(params):
         metrics = {}
-        if held_out["source"] is not None:
-            logps = logprobs_of_all_pairs(logprob_fn, params, held_out["source"], tokenizer, config.seq_len,
-                                          config.batch_size)
+        if held_out["batches"]:
+            logps = logprobs_of_all_pairs(logprob_fn, params, held_out["batches"])
             metrics = {f"eval/{k}": v for k, v in jax.device_get(loss_fn(logps, held_out_ref)).items()}
         policy = evaluate(graphdef, params)
         metrics.update({f"eval/{k}": policy[k] for k in ("kl", "gold", "length") if k in policy})
@@ -172,8 +174,8 @@ def train(config, workdir: str):
     uses_ref = config.loss.kind != "simpo"  # SimPO is reference-free
     train_ref = None
     if config.precompute_ref_logps and uses_ref:
-        train_ref = logprobs_of_all_pairs(logprob_fn, ref_params, data["train"], tokenizer, config.seq_len,
-                                          config.batch_size)
+        train_ref = logprobs_of_all_pairs(
+            logprob_fn, ref_params, all_pair_batches(data["train"], tokenizer, config.seq_len, config.batch_size))
     train_batches = [loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size, seed)
                      for seed in seeds_of(config)]
 
@@ -197,16 +199,16 @@ def train(config, workdir: str):
 
     eval_fn = None
     if config.eval_every:
-        held_out = {"source": None, "lengths": np.zeros([0, 2])}
+        # The held-out pairs are tokenized once; every eval reuses the batches.
+        held_out = {"batches": [], "lengths": np.zeros([0, 2])}
         held_out_ref = np.zeros([0, 2], np.float32)
         if "validation" in data and len(data["validation"]):
             examples = loaders.read_all(data["validation"])[:config.eval_max_pairs or None]
+            batches = all_pair_batches(examples, tokenizer, config.seq_len, config.batch_size)
             lengths = np.concatenate([np.stack([b["chosen_loss_mask"].sum(1), b["rejected_loss_mask"].sum(1)], 1)[:n]
-                                      for b, n in all_pair_batches(examples, tokenizer, config.seq_len,
-                                                                   config.batch_size)])
-            held_out = {"source": examples, "lengths": lengths}
-            held_out_ref = logprobs_of_all_pairs(logprob_fn, ref_params, examples, tokenizer, config.seq_len,
-                                                 config.batch_size)
+                                      for b, n in batches])
+            held_out = {"batches": batches, "lengths": lengths}
+            held_out_ref = logprobs_of_all_pairs(logprob_fn, ref_params, batches)
         eval_fn = make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn)
 
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
