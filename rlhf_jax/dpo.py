@@ -145,10 +145,6 @@ def _check_config(config):
         raise config_lib.ConfigError("init_from: the SFT run the policy and the reference start from")
 
 
-def seeds_of(config) -> list[int]:
-    return [config.seed + i for i in range(config.num_seeds)]
-
-
 def train(config, workdir: str):
     _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -177,7 +173,7 @@ def train(config, workdir: str):
         train_ref = logprobs_of_all_pairs(
             logprob_fn, ref_params, all_pair_batches(data["train"], tokenizer, config.seq_len, config.batch_size))
     train_batches = [loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size, seed)
-                     for seed in seeds_of(config)]
+                     for seed in run_lib.seeds_of(config)]
 
     def with_ref(batch):
         if not uses_ref:
@@ -211,7 +207,7 @@ def train(config, workdir: str):
             held_out_ref = logprobs_of_all_pairs(logprob_fn, ref_params, batches)
         eval_fn = make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn)
 
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(run_lib.seeds_of(config)))
     return run_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, batch_fn=batch_fn, num_steps=config.num_steps,
         rng=seed_keys if num_seeds > 1 else seed_keys[0], log_every=config.log_every,

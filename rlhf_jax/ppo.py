@@ -479,10 +479,6 @@ def _check_config(config):
         raise config_lib.ConfigError("init_from: the SFT run the policy and reference start from")
 
 
-def seeds_of(config) -> list[int]:
-    return [config.seed + i for i in range(config.num_seeds)]
-
-
 def init_models(config, tokenizer, optimizer):
     """Load the SFT policy (the reference is the same params, kept frozen) and the reward model,
     and make each seed's value function.
@@ -509,7 +505,7 @@ def init_models(config, tokenizer, optimizer):
         return reward_graphdef, reward_params
 
     states = []
-    for seed in seeds_of(config):
+    for seed in run_lib.seeds_of(config):
         value_graphdef, value_params = value_function(seed)
         # Own copies: the reference and the reward model keep the loaded arrays; the update donates these.
         params = jax.tree.map(jnp.array, {"policy": policy, "value": value_params})
@@ -568,7 +564,7 @@ def build(config) -> Setup:
 
     source = prompt_source(config)
     prompt_batches = [loaders.prompt_batches(source, tokenizer, config.max_prompt_len, config.batch_size, seed)
-                      for seed in seeds_of(config)]  # each seed draws prompts in its own order
+                      for seed in run_lib.seeds_of(config)]  # each seed draws prompts in its own order
 
     def batch_fn(step):
         per_seed = [batches[step] for batches in prompt_batches]
@@ -579,7 +575,7 @@ def build(config) -> Setup:
         return {"step": step, "prompts": place_prompts(prompts, mesh, config.num_seeds), "texts": texts}
 
     # With seeds, one key per seed: seed i gets the step keys the run `seed + i` gets alone.
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds_of(config)))
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(run_lib.seeds_of(config)))
     return Setup(config=config, mesh=mesh, tokenizer=tokenizer, models=models, state=state, frozen=frozen,
                  rollout=make_rollout(models, mesh, state_shardings, frozen_shardings),
                  final_scores=jax.jit(functools.partial(final_scores, models)),

@@ -451,6 +451,11 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
     return state
 
 
+def seeds_of(config) -> list[int]:
+    """The seeds of runs trained together (`num_seeds` > 1): seed, seed + 1, ..."""
+    return [config.seed + i for i in range(config.get("num_seeds", 1))]
+
+
 def seed_summary(metrics):
     """Per-seed metrics {name: [S]} -> {name: mean over seeds, name_std: spread over seeds}: what
     runs of several seeds trained in one program log."""
