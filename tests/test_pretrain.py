@@ -156,3 +156,20 @@ def test_sample_command_prints_several_responses(tmp_path, capsys):
     assert cli.main(["sample", f"--workdir={run}", "--prompt=The hotel", "--num=3", "--max_new_tokens=8"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 3 and out.count("The hotel") == 3
+
+
+def test_export_command_writes_a_checkpoint_that_imports_to_the_same_logits(tmp_path, capsys):
+    from rlhf_jax.hf_import import graphdef_for, load_hf_checkpoint
+
+    run = str(tmp_path / "pre")
+    registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), run, allow_config_change=True)
+    assert cli.main(["export", f"--workdir={run}", f"--out={tmp_path / 'hf'}"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    model_config, graphdef, params = runs.load_policy(run)
+    config, exported = load_hf_checkpoint(str(tmp_path / "hf"))
+    tokens = np.arange(20, dtype=np.int32).reshape(2, 10) + 60
+    mask = np.ones_like(tokens)
+    ours = model_lib.apply(graphdef, params, tokens, model_lib.positions_from_mask(mask), mask)[0]["logits"]
+    theirs = model_lib.apply(graphdef_for(config), exported, tokens, model_lib.positions_from_mask(mask), mask)[0]
+    np.testing.assert_array_equal(theirs["logits"], ours)
+    assert cli.main(["export", f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}"]) == 2
