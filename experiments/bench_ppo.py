@@ -218,7 +218,7 @@ def ours_phase_times(loss, args, prompt_texts, tmp, peak_flops):
     holder = {"state": state}
 
     def update():
-        holder["state"], metrics = setup.update(holder["state"], samples, scores, jax.random.key(1))
+        holder["state"], metrics = setup.update(holder["state"], samples, scores, jax.random.key(1), setup.frozen["ref"])
         jax.block_until_ready(metrics)
 
     best = functools.partial(benchmarking.best_time, repeats=args.iterations)
