@@ -152,11 +152,14 @@ class Models:
     graphdef         policy / reference, head 'lm'
     value_graphdef   'lm_and_scalar' (value_model='policy') or 'scalar' (separate value model)
     reward_graphdef  reward model ('scalar'), or None with a reward function
+    reward_lora      the reward run's LoRA config when its adapters ride on the reference's
+                     weights (a LoRA reward run from the same SFT run: no second trunk), else None
     reward_mean, reward_std   the reward run's normalisation of its scores (0, 1: none), for final_scores
     """
 
-    def __init__(self, config, graphdef, value_graphdef, reward_graphdef, tokenizer, reward_normalization):
-        self.config = config
+    def __init__(self, config, graphdef, value_graphdef, reward_graphdef, tokenizer, reward_normalization,
+                 reward_lora=None):
+        self.config, self.reward_lora = config, reward_lora
         self.graphdef, self.value_graphdef, self.reward_graphdef = graphdef, value_graphdef, reward_graphdef
         self.eos_id, self.pad_id = int(tokenizer.eos_id), int(tokenizer.pad_id)
         self.truncate_id = _truncate_id(tokenizer, config.truncate_token)
@@ -258,7 +261,11 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
     ref_logprobs, _, _ = forward(models, frozen["ref"], None, tokens, attention_mask, p, with_values=False)
     reward_model_scores = None
     if models.reward_graphdef is not None:
-        reward_model_scores = model_lib.reward_scores(models.reward_graphdef, frozen["reward"],
+        reward = frozen["reward"]
+        if models.reward_lora is not None:  # the reward run's adapters and head on the reference's trunk
+            trunk = type(frozen["ref"])({k: v for k, v in frozen["ref"].items() if k != "unembed"})
+            reward = lora.combine(reward, trunk, models.reward_lora)
+        reward_model_scores = model_lib.reward_scores(models.reward_graphdef, reward,
                                                       *left_align(tokens, attention_mask)).astype(jnp.float32)
     return Rollout(tokens=tokens, attention_mask=attention_mask, response=response,
                    response_mask=mask.astype(jnp.int32), sampler_logprobs=jnp.where(mask, out["logprobs"], 0.0),
@@ -495,8 +502,14 @@ def init_models(config, tokenizer, optimizer):
     """
     model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo")
     reward_graphdef, reward_params, normalization = None, None, {"mean": 0.0, "std": 1.0}
+    reward_lora = None
     if config.reward_model:
-        _, reward_graphdef, reward_params, reward_normalization = runs.load_reward_model(config.reward_model)
+        reward_config = config_lib.read_resolved_config(config.reward_model)
+        if (lora.enabled(reward_config.get("lora")) and not (config.loss == "ppo" and config.value_model == "reward_model")
+                and os.path.realpath(reward_config.init_from) == os.path.realpath(config.init_from)):
+            reward_lora = reward_config.lora  # hold its adapters only: the trunk is the reference's
+        _, reward_graphdef, reward_params, reward_normalization = runs.load_reward_model(
+            config.reward_model, merge_lora=reward_lora is None)
         if config.use_reward_normalization:
             normalization = reward_normalization
 
@@ -521,7 +534,7 @@ def init_models(config, tokenizer, optimizer):
         states.append(TrainState(params=params, opt_state=optimizer.init(params), kl_coef=jnp.float32(config.kl_coef),
                                  baseline=jnp.zeros([2], jnp.float32)))
     state = states[0] if config.num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer, normalization)
+    models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer, normalization, reward_lora)
     return models, state, {"ref": policy, "reward": reward_params}
 
 

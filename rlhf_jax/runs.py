@@ -80,11 +80,13 @@ def supervised_abstract_state(config, head: str = "lm"):
     return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
-def load_reward_model(workdir: str):
+def load_reward_model(workdir: str, merge_lora: bool = True):
     """A finished reward run: (model_config, graphdef, params, normalization {'mean', 'std'}).
 
     normalization is {'mean': 0.0, 'std': 1.0} when the run fitted none. Score with
     model.reward_scores(graphdef, params, tokens, mask), then (r - mean) / std.
+    A LoRA reward run's params are its adapters merged into the trunk of the SFT run it started
+    from; with merge_lora=False they stay {'lora', 'scalar_head'} (the caller holds that trunk).
     """
     config = config_lib.read_resolved_config(workdir)
     if config.get("stage") != "reward":
@@ -92,7 +94,7 @@ def load_reward_model(workdir: str):
                                      "'reward' run (rlhf-jax train --config=experiments/reviews/reward.py)")
     graphdef, target = supervised_abstract_state(config, head="scalar")
     params = run_lib.load_state(workdir, target)["params"]
-    if lora.enabled(config.get("lora")):  # adapters + head on the trunk of the SFT run it started from
+    if lora.enabled(config.get("lora")) and merge_lora:  # adapters + head on the trunk of its SFT run
         _, _, policy = load_policy(config.init_from)
         trunk = nnx.State({k: v for k, v in policy.items() if k != "unembed"})
         params = lora.combine_restored(params, trunk, config.lora)

@@ -94,7 +94,7 @@ def test_update_on_8_devices_equals_single_device(sft_run):
     results = []
     for s in (one, many):
         batch, batch_scores = mesh_lib.shard_batch((samples, scores), s.mesh)
-        state, metrics = s.update(s.state, batch, batch_scores, jax.random.key(2))
+        state, metrics = s.update(s.state, batch, batch_scores, jax.random.key(2), s.frozen["ref"])
         results.append(jax.device_get((state, metrics)))
     (s1, m1), (s8, m8) = results
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
@@ -113,7 +113,7 @@ def test_rollout_recomputes_sampler_logprobs_and_kl_starts_at_zero(sft_run):
     # Policy == reference at the first iteration: the KL is exactly 0, not merely small.
     np.testing.assert_array_equal(samples.logprobs, samples.ref_logprobs)
     batch, scores = mesh_lib.shard_batch((samples, zero_scores(samples)), s.mesh)
-    _, metrics = s.update(s.state, batch, scores, jax.random.key(4))
+    _, metrics = s.update(s.state, batch, scores, jax.random.key(4), s.frozen["ref"])
     assert float(metrics["objective/kl"]) == 0.0
 
 
@@ -130,7 +130,7 @@ def test_masked_positions_cannot_leak_nan(sft_run):
     for key in ("kl", "rewards", "advantages", "returns"):
         assert np.all(np.isfinite(np.asarray(getattr(out, key)))), key
     batch, scores = mesh_lib.shard_batch((samples, zero_scores(samples)), s.mesh)
-    state, metrics = s.update(s.state, batch, scores, jax.random.key(6))
+    state, metrics = s.update(s.state, batch, scores, jax.random.key(6), s.frozen["ref"])
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(jax.device_get(state)))
     assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values())
 
@@ -253,3 +253,39 @@ def test_lora_with_a_separate_value_model_is_refused(sft_run):
 
     with pytest.raises(config_lib.ConfigError, match="value_model"):
         validation.validate(make_config(sft_run, lora=lora_configs.rank(8), value_model="sft"))
+
+
+def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):
+    """A LoRA reward run started from PPO's own SFT run: PPO holds its adapters and head only
+    (the trunk is the reference's weights), and scores exactly as the merged reward model does."""
+    from configs import lora as lora_configs
+    from configs import reward as reward_configs
+    from rlhf_jax import lora
+    from rlhf_jax import model as model_lib
+    from rlhf_jax import run as run_lib
+    from rlhf_jax.optim import make_optimizer
+
+    sft_run, model = lora_sft_run
+    rcfg = reward_configs.reward_stage(num_steps=1)
+    rcfg.model, rcfg.init_from, rcfg.lora = model, sft_run, lora_configs.rank(4)
+    reward_dir = str(tmp_path / "reward")
+    config_lib.write_resolved_config(rcfg, reward_dir)
+    _, _, policy = runs.load_policy(sft_run)
+    _, scalar = model_lib.replace_head_with_scalar(None, policy, model, seed=0)
+    trainable, _ = lora.split(scalar, rcfg.lora, 0, heads=("scalar_head",))
+    noise = lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape)  # b != 0: a real merge
+    trainable["lora"] = jax.tree.map(noise, trainable["lora"])
+    manager = run_lib.checkpoint_manager(reward_dir)
+    run_lib.save_checkpoint(manager, 1, {"params": trainable, "opt_state": make_optimizer(rcfg.optimizer).init(trainable)})
+    manager.close()
+
+    config = make_config(sft_run, model=model, reward_function="", reward_model=reward_dir, loss="rloo",
+                         samples_per_prompt=4, batch_size=4)
+    setup = ppo.build(config)
+    assert set(setup.frozen["reward"]) == {"lora", "scalar_head"}
+    samples = setup.rollout(setup.state, setup.frozen, setup.batch_fn(0)["prompts"], jax.random.key(0))
+    _, graphdef, merged, _ = runs.load_reward_model(reward_dir)
+    expected = model_lib.reward_scores(graphdef, merged, *ppo.left_align(samples.tokens, samples.attention_mask))
+    np.testing.assert_allclose(np.asarray(samples.reward_model_scores), np.asarray(expected), atol=1e-5)
+    base_only = model_lib.reward_scores(graphdef, scalar, *ppo.left_align(samples.tokens, samples.attention_mask))
+    assert not np.allclose(np.asarray(expected), np.asarray(base_only), atol=1e-3)

@@ -66,7 +66,9 @@ def test_sft_loss_counts_response_tokens_only(sft_source):
 def run_steps(mesh_config, num_steps=3):
     mesh = mesh_lib.make_mesh(mesh_config)
     graphdef, params = model_lib.init_params(micro_model(), seed=0)
-    optimizer = make_optimizer(optimizers.adam(1e-2))
+    # eps 1e-3: Adam's g / (sqrt(v) + eps) stays linear in a ~0 gradient, so the reduction-order
+    # noise of such a gradient (different on 1 and 8 devices) is not blown up into a whole step.
+    optimizer = make_optimizer(optimizers.adam(1e-2, eps=1e-3))
     state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
     step = make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
                                     shardings)
@@ -87,7 +89,7 @@ def test_multi_device_step_equals_single_device(name, data, fsdp):
     state, losses = run_steps(_mesh(data, fsdp))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # Adam magnifies reduction-order noise in ~0 grads.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     if fsdp != 1:  # Parameters and Adam moments really are split on the fsdp axis.
         emb = [x for x in jax.tree.leaves(state["params"]) if x.ndim == 2][0]
         assert "fsdp" in str(emb.sharding.spec)
