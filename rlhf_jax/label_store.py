@@ -388,6 +388,12 @@ class LabelStore:
             row = db.execute(_ANSWER_QUERY + " WHERE seq = ?", (cursor.lastrowid,)).fetchone()
         return _answer_from_row(row)
 
+    def answer_by_request(self, request_id: str) -> Optional[Answer]:
+        """The answer written by request `request_id`, or None."""
+        with self._connect() as db:
+            row = db.execute(_ANSWER_QUERY + " WHERE request_id = ?", (request_id,)).fetchone()
+        return None if row is None else _answer_from_row(row)
+
     def answers(self, annotator: Optional[str] = None) -> list[Answer]:
         with self._connect() as db:
             if annotator is None:
