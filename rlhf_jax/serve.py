@@ -351,7 +351,9 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
         body = ("<section id=chat><div id=turns></div>"
                 "<form id=chat-form><textarea id=chat-prompt maxlength=2000 rows=3 required "
                 "placeholder='Write a prompt'></textarea><button id=send>Send</button></form>"
-                f"<p class=note>Every {chat.compare_every}th turn shows two answers: pick the better one.</p>"
+                "<p class=note>" + ("Every turn shows" if chat.compare_every == 1 else
+                                    f"Every {chat.compare_every} turns, one shows") +
+                " two answers: pick the better one.</p>"
                 "<p id=status role=status></p></section>")
         return HTMLResponse(page("Chat", body, request))
 
@@ -453,6 +455,8 @@ button { font-size: 1rem; padding: .5rem 1rem; }
 .error { color: #a00; }
 #chat textarea { width: 100%; font-size: 1rem; }
 .turn { border-bottom: 1px solid #eee; padding: .5rem 0; }
+pre.you::before { content: "You: "; font-weight: bold; }
+pre.policy::before, .sides pre::before { content: "Policy: "; font-weight: bold; }
 """
 
 # No inline script anywhere (the CSP forbids it): this file is the page's only code. Model and
@@ -530,8 +534,9 @@ function setupChat() {
     div.appendChild(sides);
     const requestId = newRequestId();
     const buttons = document.createElement("div"); buttons.className = "buttons";
+    const names = {left: "Left is better", right: "Right is better", tie: "Tie", skip: "Skip"};
     for (const position of ["left", "right", "tie", "skip"]) {
-      const b = document.createElement("button"); b.id = "chat-btn-" + position; b.textContent = position;
+      const b = document.createElement("button"); b.id = "chat-btn-" + position; b.textContent = names[position];
       b.addEventListener("click", () => answer(reply.pair_id, position, requestId, () => {
         div.removeAttribute("id"); buttons.remove();
         const note = document.createElement("p"); note.className = "picked"; note.textContent = "you picked: " + position;
