@@ -148,13 +148,16 @@ def _check_config(config):
 def train(config, workdir: str):
     _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
-    model_config, graphdef, ref_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
+    model_config, graphdef, init_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
+    ref_params = init_params
+    if config.get("reference_from"):
+        ref_params = runs.load_matching_policy(config.reference_from, config.model, "dpo")[2]
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = preferences.preference_data(config, workdir)
     optimizer = make_optimizer(config.optimizer)
     num_seeds = config.num_seeds
 
-    one_seed = {"params": ref_params, "opt_state": optimizer.init(ref_params)}
+    one_seed = {"params": init_params, "opt_state": optimizer.init(init_params)}
     state = one_seed if num_seeds == 1 else jax.tree.map(lambda x: jnp.stack([x] * num_seeds), one_seed)
     state = jax.tree.map(jnp.array, state)  # own copy: the step donates it, the reference stays
     shardings = mesh_lib.param_shardings(mesh, one_seed)

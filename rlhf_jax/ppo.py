@@ -487,6 +487,9 @@ def init_models(config, tokenizer, optimizer):
     num_seeds > 1; frozen = dict(ref=reference params, reward=reward-model params or None).
     """
     model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo")
+    reference = policy
+    if config.get("reference_from"):
+        reference = runs.load_matching_policy(config.reference_from, config.model, "ppo")[2]
     reward_graphdef, reward_params, normalization = None, None, {"mean": 0.0, "std": 1.0}
     if config.reward_model:
         _, reward_graphdef, reward_params, reward_normalization = runs.load_reward_model(config.reward_model)
@@ -513,7 +516,7 @@ def init_models(config, tokenizer, optimizer):
                                  baseline=jnp.zeros([2], jnp.float32)))
     state = states[0] if config.num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer, normalization)
-    return models, state, {"ref": policy, "reward": reward_params}
+    return models, state, {"ref": reference, "reward": reward_params}
 
 
 def labelers_load(path):
