@@ -243,3 +243,21 @@ def test_kill_9_loses_and_duplicates_no_confirmed_label(tmp_path):
         proc.wait(timeout=30)
     answers = LS.LabelStore(str(tmp_path / LS.STORE_FILE)).answers()
     assert [(a.pair_id, a.position) for a in answers] == [("p0", "left"), ("p1", "right")]
+
+
+def test_cli_serve_refuses_a_public_address_without_tokens_and_labels_reports(tmp_path, capsys):
+    from rlhf_jax import cli
+
+    write_pairs(tmp_path, 2)
+    assert cli.main(["serve", f"--data={tmp_path}", "--host=0.0.0.0"]) == 2
+    assert "--host=0.0.0.0 is reachable from other machines" in capsys.readouterr().err
+    store = LS.open_data_dir(str(tmp_path), answers_per_pair=2)
+    for name, position in (("alice", "left"), ("bob", "right")):
+        store.answer("p0", name, position, "ab")
+    store.answer("p1", "alice", "left", "ab")
+    assert cli.main(["labels", f"--data={tmp_path}", "--answers_per_pair=2",
+                     f"--export_jsonl={tmp_path / 'all.jsonl'}", f"--export_tfds={tmp_path / 'tfds'}"]) == 0
+    out = capsys.readouterr().out
+    assert "| alice | 2 | 0 | 0 | 0 | 2 |" in out and "alice|bob: 0/1 agree" in out
+    assert "pairwise agreement 0.000" in out and "3 answers written" in out
+    assert "'train': 1" in out  # p0 is split 1-1 (dropped); p1 is alice's
