@@ -13,7 +13,8 @@ periodically asking them to rate which of two responses is better." Each round:
               quota through `rlhf-jax serve --data=<workdir>/labels` (the queue shows these pairs);
   3. shift    the previous round's reward model's accuracy on the new pairs, before training on
               them: how far the policy moved from the data the reward model knew;
-  4. reward   export every label so far to <round>/tfds and train a reward model on it (from SFT);
+  4. reward   export every label so far to <round>/tfds and train a reward model on it, continuing
+              from the previous round's (continue_reward; round 0 and False: from SFT);
   5. policy   continue PPO (or DPO) from the current policy; the frozen reference is the SFT
               policy (reference='sft') or the current one (reference='previous');
   6. judge    the new policy on the same held-out prompts as every round: gold score, KL to SFT.
@@ -235,6 +236,8 @@ def wire_round(config, r: int, workdir: str, sft_dir: str, policy_dir: str):
     with reward.unlocked():
         reward.model = model
         reward.init_from = sft_dir
+        # Continue from the previous round's reward model: it trains on all labels so far either way.
+        reward.continue_from = os.path.join(round_dir(workdir, r - 1), "reward") if r > 0 and config.continue_reward else ""
         reward.data = datasets.preferences("preferences")
         reward.data_dir = tfds_dir
         reward.preferences.enabled = False

@@ -72,6 +72,8 @@ def test_two_rounds_of_ppo_with_simulated_labels_and_resume(sft, tmp_path):
     ppo1 = config_lib.read_resolved_config(results[1].policy)
     assert ppo1.init_from == results[0].policy and ppo1.reference_from == str(sft_dir)
     assert ppo1.reward_model == os.path.join(rounds.round_dir(workdir, 1), "reward")
+    reward1 = config_lib.read_resolved_config(os.path.join(rounds.round_dir(workdir, 1), "reward"))
+    assert reward1.continue_from == os.path.join(rounds.round_dir(workdir, 0), "reward")
     assert run_lib.is_finished(results[1].policy)
     table = open(os.path.join(workdir, "rounds.md")).read()
     assert "| SFT |" in table and "| 1 |" in table and os.path.getsize(os.path.join(workdir, "rounds.png")) > 0

@@ -40,6 +40,8 @@ def get_config(variant: str = ""):
     c.answers_per_pair = 1  # web: annotators asked each pair
     c.web_poll_seconds = 15.0  # web: how often the driver looks at the store while waiting for labels
     c.quota = 0  # web: labelled train pairs a round needs before training (0 = all of the round's)
+    # Round r > 0's reward model starts from round r - 1's (False: from SFT with a new head each round).
+    c.continue_reward = True
 
     # Each round's pairs, sampled from the current policy on fresh prompts (round r takes the
     # r-th block of num_prompts of a fixed shuffle of the train split; the same for validation).
