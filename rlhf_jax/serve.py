@@ -456,7 +456,7 @@ button { font-size: 1rem; padding: .5rem 1rem; }
 #chat textarea { width: 100%; font-size: 1rem; }
 .turn { border-bottom: 1px solid #eee; padding: .5rem 0; }
 pre.you::before { content: "You: "; font-weight: bold; }
-pre.policy::before, .sides pre::before { content: "Policy: "; font-weight: bold; }
+pre.policy::before, #chat .sides pre::before { content: "Policy: "; font-weight: bold; }
 """
 
 # No inline script anywhere (the CSP forbids it): this file is the page's only code. Model and

@@ -50,6 +50,8 @@ def main():
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
+                if server.poll() is not None:
+                    raise SystemExit(f"the server exited with status {server.returncode}")
                 time.sleep(0.2)
         driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
         driver.get(f"http://127.0.0.1:{port}/login?name=alice")
