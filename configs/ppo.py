@@ -39,7 +39,7 @@ Fields (see rlhf_jax/ppo.py):
 
 import ml_collections
 
-from configs import datasets, mesh, models, optimizers
+from configs import datasets, lora, mesh, models, optimizers
 
 
 def base(num_steps: int = 100) -> ml_collections.ConfigDict:
@@ -49,6 +49,7 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c.num_seeds = 1  # > 1: seeds seed ... seed + num_seeds - 1 vmapped in one jitted program
     c.model = models.tiny()
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
+    c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
     c.reference_from = ""  # '' = init_from; another policy run: the frozen reference (rounds: the SFT run)
     c.reward_model = ""
