@@ -97,3 +97,18 @@ def test_bad_round_settings_are_named(sft, tmp_path):
     config = tiny_rounds_config(sft_dir, data_dir, num_rounds=9)
     with pytest.raises(config_lib.ConfigError, match="round 8 needs prompts"):
         rounds.fresh_prompts(config, "train", 8, 8)
+
+
+def test_reference_from_is_refused_with_lora(sft, tmp_path):
+    """With LoRA the reference is the base the adapters sit on (init_from): another reference run
+    cannot be that base, so the stages refuse the combination instead of training against it."""
+    from configs import lora as lora_configs
+    from configs.dpo import dpo_stage
+    from rlhf_jax import dpo
+
+    sft_dir, data_dir = sft
+    config = dpo_stage(num_steps=1, batch_size=4, seq_len=32)
+    config.update(model=micro_model(), init_from=str(sft_dir), reference_from=str(sft_dir), data_dir=str(data_dir))
+    config.lora = lora_configs.rank(2)
+    with pytest.raises(config_lib.ConfigError, match="reference_from: with LoRA"):
+        dpo.train(config, str(tmp_path / "dpo"))
