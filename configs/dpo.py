@@ -4,6 +4,7 @@
                         DPO seed changes the order of the pairs (the policy starts from the SFT
                         params either way); metrics are the mean over seeds and `<name>_std`
     init_from           the SFT run: the policy starts from it and the frozen reference is it
+    reference_from      a different run for the frozen reference ('' = init_from)
     model               must equal init_from's model
     data, data_dir      the preference dataset, read when preferences.enabled is False: e.g. the
                         reward stage's own pairs, data=datasets.preferences('preferences') with
@@ -38,6 +39,7 @@ def dpo_stage(*, num_steps=200, batch_size=16, seq_len=192, learning_rate=1e-5, 
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
+    c.reference_from = ""  # '' = init_from; another policy run: the frozen reference
     c.data = datasets.preferences("preferences")
     c.data_dir = "~/.cache/rlhf_jax/datasets"
     c.preferences = preference_generation()

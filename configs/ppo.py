@@ -12,6 +12,8 @@ Fields (see rlhf_jax/ppo.py):
     seed, num_seeds        num_seeds > 1 trains seeds seed, seed+1, ... at once (vmap; small models):
                            metrics are the mean over seeds and `<name>_std`
     init_from              SFT run: the policy and the frozen reference start from it
+    reference_from         a different run for the frozen reference ('' = init_from), e.g. rounds
+                           of `rlhf-jax rounds` continue from the last policy but keep the SFT reference
     model                  must equal init_from's model (the workdir's config.json describes the policy)
     reward_model           reward run workdir (scalar at the last real token), or
     reward_function        'module:fn' of fn(prompt, response) -> float, called on the host
@@ -49,6 +51,7 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
+    c.reference_from = ""  # '' = init_from; another policy run: the frozen reference (rounds: the SFT run)
     c.reward_model = ""
     c.reward_function = ""
     c.use_reward_normalization = True

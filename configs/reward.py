@@ -66,6 +66,8 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     """Every field of the reward stage (config.stage == 'reward').
 
     init_from            the SFT run whose params start the reward model (unembedding -> scalar)
+    continue_from        '' or an earlier reward run: start from its params, head included
+                         (`rlhf-jax rounds` retrains each round's model on all labels so far)
     model                must equal the SFT run's model config (checked)
     data                 preference dataset read when preferences.enabled is False
     loss.use_margin      subtract the dataset's per-pair margin inside the sigmoid (Llama 2)
@@ -83,6 +85,7 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
+    c.continue_from = ""  # a reward run to continue from (its params and head) instead of SFT + a new head
     c.data = datasets.preferences("")
     c.data_dir = "~/.cache/rlhf_jax/datasets"
     c.preferences = preference_generation()

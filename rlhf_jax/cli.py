@@ -1,8 +1,12 @@
-"""`rlhf-jax <command>`: train, sweep, plot, pipeline, compare, best_of_n, sample, score, label.
+"""`rlhf-jax <command>`: train, sweep, plot, pipeline, compare, rounds, best_of_n, sample, score,
+label, labels, serve.
 
     rlhf-jax train --config=experiments/<name>.py [--config.<key>=<value> ...] --workdir=<dir>
     rlhf-jax sweep --config=experiments/<name>.py --workdir=<dir>
     rlhf-jax compare --config=experiments/reviews/compare.py --workdir=<dir>
+    rlhf-jax rounds --config=experiments/reviews/rounds.py --workdir=<dir>
+    rlhf-jax serve --data=<dir> [--port=8000] [--policy=<run>]     (the labelling web app)
+    rlhf-jax label --data=<dir>  /  rlhf-jax labels --data=<dir>     (terminal labeler / store stats)
     rlhf-jax best_of_n --policy=<run> --reward_model=<reward run> [--max_n=64]
     rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
 
@@ -75,8 +79,42 @@ def cmd_plot(args, _overrides):
 def cmd_label(args, _overrides):
     from rlhf_jax import labelers
 
-    n = labelers.label_in_terminal(args.data)
-    print(f"{n} new answers saved in {os.path.join(args.data, 'labels.jsonl')}")
+    n = labelers.label_in_terminal(args.data, annotator=args.annotator, answers_per_pair=args.answers_per_pair)
+    print(f"{n} new answers saved in {os.path.join(args.data, 'labels.sqlite')}")
+
+
+def cmd_labels(args, _overrides):
+    """Per-annotator counts and agreement of a label store; optional exports."""
+    from rlhf_jax import labelers
+
+    store = labelers.open_store(args.data, args.answers_per_pair)
+    stats = store.stats()
+    print(f"{stats.num_pairs} pairs, {stats.num_complete} with {args.answers_per_pair} non-skip answers")
+    print("| annotator | a | b | tie | skip | total |\n|---|---|---|---|---|---|")
+    for name, c in sorted(stats.answers_per_annotator.items()):
+        print(f"| {labelers.shown(name)} | {c['a']} | {c['b']} | {c['tie']} | {c['skip']} | {c['total']} |")
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+    print(f"pairwise agreement {fmt(stats.pairwise_agreement)}, Fleiss' kappa {fmt(stats.fleiss_kappa)}")
+    for key, (ok, n) in sorted(stats.agreement_by_pair_of_annotators.items()):
+        print(f"  {labelers.shown(key)}: {ok}/{n} agree")
+    if args.export_jsonl:
+        print(f"{store.export_jsonl(args.export_jsonl)} answers written to {args.export_jsonl}")
+    if args.export_tfds:
+        sources = store.export_preferences(args.export_tfds)
+        print(f"preferences {({s: len(v) for s, v in sources.items()})} written to {args.export_tfds} "
+              "(read it with config.data = datasets.preferences(), config.data_dir = that folder)")
+
+
+def cmd_serve(args, _overrides):
+    from rlhf_jax import serve
+
+    serve.serve(args)
+
+
+def cmd_rounds(args, overrides):
+    from rlhf_jax import rounds
+
+    rounds.run_rounds(args.config, overrides, args.workdir)
 
 
 def cmd_pipeline(args, overrides):
@@ -158,7 +196,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("train", cmd_train), ("sweep", cmd_sweep), ("pipeline", cmd_pipeline), ("compare", cmd_compare)):
+    for name, fn in (("train", cmd_train), ("sweep", cmd_sweep), ("pipeline", cmd_pipeline), ("compare", cmd_compare),
+                     ("rounds", cmd_rounds)):
         p = sub.add_parser(name, help=f"{name} from a config file; --config.<key>=<value> overrides")
         p.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
         p.add_argument("--workdir", required=True)
@@ -171,9 +210,22 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--group_mean", action="store_true", help="average the workdirs as seeds of one run")
     p.set_defaults(fn=cmd_plot)
-    p = sub.add_parser("label", help="label preference pairs in the terminal (1 / 2 / skip / quit)")
+    p = sub.add_parser("label", help="label preference pairs in the terminal (1 / 2 / tie / skip / quit)")
     p.add_argument("--data", required=True)
+    p.add_argument("--annotator", default="human", help="your name, stored with each answer")
+    p.add_argument("--answers_per_pair", type=int, default=1)
     p.set_defaults(fn=cmd_label)
+    p = sub.add_parser("labels", help="a label store's counts per annotator and agreement; JSONL / TFDS export")
+    p.add_argument("--data", required=True, help="folder with labels.sqlite (and/or pairs.jsonl)")
+    p.add_argument("--answers_per_pair", type=int, default=1)
+    p.add_argument("--export_jsonl", default="", help="write every answer with its pair to this file")
+    p.add_argument("--export_tfds", default="", help="write the preference dataset (majority vote) here")
+    p.set_defaults(fn=cmd_labels)
+    p = sub.add_parser("serve", help="the labelling web app (queue, chat-and-compare, stats)")
+    from rlhf_jax import serve
+
+    serve.add_arguments(p)
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("sample", help="print several responses of a trained language model")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)
@@ -213,7 +265,7 @@ def main(argv=None):
     try:
         rest, overrides = config_lib.split_override_args(argv)
         args = build_parser().parse_args(rest)
-        if overrides and args.command not in ("train", "sweep", "pipeline", "compare"):
+        if overrides and args.command not in ("train", "sweep", "pipeline", "compare", "rounds"):
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
         args.fn(args, overrides)
     except config_lib.UserError as e:

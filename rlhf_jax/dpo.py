@@ -150,7 +150,13 @@ def _check_config(config):
 def train(config, workdir: str):
     _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
-    model_config, graphdef, ref_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
+    model_config, graphdef, init_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
+    ref_params = init_params
+    if config.get("reference_from"):
+        if lora.enabled(config.get("lora")):
+            raise config_lib.ConfigError("reference_from: with LoRA the reference is init_from's base weights "
+                                         "(adapters off); leave reference_from empty")
+        ref_params = runs.load_matching_policy(config.reference_from, config.model, "dpo")[2]
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = preferences.preference_data(config, workdir)
     optimizer = make_optimizer(config.optimizer)
@@ -159,7 +165,7 @@ def train(config, workdir: str):
     lora_config = config.get("lora")
     per_seed = []
     for seed in run_lib.seeds_of(config):
-        trainable = lora.split(ref_params, lora_config, seed)[0]  # the SFT params, or adapters on them
+        trainable = lora.split(init_params, lora_config, seed)[0]  # init_from's params, or adapters on them
         per_seed.append({"params": trainable, "opt_state": optimizer.init(trainable)})
     state = per_seed[0] if num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed)
     state = jax.tree.map(jnp.array, state)  # own copy: the step donates it, the reference stays

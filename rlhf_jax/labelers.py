@@ -5,22 +5,21 @@ keys ``choice`` (0 when ``response_a`` is preferred, 1 when ``response_b`` is), 
 probability with which ``a`` was preferred), ``gold_a`` and ``gold_b`` (the scores behind the
 decision), so a preference dataset records how each label came about.
 
-The person labels through files in a data directory:
+The person labels pairs in a data directory:
 
 * ``<data_dir>/pairs.jsonl``: unlabeled pairs, one JSON object per line,
   ``{"id", "prompt", "response_a", "response_b"}``.
-* ``<data_dir>/labels.jsonl``: one JSON object per answer,
-  ``{"id", "choice": 0 | 1 | null, "labeler": "human", "time"}`` (``null`` = skipped), appended,
-  flushed and fsync'ed as soon as it is given, so an interrupted session loses nothing and a
-  new session resumes where the last one stopped.
+* ``<data_dir>/labels.sqlite``: the label store (rlhf_jax.label_store), shared with the web
+  app: every answer with its annotator, time and shown order, committed as soon as it is given,
+  so an interrupted session loses nothing and a new session resumes where the last one stopped.
+  An older ``labels.jsonl`` (``{"id", "choice": 0 | 1 | null, "labeler", "time"}``) is imported.
 
-``labels_to_preferences`` joins the two into ``(prompt, chosen, rejected, metadata)`` records.
+``labels_to_preferences`` turns the store into ``(prompt, chosen, rejected, metadata)`` records.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib
 import json
@@ -30,8 +29,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-PAIRS_FILE = "pairs.jsonl"
-LABELS_FILE = "labels.jsonl"
+from rlhf_jax import label_store
+
+PAIRS_FILE = label_store.PAIRS_FILE
+LABELS_FILE = label_store.LABELS_FILE  # the terminal labeler's old answer file; imported, no longer written
 
 ScoreFn = Callable[[str, str], float]
 Labeler = Callable[[str, str, str], dict]
@@ -46,7 +47,7 @@ __all__ = [
     "label_pairs",
     "write_pairs",
     "read_pairs",
-    "read_labels",
+    "open_store",
     "label_in_terminal",
     "labels_to_preferences",
     "main",
@@ -191,46 +192,16 @@ def _preference(pair: dict, choice: int, extra: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str, torn_tail_ok: bool = True) -> list[dict]:
-    """Records of a JSONL file. A truncated (unparseable) last line is ignored when
-    `torn_tail_ok` (an answer file appended to while a kill may come); otherwise, and for
-    any other bad line, a DataError names the file and line."""
-    from rlhf_jax.config import DataError
-
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        lines = data.decode("utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} line {line}: not valid UTF-8") from None
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            last = not any(rest.strip() for rest in lines[i + 1 :])
-            if last and torn_tail_ok:
-                continue  # A write cut short by a kill: its pair is asked again.
-            what = "is cut short (the file is incomplete)" if last else "is not valid JSON"
-            raise DataError(f"{path} line {i + 1} {what}: {line[:80]!r}; expected one JSON object per line")
-    return records
-
-
 def read_pairs(data_dir: str) -> list[dict]:
     """The pairs of ``<data_dir>/pairs.jsonl`` (first occurrence of each id)."""
-    pairs, seen = [], set()
     from rlhf_jax.config import DataError
 
+    pairs, seen = [], set()
     path = os.path.join(data_dir, PAIRS_FILE)
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist: --data must be the folder holding the pairs to label")
     # pairs.jsonl is written whole (write_pairs): a torn last line means a damaged file, not a kill.
-    for p in _read_jsonl(path, torn_tail_ok=False):
+    for p in label_store.read_jsonl(path, torn_tail_ok=False):
         missing = {"id", "prompt", "response_a", "response_b"} - set(p) if isinstance(p, dict) else ["a JSON object"]
         if missing:
             raise DataError(f"{path}: pair {str(p)[:80]} lacks {sorted(missing)}")
@@ -238,11 +209,6 @@ def read_pairs(data_dir: str) -> list[dict]:
             seen.add(p["id"])
             pairs.append(p)
     return pairs
-
-
-def read_labels(data_dir: str) -> list[dict]:
-    """The answers of ``<data_dir>/labels.jsonl`` in the order given (truncated tail ignored)."""
-    return _read_jsonl(os.path.join(data_dir, LABELS_FILE))
 
 
 def write_pairs(data_dir: str, pairs: Iterable[dict]) -> str:
@@ -264,41 +230,25 @@ def write_pairs(data_dir: str, pairs: Iterable[dict]) -> str:
     return path
 
 
-def _repair_truncated_tail(path: str) -> None:
-    """Cut a partial last line (a write killed midway) so the next append starts clean."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        # Find the last newline; everything after it is the partial record.
-        chunk = 1 << 16
-        pos = size
-        keep = 0
-        while pos > 0:
-            start = max(0, pos - chunk)
-            f.seek(start)
-            data = f.read(pos - start)
-            idx = data.rfind(b"\n")
-            if idx >= 0:
-                keep = start + idx + 1
-                break
-            pos = start
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
+def open_store(data_dir: str, answers_per_pair: int = 1) -> "label_store.LabelStore":
+    """The label store of a labelling folder, with its pairs.jsonl (and an old labels.jsonl)
+    imported. A folder with neither pairs.jsonl nor a store is an error naming pairs.jsonl."""
+    from rlhf_jax.config import DataError
+
+    if not os.path.exists(os.path.join(data_dir, label_store.STORE_FILE)):
+        path = os.path.join(data_dir, PAIRS_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"{path} does not exist: --data must be the folder holding the pairs to label")
+    if os.path.exists(os.path.join(data_dir, PAIRS_FILE)):
+        read_pairs(data_dir)  # a damaged pairs.jsonl is reported before anything is written
+    return label_store.open_data_dir(data_dir, answers_per_pair=answers_per_pair)
 
 
 # --------------------------------------------------------------------------------------------
 # The terminal labeler
 # --------------------------------------------------------------------------------------------
 
-_HELP = "Please answer 1 (first is better), 2 (second is better), s (skip) or q (quit)."
+_HELP = "Please answer 1 (first is better), 2 (second is better), t (tie), s (skip) or q (quit)."
 
 
 def shown(text) -> str:
@@ -320,88 +270,71 @@ def label_in_terminal(
     data_dir: str,
     input_fn: Callable[[str], str] = input,
     print_fn: Callable[..., Any] = print,
+    annotator: str = "human",
+    answers_per_pair: int = 1,
 ) -> int:
-    """Ask a person to label the pairs of ``<data_dir>/pairs.jsonl`` not yet answered.
+    """Ask a person to label the pairs of the label store in ``<data_dir>`` they have not answered.
 
-    Shows the prompt and the two responses and reads ``1``, ``2``, ``s``/``skip`` or
-    ``q``/``quit``; anything else re-asks. Each answer is appended to
-    ``<data_dir>/labels.jsonl``, flushed and fsync'ed at once. Pairs already answered
-    (including skipped ones) are not asked again, so a session can be resumed after ``q``,
-    Ctrl-D, Ctrl-C or a kill. A record cut short by a kill is removed and its pair re-asked.
+    The store is ``<data_dir>/labels.sqlite`` (rlhf_jax.label_store), shared with the web app
+    (``rlhf-jax serve``); ``pairs.jsonl`` and an older ``labels.jsonl`` are imported first. Shows
+    the prompt and the two responses (always in the pair's order: [1] is response_a) and reads
+    ``1``, ``2``, ``t``/``tie``, ``s``/``skip`` or ``q``/``quit``; anything else re-asks. Each
+    answer is committed to the store at once (durable), so a session can be resumed after ``q``,
+    Ctrl-D, Ctrl-C or a kill. Pairs this annotator answered (skips included) are not asked again.
 
     Returns:
       the number of new answers (skips included) written in this session.
     """
-    pairs = read_pairs(data_dir)
-    labels_path = os.path.join(data_dir, LABELS_FILE)
-    _repair_truncated_tail(labels_path)
-    done = {r.get("id") for r in read_labels(data_dir)}
-    todo = [p for p in pairs if p["id"] not in done]
-    if not pairs:
+    store = open_store(data_dir, answers_per_pair)
+    done, total = store.progress(annotator)
+    if total == 0:
         print_fn(f"No pairs in {os.path.join(data_dir, PAIRS_FILE)}.")
         return 0
-    if not todo:
-        print_fn(f"All {len(pairs)} pairs are already labeled in {labels_path}.")
+    if done == total:
+        print_fn(f"All {total} pairs are already labeled in {store.path}.")
         return 0
     print_fn(
-        f"{len(todo)} of {len(pairs)} pairs to label. "
-        "Type 1 or 2 for the better response, s to skip, q to quit (progress is saved)."
+        f"{total - done} of {total} pairs to label. "
+        "Type 1 or 2 for the better response, t for a tie, s to skip, q to quit (progress is saved)."
     )
-
     n_new = 0
-    with open(labels_path, "a", encoding="utf-8") as out:
-        try:
-            for k, pair in enumerate(todo):
-                print_fn("")
-                number = len(pairs) - len(todo) + k + 1
-                print_fn(f"=== Pair {number}/{len(pairs)} (id {shown(pair['id'])}) ===")
-                print_fn(f"PROMPT:\n{shown(pair['prompt'])}")
-                print_fn(f"\n[1]\n{shown(pair['response_a'])}")
-                print_fn(f"\n[2]\n{shown(pair['response_b'])}")
-                while True:
-                    answer = input_fn("Which is better? [1/2/s/q]: ").strip().lower()
-                    if answer in ("1", "2", "s", "skip"):
-                        break
-                    if answer in ("q", "quit"):
-                        print_fn(f"Stopped. {n_new} new answers saved.")
-                        return n_new
-                    print_fn(f"Unrecognised answer {answer!r}. {_HELP}")
-                choice = {"1": 0, "2": 1}.get(answer)
-                record = {
-                    "id": pair["id"],
-                    "choice": choice,
-                    "labeler": "human",
-                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                }
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-                n_new += 1
-        except (EOFError, KeyboardInterrupt):
-            print_fn(f"\nInterrupted. {n_new} new answers saved; run again to resume.")
-            return n_new
+    try:
+        while True:
+            lease = store.next_pair(annotator, shown="ab")
+            if lease is None:
+                break
+            pair = lease.pair
+            print_fn("")
+            print_fn(f"=== Pair {done + n_new + 1}/{total} (id {shown(pair.id)}) ===")
+            print_fn(f"PROMPT:\n{shown(pair.prompt)}")
+            print_fn(f"\n[1]\n{shown(lease.left)}")
+            print_fn(f"\n[2]\n{shown(lease.right)}")
+            while True:
+                answer = input_fn("Which is better? [1/2/t/s/q]: ").strip().lower()
+                if answer in ("1", "2", "t", "tie", "s", "skip"):
+                    break
+                if answer in ("q", "quit"):
+                    print_fn(f"Stopped. {n_new} new answers saved.")
+                    return n_new
+                print_fn(f"Unrecognised answer {answer!r}. {_HELP}")
+            position = {"1": "left", "2": "right", "t": "tie", "tie": "tie"}.get(answer, "skip")
+            store.answer(pair.id, annotator, position, lease.shown, metadata={"via": "terminal"})
+            n_new += 1
+    except (EOFError, KeyboardInterrupt):
+        print_fn(f"\nInterrupted. {n_new} new answers saved; run again to resume.")
+        return n_new
     print_fn(f"Done. {n_new} new answers saved; all pairs labeled.")
     return n_new
 
 
 def labels_to_preferences(data_dir: str) -> list[dict]:
-    """Join pairs and human answers into ``{"prompt", "chosen", "rejected", "metadata"}``.
+    """The labelled pairs of ``<data_dir>``'s store as ``{"prompt", "chosen", "rejected", "metadata"}``.
 
-    Skipped pairs (``choice`` null) and unanswered pairs are dropped; if an id was answered
-    more than once, the last answer counts. Records follow the order of ``pairs.jsonl``;
-    ``metadata`` holds ``id``, ``labeler``, ``time`` and ``choice``.
+    Unanswered, skipped, tied and evenly split pairs are dropped; with several annotators the
+    majority decides (LabelStore.preferences). Records follow the order pairs were added;
+    ``metadata`` holds ``id``, ``labeler``, ``time``, ``choice``, the votes and annotators.
     """
-    answers = {}
-    for r in read_labels(data_dir):
-        answers[r.get("id")] = r
-    prefs = []
-    for pair in read_pairs(data_dir):
-        r = answers.get(pair["id"])
-        if r is None or r.get("choice") not in (0, 1):
-            continue
-        extra = {k: v for k, v in r.items() if k not in ("id", "choice")}
-        prefs.append(_preference(pair, int(r["choice"]), extra))
-    return prefs
+    return open_store(data_dir).preferences()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -409,16 +342,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax label", description="Label preference pairs in the terminal."
     )
-    parser.add_argument("--data", required=True, help="directory holding pairs.jsonl")
+    parser.add_argument("--data", required=True, help="directory holding pairs.jsonl / labels.sqlite")
+    parser.add_argument("--annotator", default="human", help="your name, recorded with each answer")
     args = parser.parse_args(argv)
     from rlhf_jax.config import UserError
 
     try:
-        n = label_in_terminal(args.data)
+        n = label_in_terminal(args.data, annotator=args.annotator)
     except UserError as e:
         print(f"error: {e}")
         return 2
-    print(f"{n} new answers saved in {os.path.join(args.data, LABELS_FILE)}")
+    print(f"{n} new answers saved in {os.path.join(args.data, label_store.STORE_FILE)}")
     return 0
 
 

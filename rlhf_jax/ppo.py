@@ -501,11 +501,18 @@ def init_models(config, tokenizer, optimizer):
     num_seeds > 1; frozen = dict(ref=reference params, reward=reward-model params or None).
     """
     model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo")
+    reference = policy
+    if config.get("reference_from"):
+        if lora.enabled(config.get("lora")):
+            raise config_lib.ConfigError("reference_from: with LoRA the reference is init_from's base weights "
+                                         "(adapters off); leave reference_from empty")
+        reference = runs.load_matching_policy(config.reference_from, config.model, "ppo")[2]
     reward_graphdef, reward_params, normalization = None, None, {"mean": 0.0, "std": 1.0}
     reward_lora = None
     if config.reward_model:
         reward_config = config_lib.read_resolved_config(config.reward_model)
         if (lora.enabled(reward_config.get("lora")) and not (config.loss == "ppo" and config.value_model == "reward_model")
+                and not config.get("reference_from")  # the reference must be init_from's weights
                 and os.path.realpath(reward_config.init_from) == os.path.realpath(config.init_from)):
             reward_lora = reward_config.lora  # hold its adapters only: the trunk is the reference's
         _, reward_graphdef, reward_params, reward_normalization = runs.load_reward_model(
@@ -535,7 +542,7 @@ def init_models(config, tokenizer, optimizer):
                                  baseline=jnp.zeros([2], jnp.float32)))
     state = states[0] if config.num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     models = Models(config, graphdef, value_graphdef, reward_graphdef, tokenizer, normalization, reward_lora)
-    return models, state, {"ref": policy, "reward": reward_params}
+    return models, state, {"ref": reference, "reward": reward_params}
 
 
 def labelers_load(path):

@@ -14,8 +14,9 @@ says how:
   3. label   'simulated': the Bradley-Terry annotator over the gold score (VADER) with
                           `noise_temperature`;
              'function':  a deterministic labeler preferring the higher fn(prompt, response);
-             'human':     pairs.jsonl is written to out_dir for `rlhf-jax label --data=<out_dir>`;
-                          once answered, labels are read back (labels_to_preferences);
+             'human':     pairs.jsonl is written to out_dir for `rlhf-jax label --data=<out_dir>`
+                          or `rlhf-jax serve --data=<out_dir>`; once answered, labels are read
+                          back from the label store out_dir/labels.sqlite (majority of votes);
   4. store   builders.write_preferences(..., data_dir=<out_dir>/tfds, name='preferences'), one
              record per pair with metadata: pair id, split, labeler, choice, p_a, gold_a/gold_b
              (the labeler's scores; for human labels the gold fn's), gold_chosen/gold_rejected,
@@ -25,7 +26,7 @@ Files in out_dir:
     samples.jsonl        {'split', 'batch', 'index', 'prompt', 'responses'} per prompt, appended per
                          sampling call, so a killed run resumes at the next call; the call's rng is
                          fold_in(seed, split, call), so a resumed run samples what a straight one would
-    pairs.jsonl          human labeler: the pairs to label;  labels.jsonl: the answers
+    pairs.jsonl          human labeler: the pairs to label;  labels.sqlite: the label store
     preferences.json     written last: the generation config, counts, time. Its presence (with the
                          same config) makes make_preferences a no-op that only loads the dataset.
 
@@ -208,19 +209,20 @@ def _human_preferences(out_dir, pairs, pcfg):
     """Write pairs.jsonl (once) and return the labeled records, or raise LabelsNeeded."""
     if not os.path.exists(os.path.join(out_dir, labelers.PAIRS_FILE)):
         labelers.write_pairs(out_dir, pairs)
-    answered = {r.get("id") for r in labelers.read_labels(out_dir)}
+    store = labelers.open_store(out_dir)  # the label store both labelers write (labels.sqlite)
+    answered = store.num_answered()
     need = pcfg.min_labels or len(pairs)
-    if len(answered) < need:
+    if answered < need:
         raise LabelsNeeded(
-            f"{len(answered)} of {len(pairs)} pairs in {os.path.join(out_dir, labelers.PAIRS_FILE)} are "
-            f"answered; {need} are needed. Label them with `rlhf-jax label --data={out_dir}` and run "
-            f"this stage again (it resumes).")
+            f"{answered} of {len(pairs)} pairs in {os.path.join(out_dir, labelers.PAIRS_FILE)} are "
+            f"answered; {need} are needed. Label them with `rlhf-jax label --data={out_dir}` or "
+            f"`rlhf-jax serve --data={out_dir}` and run this stage again (it resumes).")
     gold = labelers.load_function(pcfg.gold)
-    records = labelers.labels_to_preferences(out_dir)
+    records = store.preferences()
     for r in records:
         r["metadata"]["gold_chosen"] = float(gold(r["prompt"], r["chosen"]))
         r["metadata"]["gold_rejected"] = float(gold(r["prompt"], r["rejected"]))
-    return records, len(answered)
+    return records, answered
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -263,8 +265,8 @@ def make_preferences(config, out_dir: str) -> dict:
         if summary["config"] != wanted:
             raise config_lib.ConfigError(
                 f"{out_dir} holds preferences made with a different config; use another directory")
-        fresh_labels = pcfg.labeler == "human" and len(
-            {r.get("id") for r in labelers.read_labels(out_dir)}) != summary["num_answered"]
+        fresh_labels = pcfg.labeler == "human" and (
+            labelers.open_store(out_dir).num_answered() != summary["num_answered"])
         if not fresh_labels:
             return builders.load_preferences(tfds_dir, RECORDS_NAME)
     # Compare against what an earlier, unfinished call sampled with.

@@ -169,9 +169,18 @@ def normalize_on_policy_samples(config, workdir, score, params, tokenizer) -> di
 
 
 def init_reward_params(config):
-    """The SFT run's params with a fresh scalar head. Returns (model_config, graphdef, params)."""
+    """The SFT run's params with a fresh scalar head, or with `continue_from` an earlier reward run's
+    params (head included: rounds retrain on more labels without starting over).
+    Returns (model_config, graphdef, params)."""
     if not config.init_from:
         raise config_lib.ConfigError("reward: config.init_from must name the SFT run's workdir")
+    if config.get("continue_from"):
+        model_config, graphdef, params, _ = runs.load_reward_model(config.continue_from)
+        changed = config_lib.differing_keys(model_config, config.model)
+        if changed:
+            raise config_lib.ConfigError(f"reward: config.model differs from the model of {config.continue_from} "
+                                         f"(continue_from) in {changed}")
+        return model_config, graphdef, params
     model_config, graphdef, params = runs.load_matching_policy(config.init_from, config.model, "reward")
     graphdef, params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed=config.seed)
     return model_config, graphdef, params

@@ -111,14 +111,33 @@ def read_normalization(workdir: str) -> dict:
     return normalization
 
 
+class PolicySampler:
+    """A run's policy loaded once, sampled many times: what `rlhf-jax sample` uses for one prompt and
+    the chat mode of `rlhf-jax serve` for every turn (one loading path for both).
+
+        sampler = PolicySampler(workdir)
+        texts = sampler(prompt, num=2, temperature=1.0, max_new_tokens=64, seed=0)
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        run_config = config_lib.read_resolved_config(workdir)
+        _, self.graphdef, self.params = load_policy(workdir)
+        self.tokenizer = make_tokenizer(run_config.get("tokenizer"))
+        self.stage = run_config.get("stage")
+
+    def __call__(self, prompt: str, num: int, temperature: float = 1.0, max_new_tokens: int = 128,
+                 greedy: bool = False, seed: int = 0) -> list[str]:
+        return sampling.generate_texts(self.graphdef, self.params, self.tokenizer, [prompt] * num,
+                                       max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
+                                       temperature=temperature, greedy=greedy)
+
+
 def sample_from_run(workdir, prompt, num, temperature=1.0, max_new_tokens=128, greedy=False, seed=0):
     """`rlhf-jax sample`: `num` responses of a run's policy (any policy stage) to one prompt."""
-    run_config = config_lib.read_resolved_config(workdir)
-    _, graphdef, params = load_policy(workdir)
-    tokenizer = make_tokenizer(run_config.get("tokenizer"))
+    sampler = PolicySampler(workdir)
     print(f"sampling from {workdir} (temperature {temperature}{', greedy' if greedy else ''})", file=sys.stderr)
-    return sampling.generate_texts(graphdef, params, tokenizer, [prompt] * num, max_new_tokens=max_new_tokens,
-                                   rng=jax.random.key(seed), temperature=temperature, greedy=greedy)
+    return sampler(prompt, num, temperature, max_new_tokens, greedy, seed)
 
 
 def score_from_run(workdir: str, prompt: str, response: str) -> float:

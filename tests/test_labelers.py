@@ -154,8 +154,13 @@ def _run_session(data_dir, keystrokes):
 
 
 def _labels(data_dir):
-    with open(os.path.join(data_dir, LB.LABELS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The answers in the label store, in the terminal labeler's old record form."""
+    from rlhf_jax.label_store import STORE_FILE, LabelStore
+
+    if not os.path.exists(os.path.join(data_dir, STORE_FILE)):
+        return []
+    return [{"id": a.pair_id, "choice": {"a": 0, "b": 1}.get(a.choice), "labeler": a.annotator, "time": a.time,
+             "shown": a.shown} for a in LabelStore(os.path.join(data_dir, STORE_FILE)).answers()]
 
 
 def test_terminal_labeler_resumes_after_eof_and_kill(tmp_path):
@@ -168,8 +173,7 @@ def test_terminal_labeler_resumes_after_eof_and_kill(tmp_path):
     assert [(r["id"], r["choice"]) for r in _labels(tmp_path)] == [("pair-0", 0), ("pair-1", 1)]
     assert "prompt 1" in out and "A1" in out and "B1" in out
 
-    # Session 2: skip one pair, then the process is killed while waiting for the next answer,
-    # and the kill also left a half-written record behind.
+    # Session 2: skip one pair, then the process is killed while waiting for the next answer.
     proc = _labeler_proc(tmp_path)
     proc.stdin.write("s\n")
     proc.stdin.flush()
@@ -182,20 +186,18 @@ def test_terminal_labeler_resumes_after_eof_and_kill(tmp_path):
     proc.stdin.close()
     proc.stdout.close()
     proc.stderr.close()
-    with open(os.path.join(tmp_path, LB.LABELS_FILE), "a") as f:
-        f.write('{"id": "pair-3", "cho')
 
-    # Session 3: resumes at pair-3 (the partial record does not count), answers the rest.
+    # Session 3: resumes at pair-3, answers the rest.
     out = _run_session(tmp_path, "1\nfoo\n2\n")
     assert "pair-0" not in out and "pair-2" not in out and "id pair-3" in out
     assert out.count("Unrecognised answer") == 1 and "NEW=2" in out and "Done" in out
 
-    labels = _labels(tmp_path)  # every line parses: the partial record was cut off
+    labels = _labels(tmp_path)
     ids = [r["id"] for r in labels]
     assert ids == [p["id"] for p in pairs]  # every pair answered exactly once, in order
     assert len(set(ids)) == len(ids)
     assert [r["choice"] for r in labels] == [0, 1, None, 0, 1]
-    assert all(r["labeler"] == "human" and r["time"] for r in labels)
+    assert all(r["labeler"] == "human" and r["time"] and r["shown"] == "ab" for r in labels)
 
     # Session 4: nothing left to ask.
     out = _run_session(tmp_path, "1\n")
@@ -247,3 +249,22 @@ def test_terminal_labeler_quit_and_keyboard_interrupt(tmp_path):
 def test_main_reports_missing_pairs(tmp_path, capsys):
     assert LB.main([f"--data={tmp_path}"]) == 2
     assert "pairs.jsonl" in capsys.readouterr().out
+
+
+def test_terminal_labeler_imports_an_old_labels_jsonl_once(tmp_path):
+    """A data folder labelled before the label store existed keeps its answers (a torn last line,
+    left by a kill of the old labeler, is dropped) and its pairs are not asked again."""
+    _make_pairs(tmp_path, 3)
+    with open(os.path.join(tmp_path, LB.LABELS_FILE), "w") as f:
+        f.write(json.dumps({"id": "pair-0", "choice": 1, "labeler": "human", "time": "t0"}) + "\n")
+        f.write(json.dumps({"id": "pair-1", "choice": None, "labeler": "human", "time": "t1"}) + "\n")
+        f.write('{"id": "pair-2", "cho')
+    printed = []
+    n = LB.label_in_terminal(str(tmp_path), input_fn=lambda prompt: "t", print_fn=printed.append)
+    assert n == 1 and any("id pair-2" in line for line in printed)
+    assert [(r["id"], r["choice"], r["time"]) for r in _labels(tmp_path)][:2] == [("pair-0", 1, "t0"),
+                                                                                 ("pair-1", None, "t1")]
+    assert LB.label_in_terminal(str(tmp_path), input_fn=lambda prompt: "1", print_fn=printed.append) == 0
+    assert len(_labels(tmp_path)) == 3  # the second start imported nothing twice
+    prefs = LB.labels_to_preferences(str(tmp_path))  # pair-1 skipped, pair-2 a tie
+    assert [(p["chosen"], p["rejected"]) for p in prefs] == [("B0", "A0")]
