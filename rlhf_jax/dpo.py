@@ -190,7 +190,7 @@ def train(config, workdir: str):
         if num_seeds == 1:
             return mesh_lib.shard_batch(per_seed[0], mesh)
         sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
-        return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in per_seed]))
+        return {k: mesh_lib.put_global(np.stack([b[k] for b in per_seed]), sharding)
                 for k in per_seed[0]}
 
     eval_fn = None

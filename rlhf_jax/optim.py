@@ -46,7 +46,16 @@ def make_optimizer(config, learning_rate=None) -> optax.GradientTransformation:
     else:
         raise ValueError(f"optimizer.name={name!r}: expected 'sgd', 'adam' or 'adamw'")
     clip = config.get("grad_clip_norm", 0.0)
-    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+    opt = optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+    on_nonfinite = config.get("on_nonfinite", "stop")
+    if on_nonfinite == "skip":
+        # An update holding NaN or inf is dropped (params and moments kept) and counted in the
+        # optimizer state (so the count is checkpointed); after `max_consecutive_skips` in a row
+        # it is applied, and run.train_loop's guard stops the run on the non-finite metrics.
+        return optax.apply_if_finite(opt, max_consecutive_errors=int(config.get("max_consecutive_skips", 10)))
+    if on_nonfinite != "stop":
+        raise ValueError(f"optimizer.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
+    return opt
 
 
 def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 1):

@@ -426,7 +426,7 @@ def place_prompts(prompts, mesh, num_seeds: int = 1):
         return jax.device_put(prompts, mesh_lib.replicated(mesh))
     if num_seeds > 1:
         sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), prompts)
+        return jax.tree.map(lambda x: mesh_lib.put_global(x, sharding), prompts)
     return mesh_lib.shard_batch(prompts, mesh)
 
 
