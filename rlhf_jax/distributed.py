@@ -80,6 +80,10 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     # The CPU backend talks between processes through gloo (it has no collectives otherwise);
     # the setting does not touch GPU or TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit and process_id != 0:
+        # JAX aborts the whole process (a C++ fatal error, no exception) when it cannot reach
+        # the coordinator: find that out here first, where it can be said in one line.
+        _wait_for_coordinator(coordinator_address, process_id, timeout_s)
     try:
         if explicit:
             jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -93,6 +97,23 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
             f"running and is that address reachable from this host? ({type(e).__name__}: "
             f"{(str(e).strip().splitlines() or [''])[0][:200]})") from e
     return True
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"coordinator_address={address!r}: expected host:port")
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise DistributedError(
+                    f"process {process_id} could not join coordinator {address} within {timeout_s} s: is process 0 "
+                    f"running and is that address reachable from this host? ({e})") from None
+            time.sleep(0.2)
 
 
 def is_main_process() -> bool:
@@ -171,19 +192,20 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        failed = None
-        while any(p.poll() is None for p in procs):
-            failed = failed or next(((i, p.returncode) for i, p in enumerate(procs)
-                                     if p.returncode not in (None, 0)), None)
+        failed = None  # (process id, status) of the first process seen failing
+        while True:
+            codes = [p.poll() for p in procs]  # (every one: `any` would stop at the first running)
+            failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
             if failed is not None:
                 _stop(procs, grace_s)
+                break
+            if all(c is not None for c in codes):
                 break
             time.sleep(0.1)
         codes = [p.wait() for p in procs]
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    failed = failed or next(((i, c) for i, c in enumerate(codes) if c != 0), None)
     if failed is None:
         return 0
     i, code = failed
@@ -196,13 +218,13 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
 
 def _stop(procs, grace_s: float) -> None:
     deadline = time.time() + grace_s
-    while time.time() < deadline and any(p.poll() is None for p in procs):
+    while time.time() < deadline and [p.poll() for p in procs].count(None):
         time.sleep(0.1)
     for p in procs:
         if p.poll() is None:
             p.terminate()
     deadline = time.time() + 5
-    while time.time() < deadline and any(p.poll() is None for p in procs):
+    while time.time() < deadline and [p.poll() for p in procs].count(None):
         time.sleep(0.1)
     for p in procs:
         if p.poll() is None:

@@ -195,8 +195,15 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, extra: dic
     args = {"state": ocp.args.StandardSave(state)}
     if extra is not None:
         args["extra"] = ocp.args.JsonSave(extra)
-    manager.save(step, args=ocp.args.Composite(**args))
-    manager.wait_until_finished()  # The manifest describes a finished checkpoint only.
+    try:
+        manager.save(step, args=ocp.args.Composite(**args))
+        manager.wait_until_finished()  # The manifest describes a finished checkpoint only.
+    except Exception as e:  # A full disk, a quota, a vanished mount: Orbax's temporary folder is left
+        kept = manager.latest_step()  # unfinished and never becomes a step; earlier ones stay.
+        raise config_lib.CheckpointError(
+            f"{step_dir(manager, step)}: saving the checkpoint failed ({type(e).__name__}: {e}); "
+            f"{'the checkpoint of step ' + str(kept) if kept is not None else 'no checkpoint'} stays the latest "
+            "and a rerun resumes from it once there is room") from e
     if jax.process_index() == 0:
         path = os.path.join(step_dir(manager, step), MANIFEST)
         with open(path + ".tmp", "w") as f:
@@ -268,7 +275,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None 
         return None
     where = step_dir(manager, step)
     check_fits(manager, step, target)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(_with_sharding, target)
     args = {"state": ocp.args.StandardRestore(abstract)}
     if with_extra:
         args["extra"] = ocp.args.JsonRestore()
@@ -287,6 +294,20 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None 
                 raise DamagedCheckpoint(f"{where}: array {name} does not match its checksum in {MANIFEST}: "
                                         "the checkpoint's files were damaged after it was saved")
     return (step, restored["state"], restored.get("extra")) if with_extra else (step, restored["state"])
+
+
+def _with_sharding(x):
+    """The restore target of one array. A target without a sharding (a hand-off loading another
+    run's params from its config alone) is restored replicated on every device there is now: left
+    to itself Orbax would use the devices the checkpoint was saved from, which a run on other
+    processes or another machine does not have."""
+    x = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(x, "sharding", None) is None:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+        x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere)
+    return x
 
 
 def _root_cause(e: BaseException) -> str:

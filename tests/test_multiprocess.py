@@ -1,0 +1,114 @@
+"""Many processes under jax.distributed (CPU, gloo): `rlhf-jax launch` with 2 processes x 4
+devices gives what 1 process x 8 devices gives, a process killed mid-run stops the launch and the
+same command resumes to the uninterrupted end state, and a coordinator nobody runs is a clear
+error. The runs are subprocesses (a process joins the runtime once, before it touches a device)."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import distributed, runs
+from rlhf_jax import run as run_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")
+
+
+def launch(workdir, data_dir, num_processes, devices_per_process, *overrides, env=None, stage="pretrain",
+           timeout=240):
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.cli", "launch", f"--num_processes={num_processes}",
+         f"--devices_per_process={devices_per_process}", "--", "train", f"--config={EXPERIMENT}:{stage}",
+         f"--workdir={workdir}", f"--config.data_dir={data_dir}", *overrides],
+        env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, capture_output=True, text=True, cwd=ROOT,
+        timeout=timeout)
+
+
+def assert_same_params(a_workdir, b_workdir, exact=False):
+    _, _, a = runs.load_policy(a_workdir)
+    _, _, b = runs.load_policy(b_workdir)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if exact:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:  # 8 devices sum their gradients in another order on 2 processes (gloo) than on 1
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def assert_same_metrics(a_workdir, b_workdir):
+    a, b = run_lib.read_metrics(a_workdir), run_lib.read_metrics(b_workdir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] and a
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory):
+    """The same pre-training run on 1 process x 8 devices and on 2 processes x 4 devices."""
+    root = tmp_path_factory.mktemp("pretrain")
+    out = {"root": root, "data": str(root / "data")}
+    for name, processes, devices in (("one", 1, 8), ("two", 2, 4)):
+        out[name] = str(root / name)
+        proc = launch(out[name], out["data"], processes, devices)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name + "_stderr"] = proc.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(pretrain_runs):
+    one, two = pretrain_runs["one"], pretrain_runs["two"]
+    assert_same_metrics(one, two)
+    assert_same_params(one, two)
+    assert run_lib.is_finished(two)
+    # One progress line per step shown, not one per process; one "done".
+    assert pretrain_runs["two_stderr"].count("step 6/6") == 1
+
+
+@pytest.mark.slow
+def test_killed_process_stops_the_launch_and_the_rerun_resumes(pretrain_runs):
+    killed = str(pretrain_runs["root"] / "killed")
+    # Process 1 dies (SIGKILL) after step 4; the checkpoint of step 3 is on disk.
+    proc = launch(killed, pretrain_runs["data"], 2, 4,
+                  env={"RLHF_JAX_FAULT_AFTER_STEP": "4", "RLHF_JAX_FAULT_PROCESS": "1"})
+    assert proc.returncode != 0
+    assert "process 1 of 2 was killed by SIGKILL" in proc.stderr and "resume" in proc.stderr
+    assert not run_lib.is_finished(killed)
+
+    proc = launch(killed, pretrain_runs["data"], 2, 4)  # the same command again
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stderr and "from step 3" in proc.stderr
+    assert_same_params(killed, pretrain_runs["two"], exact=True)
+    assert run_lib.read_metrics(killed) == run_lib.read_metrics(pretrain_runs["two"])
+
+
+def test_unreachable_coordinator_is_a_clear_error(tmp_path):
+    port = distributed.free_port()  # nobody listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.cli", "train", f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+         "--distributed_timeout_s=2"],
+        env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlhf-jax: distributed error: process 1 could not join coordinator 127.0.0.1:")
+    assert "within 2 s" in last
+    assert not os.path.exists(tmp_path / "w")  # nothing written
+
+
+def test_incomplete_distributed_settings_are_named(tmp_path):
+    with pytest.raises(distributed.DistributedError, match="num_processes=2, process_id=-1"):
+        distributed.initialize("127.0.0.1:1234", 2, -1)
+
+
+def test_launch_without_a_command_is_a_clear_error(capsys):
+    from rlhf_jax import cli
+
+    assert cli.main(["launch", "--num_processes=2", "train"]) == 2
+    assert "put the command after `--`" in capsys.readouterr().err
