@@ -29,7 +29,6 @@ import zlib
 
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import config as config_lib
@@ -455,7 +454,7 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
     Non-finite guard: a step whose metrics (loss, grad_norm, any other) hold NaN or inf stops
     the run with Diverged naming the step and metric, after writing that step's row (marked
     "nonfinite"); no checkpoint is saved after it. With `optimizer.on_nonfinite='skip'` the
-    optimizer keeps the params on such steps (optax.apply_if_finite): they are left out of the
+    optimizer keeps the params on such steps (optim.skip_nonfinite): they are left out of the
     logged means and counted in `nonfinite/skipped_updates`.
     SIGTERM (what schedulers send before pre-emption): the step in flight finishes, a
     checkpoint of it is saved, and the process ends by SIGTERM; every process stops after the
@@ -519,13 +518,14 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
 
 
 def skipped_updates(state):
-    """How many updates optax.apply_if_finite has skipped so far (summed over seeds), or None
-    when the optimizer does not skip (optimizer.on_nonfinite='stop')."""
-    is_guard = lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    """How many updates optim.skip_nonfinite has skipped so far (summed over seeds), or None
+    when the optimizer does not skip (optimizer.on_nonfinite='stop'). Found by its fields
+    (optim imports this module, not the reverse)."""
+    is_guard = lambda x: hasattr(x, "skipped_updates") and hasattr(x, "inner_state")
     guards = [x for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]
     if not guards:
         return None
-    return sum(x.total_notfinite.sum() for x in guards)
+    return sum(x.skipped_updates.sum() for x in guards)
 
 
 def _nonfinite(metrics: dict) -> list[str]:
