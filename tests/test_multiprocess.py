@@ -3,8 +3,8 @@ devices gives what 1 process x 8 devices gives, a process killed mid-run stops t
 same command resumes to the uninterrupted end state, and a coordinator nobody runs is a clear
 error. The runs are subprocesses (a process joins the runtime once, before it touches a device)."""
 
+import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import distributed, runs
+from rlhf_jax import config as config_lib
+from rlhf_jax import distributed, registry, runs
 from rlhf_jax import run as run_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -29,14 +30,25 @@ def launch(workdir, data_dir, num_processes, devices_per_process, *overrides, en
         timeout=timeout)
 
 
+def train_in_this_process(workdir, data_dir, *overrides, stage="pretrain"):
+    """The 1 process x 8 devices reference: what `rlhf-jax train` does, in the test process
+    (8 fake devices, tests/conftest.py) without another process start."""
+    overrides = [o[len("--config."):].split("=", 1) for o in (f"--config.data_dir={data_dir}", *overrides)]
+    config = config_lib.load_config(f"{EXPERIMENT}:{stage}", overrides)
+    registry.run_stage(config, workdir)
+
+
 def assert_same_params(a_workdir, b_workdir, exact=False):
-    _, _, a = runs.load_policy(a_workdir)
-    _, _, b = runs.load_policy(b_workdir)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    _, a = runs.load_run(a_workdir)
+    _, b = runs.load_run(b_workdir)
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
         if exact:
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        else:  # 8 devices sum their gradients in another order on 2 processes (gloo) than on 1
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+        else:
+            # 8 devices sum their gradients in another order on 2 processes (gloo) than on 1:
+            # ~1e-7 apart. Adam turns the pure rounding noise of a gradient that is exactly 0
+            # (attention keys' bias: softmax ignores a shift) into +-lr steps: atol covers those.
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
 def assert_same_metrics(a_workdir, b_workdir):
@@ -53,11 +65,11 @@ def pretrain_runs(tmp_path_factory):
     """The same pre-training run on 1 process x 8 devices and on 2 processes x 4 devices."""
     root = tmp_path_factory.mktemp("pretrain")
     out = {"root": root, "data": str(root / "data")}
-    for name, processes, devices in (("one", 1, 8), ("two", 2, 4)):
-        out[name] = str(root / name)
-        proc = launch(out[name], out["data"], processes, devices)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[name + "_stderr"] = proc.stderr
+    out["one"], out["two"] = str(root / "one"), str(root / "two")
+    train_in_this_process(out["one"], out["data"])
+    proc = launch(out["two"], out["data"], 2, 4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out["two_stderr"] = proc.stderr
     return out
 
 
@@ -86,6 +98,29 @@ def test_killed_process_stops_the_launch_and_the_rerun_resumes(pretrain_runs):
     assert "resuming" in proc.stderr and "from step 3" in proc.stderr
     assert_same_params(killed, pretrain_runs["two"], exact=True)
     assert run_lib.read_metrics(killed) == run_lib.read_metrics(pretrain_runs["two"])
+
+
+@pytest.mark.slow
+def test_reward_stage_two_processes_equal_one_process(tmp_path):
+    from rlhf_jax import pretrain
+    from tests.multiprocess_experiment import micro_model
+
+    sft = str(tmp_path / "sft")
+    pretrain.save_random_run(sft, micro_model())
+    rng = np.random.default_rng(0)
+    words = ["great", "awful", "fine", "loved it", "broke", "cheap", "slow", "friendly"]
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for i in range(64):
+            a, b = rng.choice(words, 2, replace=False)
+            f.write(json.dumps({"prompt": f"Review {i}:", "chosen": f" It was {a}.", "rejected": f" It was {b}."}) + "\n")
+    one, two, data = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "data")
+    overrides = (f"--config.init_from={sft}", f"--config.data.path={pairs}")
+    train_in_this_process(one, data, *overrides, stage="reward")
+    proc = launch(two, data, 2, 4, *overrides, stage="reward")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(one, two)
+    assert_same_params(one, two)
 
 
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
