@@ -122,25 +122,22 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(put, batch)
 
 
-def local_rows(x: jax.Array) -> tuple[slice, np.ndarray]:
-    """(rows, values): the rows of a batch-sharded global array this process holds, on the host.
-    Host-side Python (a reward function, decoding) works on these, then `from_local_rows`
-    assembles its results into a global array again."""
-    rows = process_block(x.sharding, x.shape)[0]
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].indices(x.shape[0])[0])
-    seen, parts = set(), []
-    for shard in shards:  # Replicas of a row (a mesh axis the batch is not split on) once.
-        start = shard.index[0].indices(x.shape[0])[0]
-        if start not in seen:
-            seen.add(start)
-            parts.append(np.asarray(shard.data))
-    return rows, np.concatenate(parts, axis=0)
+def local_block(x: jax.Array) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(block, values): the block of a global array this process holds (mesh.process_block), on
+    the host. Host-side Python (a reward function, decoding) works on these values, and
+    `from_local_block` assembles its results into a global array again. One process: all of x."""
+    block = process_block(x.sharding, x.shape)
+    values = np.empty([b.stop - b.start for b in block], x.dtype)
+    for shard in x.addressable_shards:  # (replicas of a part write the same values twice)
+        at = tuple(slice(i.indices(n)[0] - b.start, i.indices(n)[1] - b.start)
+                   for i, b, n in zip(shard.index, block, x.shape))
+        values[at] = np.asarray(shard.data)
+    return block, values
 
 
-def from_local_rows(values, like: jax.Array) -> jax.Array:
-    """The global array, sharded like `like`, whose rows on this process are `values`."""
-    values = np.asarray(values)
-    return jax.make_array_from_process_local_data(like.sharding, values, like.shape[:1] + values.shape[1:])
+def from_local_block(values, like: jax.Array) -> jax.Array:
+    """The global array shaped and sharded like `like` whose block on this process is `values`."""
+    return jax.make_array_from_process_local_data(like.sharding, np.asarray(values, like.dtype), like.shape)
 
 
 def host_copy(tree):

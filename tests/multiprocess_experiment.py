@@ -1,7 +1,8 @@
 """The tiny runs tests/test_multiprocess.py launches as 1 or 2 processes (a config file, since
-`rlhf-jax launch` starts fresh processes). `:pretrain` (default) or `:reward`."""
+`rlhf-jax launch` starts fresh processes). `:pretrain` (default), `:reward` or `:ppo`."""
 
-from configs import datasets, models
+from configs import datasets, models, optimizers
+from configs import ppo as ppo_configs
 from configs.reward import reward_stage
 from configs.stages import language_model_stage
 
@@ -15,6 +16,8 @@ def micro_model():
 def get_config(stage="pretrain"):
     if stage == "reward":
         return reward_config()
+    if stage == "ppo":
+        return ppo_config()
     c = language_model_stage("pretrain", num_steps=6, batch_size=8, seq_len=32, learning_rate=3e-3)
     c.model = micro_model()
     c.data = datasets.reviews(num_train=200, num_validation=40)
@@ -32,4 +35,27 @@ def reward_config():
     c.data = datasets.preferences_jsonl("", validation_fraction=0.0)
     c.data_dir = "/tmp/rlhf_jax_multiprocess_data"
     c.log_every, c.checkpoint_every, c.eval_every = 1, 3, 0
+    return c
+
+
+def lowercase_fraction(prompt: str, response: str) -> float:
+    """A host-side reward function: the fraction of lowercase letters in the response."""
+    del prompt
+    return sum("a" <= ch <= "z" for ch in response) / max(len(response), 1)
+
+
+def ppo_config():
+    """PPO from `init_from` (tests: a random SFT stand-in) with a Python reward function, which
+    each process runs on its own samples."""
+    c = ppo_configs.trl(num_steps=4)
+    c.model = micro_model()
+    c.reward_function = "tests.multiprocess_experiment:lowercase_fraction"
+    c.gold_function = "tests.multiprocess_experiment:lowercase_fraction"
+    c.prompts = ("The hotel", "I loved", "A film", "My phone", "The cafe was", "Our room", "Service", "Food")
+    c.batch_size = 8
+    c.max_prompt_len, c.max_new_tokens = 16, 8
+    c.missing_eos = "keep"
+    c.num_minibatches, c.ppo_epochs = 2, 1
+    c.optimizer = optimizers.adam(3e-3, eps=1e-5, grad_clip_norm=1.0)
+    c.log_every, c.checkpoint_every, c.sample_every = 1, 2, 2
     return c

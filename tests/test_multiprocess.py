@@ -123,6 +123,28 @@ def test_reward_stage_two_processes_equal_one_process(tmp_path):
     assert_same_params(one, two)
 
 
+@pytest.mark.slow
+def test_ppo_with_a_host_reward_function_two_processes_equal_one_process(tmp_path):
+    from rlhf_jax import pretrain
+    from tests.multiprocess_experiment import micro_model
+
+    sft = str(tmp_path / "sft")
+    pretrain.save_random_run(sft, micro_model())
+    one, two, data = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "data")
+    train_in_this_process(one, data, f"--config.init_from={sft}", stage="ppo")
+    proc = launch(two, data, 2, 4, f"--config.init_from={sft}", stage="ppo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_metrics(one, two)  # objective/scores: the reward function's, from both processes' rows
+    _, a = runs.load_run(one)
+    _, b = runs.load_run(two)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    # Process 0 alone writes the sample table (its own rows: the first of the batch).
+    table, full_table = (open(os.path.join(w, "samples.txt")).read().splitlines() for w in (two, one))
+    assert sum(line.startswith("--- step") for line in table) == 2
+    assert all(line in full_table for line in table)
+
+
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
     port = distributed.free_port()  # nobody listens there
     proc = subprocess.run(
