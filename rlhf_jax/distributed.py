@@ -10,8 +10,9 @@ How a process learns its place, first match wins:
   1. explicit settings: `--coordinator_address`, `--num_processes`, `--process_id` on the command
      line, or the variables RLHF_JAX_COORDINATOR_ADDRESS / RLHF_JAX_NUM_PROCESSES /
      RLHF_JAX_PROCESS_ID (what `rlhf-jax launch` sets for its children);
-  2. a cluster JAX detects by itself (a TPU pod slice, SLURM with more than one task, Open MPI,
-     or JAX_COORDINATOR_ADDRESS): `jax.distributed.initialize()` with no arguments;
+  2. a cluster JAX configures by itself (SLURM with more than one task, Open MPI, a TPU slice
+     naming its workers, JAX_COORDINATOR_ADDRESS, or RLHF_JAX_DISTRIBUTED=auto, e.g. on a Cloud
+     TPU VM slice): `jax.distributed.initialize()` with no arguments;
   3. neither: one process, nothing to join.
 These are settings of the launch, not of the experiment, so they stay out of the config: the
 config.json of a run is the same on 1 or N processes, and a run may be resumed on another count.
@@ -43,9 +44,11 @@ class DistributedError(config_lib.UserError):
 
 
 def _cluster_detected() -> bool:
-    """A cluster `jax.distributed.initialize()` configures from its environment by itself."""
+    """A cluster `jax.distributed.initialize()` configures from its environment by itself.
+    RLHF_JAX_DISTRIBUTED=auto says so where the environment does not show it (a Cloud TPU VM
+    slice, which JAX recognises through its metadata server)."""
     env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
+    if env.get("RLHF_JAX_DISTRIBUTED") == "auto" or env.get("JAX_COORDINATOR_ADDRESS"):
         return True
     if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1 and env.get("SLURM_JOB_ID"):
         return True

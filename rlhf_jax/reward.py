@@ -102,7 +102,7 @@ def make_eval_fn(score, pairs: list[dict], gold_fn):
                             for p in pairs])
 
     def eval_fn(state, step):
-        params = state["params"]
+        params = mesh_lib.host_copy(state["params"])  # (each process scores every pair itself)
         r_chosen = score(params, prompts, [p["chosen"] for p in pairs])
         r_rejected = score(params, prompts, [p["rejected"] for p in pairs])
         diff = r_chosen - r_rejected
@@ -176,6 +176,10 @@ def init_reward_params(config):
 
 
 def train(config, workdir: str):
+    if config.normalize.enabled and jax.process_count() > 1:
+        raise config_lib.ConfigError("reward: normalize.enabled samples the SFT policy on one host and is not done on "
+                                     "several processes yet: run the reward stage on one process, or set "
+                                     "normalize.enabled=False")
     mesh = mesh_lib.make_mesh(config.mesh)
     model_config, graphdef, params = init_reward_params(config)
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
