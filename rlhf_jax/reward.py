@@ -40,6 +40,7 @@ import numpy as np
 
 from rlhf_jax import config as config_lib
 from rlhf_jax import evaluation, labelers, losses, preferences, registry, runs
+from rlhf_jax import distributed
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -151,6 +152,8 @@ def normalize_on_policy_samples(config, workdir, score, params, tokenizer) -> di
     normalization = {**fit_normalization(raw), "num_samples": len(raw), "policy": policy_dir,
                      "split": ncfg.split,
                      "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    if not distributed.is_main_process():  # Every process sampled and scored the same rows; 0 writes.
+        return normalization
     with open(os.path.join(workdir, NORMALIZATION_SAMPLES_FILE), "w", encoding="utf-8") as f:
         for p, r, s in zip(prompts, responses, raw):
             f.write(json.dumps({"prompt": p, "response": r, "reward": float(s)}, ensure_ascii=False) + "\n")
@@ -176,10 +179,6 @@ def init_reward_params(config):
 
 
 def train(config, workdir: str):
-    if config.normalize.enabled and jax.process_count() > 1:
-        raise config_lib.ConfigError("reward: normalize.enabled samples the SFT policy on one host and is not done on "
-                                     "several processes yet: run the reward stage on one process, or set "
-                                     "normalize.enabled=False")
     mesh = mesh_lib.make_mesh(config.mesh)
     model_config, graphdef, params = init_reward_params(config)
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
@@ -205,6 +204,7 @@ def train(config, workdir: str):
         eval_fn=eval_fn, eval_every=config.eval_every, progress_every_s=config.get("progress_every_s", 10.0),
         headline=("loss", "accuracy", "eval/accuracy", "eval/spearman"))
 
+    distributed.barrier("reward: trained")  # (every process decides from the same files)
     if config.normalize.enabled and not os.path.exists(os.path.join(workdir, NORMALIZATION_FILE)):
         normalize_on_policy_samples(config, workdir, score, state["params"], tokenizer)
     return state

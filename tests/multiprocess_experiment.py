@@ -28,13 +28,15 @@ def get_config(stage="pretrain"):
 
 def reward_config():
     """A reward model from `init_from` (tests: a random SFT stand-in) on pairs read from a JSONL
-    file (`data.path`). No held-out evaluation: its scorer runs on one host (see README)."""
+    file (`data.path`), evaluated on held-out pairs, its rewards normalised on SFT samples."""
     c = reward_stage(num_steps=6, batch_size=8, seq_len=48, learning_rate=3e-3)
     c.model = micro_model()
     c.preferences.enabled = False
-    c.data = datasets.preferences_jsonl("", validation_fraction=0.0)
+    c.preferences.prompts = datasets.reviews_sft(num_train=64, num_validation=32)  # (normalisation prompts)
+    c.data = datasets.preferences_jsonl("", validation_fraction=0.25)
     c.data_dir = "/tmp/rlhf_jax_multiprocess_data"
-    c.log_every, c.checkpoint_every, c.eval_every = 1, 3, 0
+    c.log_every, c.checkpoint_every, c.eval_every = 1, 3, 3
+    c.normalize.update(num_prompts=8, samples_per_prompt=2, max_new_tokens=8, batch_size=8)
     return c
 
 

@@ -121,6 +121,10 @@ def test_reward_stage_two_processes_equal_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_metrics(one, two)
     assert_same_params(one, two)
+    # The rewards' normalisation on SFT samples (every process samples; process 0 writes it).
+    a, b = (json.load(open(os.path.join(w, "reward_normalization.json"))) for w in (one, two))
+    assert a["num_samples"] == b["num_samples"] > 0
+    assert (a["mean"], a["std"]) == pytest.approx((b["mean"], b["std"]), rel=1e-5)
 
 
 @pytest.mark.slow
