@@ -25,7 +25,7 @@
 
 import ml_collections
 
-from configs import datasets, mesh, models, optimizers
+from configs import datasets, lora, mesh, models, optimizers
 from configs.reward import preference_generation
 
 
@@ -36,6 +36,7 @@ def dpo_stage(*, num_steps=200, batch_size=16, seq_len=192, learning_rate=1e-5, 
     c.num_seeds = 1
     c.model = models.tiny()
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
+    c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
     c.data = datasets.preferences("preferences")
     c.data_dir = "~/.cache/rlhf_jax/datasets"

@@ -37,7 +37,7 @@ Fields (see rlhf_jax/ppo.py):
 
 import ml_collections
 
-from configs import datasets, mesh, models, optimizers
+from configs import datasets, lora, mesh, models, optimizers
 
 
 def base(num_steps: int = 100) -> ml_collections.ConfigDict:
@@ -47,6 +47,7 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c.num_seeds = 1  # > 1: seeds seed ... seed + num_seeds - 1 vmapped in one jitted program
     c.model = models.tiny()
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
+    c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
     c.reward_model = ""
     c.reward_function = ""

@@ -11,7 +11,7 @@ With `preferences.enabled`, the stage first writes its own preferences into
 
 import ml_collections
 
-from configs import datasets, mesh, models, optimizers
+from configs import datasets, lora, mesh, models, optimizers
 
 
 def preference_generation(*, num_prompts=128, num_validation_prompts=32, samples_per_prompt=4,
@@ -81,6 +81,7 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     c.seed = 0
     c.model = models.tiny()
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
+    c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
     c.data = datasets.preferences("")
     c.data_dir = "~/.cache/rlhf_jax/datasets"

@@ -5,7 +5,7 @@ Experiment files start from `language_model_stage(...)` and fill in model, data,
 
 import ml_collections
 
-from configs import mesh, models, optimizers
+from configs import lora, mesh, models, optimizers
 
 
 def language_model_stage(stage, *, num_steps, batch_size=16, seq_len=256, learning_rate=1e-3):
@@ -14,6 +14,7 @@ def language_model_stage(stage, *, num_steps, batch_size=16, seq_len=256, learni
     c.seed = 0
     c.model = models.tiny()
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
+    c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""  # Workdir of an earlier run whose params start this one.
     c.init_from_hf = ""  # Or a local Hugging Face folder (config.json + *.safetensors).
     c.data = None  # Filled by the experiment (configs/datasets.py).

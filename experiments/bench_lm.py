@@ -2,6 +2,11 @@
 
     python experiments/bench_lm.py [--size tiny|small|gpt2_124m] [--batch 16] [--seq 256]
                                    [--new_tokens 64] [--prompt 32] [--dtype float32|bfloat16]
+                                   [--layers 2,12,24] [--attention_impl einsum|xla|cudnn]
+
+With --layers, the size's width at each depth (e.g. GPT-2 124M width with 2, 12 and 24 layers),
+one result line each, with the compile time of the train step and of the sampler (first call
+minus a steady call): layers are one scanned block, so compile time should stay flat in depth.
 
 Training: tokens/s of our jitted AdamW step (`optim.make_train_step`) and of a
 `transformers.GPT2LMHeadModel` of the same size with `torch.optim.AdamW` (forward, backward,
@@ -30,24 +35,19 @@ from rlhf_jax import pretrain
 from rlhf_jax.optim import make_optimizer, make_train_step
 
 
-def matmul_peak_flops(dtype, n=None, repeats=5):
-    n = n or (8192 if jax.default_backend() == "gpu" else 2048)
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    seconds = benchmarking.best_time(lambda: f(a).block_until_ready(), repeats=repeats)
-    return 2 * n**3 / seconds
-
-
 def ours_train(config, batch, seq, steps):
     mesh = mesh_lib.make_mesh(mesh_configs.data_parallel())
     graphdef, params = model_lib.init_params(config)
     optimizer = make_optimizer(optimizers.adamw(3e-4))
-    state, shardings = pretrain.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
+    state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
     step = make_train_step(lambda p, b: pretrain.language_model_loss(p, graphdef, b), optimizer, mesh,
                                     shardings)
     tokens = np.random.default_rng(0).integers(0, 256, (batch, seq)).astype(np.int32)
     data = mesh_lib.shard_batch(dict(tokens=tokens, positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
                                      attention_mask=np.ones_like(tokens), loss_mask=np.ones_like(tokens)), mesh)
+    t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, data, jax.random.key(0)))  # compiles; the state is donated
+    first_call = time.perf_counter() - t0
     holder = {"state": state}
 
     def run():
@@ -57,8 +57,8 @@ def ours_train(config, batch, seq, steps):
         jax.block_until_ready(m["loss"])
         holder["state"] = s
 
-    seconds = benchmarking.best_time(run, repeats=3)
-    return batch * seq * steps / seconds
+    seconds = benchmarking.best_time(run, repeats=3, warmup=0)
+    return batch * seq * steps / seconds, first_call - seconds / steps
 
 
 def torch_model(config, torch_dtype):
@@ -103,7 +103,11 @@ def ours_sample(config, batch, prompt_len, new_tokens):
                                 eos_id=config.vocab_size + 1, pad_id=256, temperature=1.0)
         jax.block_until_ready(out["response"])
 
-    return batch * new_tokens / benchmarking.best_time(run, repeats=3)
+    t0 = time.perf_counter()
+    run()
+    first_call = time.perf_counter() - t0
+    seconds = benchmarking.best_time(run, repeats=3, warmup=0)
+    return batch * new_tokens / seconds, first_call - seconds
 
 
 def torch_sample(config, batch, prompt_len, new_tokens, torch_dtype):
@@ -133,22 +137,35 @@ def main():
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layers", default="", help="comma-separated depths at the size's width")
+    parser.add_argument("--attention_impl", default="einsum")
+    parser.add_argument("--no_torch", action="store_true")
     args = parser.parse_args()
+    peak = benchmarking.matmul_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    for layers in [int(n) for n in args.layers.split(",")] if args.layers else [None]:
+        config = getattr(models, args.size)()
+        config.dtype, config.attention_impl = args.dtype, args.attention_impl
+        config.num_layers = layers or config.num_layers
+        config.max_len = max(config.max_len, args.seq, args.prompt + args.new_tokens)
+        benchmark(config, args, peak)
 
-    config = getattr(models, args.size)()
-    config.dtype = args.dtype
-    config.max_len = max(config.max_len, args.seq, args.prompt + args.new_tokens)
-    result = {"size": args.size, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-              "params": model_lib.count_params(model_lib.init_params(config)[1])}
-    result["ours_train_tokens_per_s"] = ours_train(config, args.batch, args.seq, args.steps)
-    peak = matmul_peak_flops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+
+def benchmark(config, args, peak):
+    result = {"size": args.size, "layers": config.num_layers, "batch": args.batch, "seq": args.seq,
+              "dtype": args.dtype, "attention_impl": config.attention_impl,
+              "params": model_lib.count_params(model_lib.abstract_params(config)[1])}
+    result["ours_train_tokens_per_s"], result["ours_train_compile_s"] = ours_train(config, args.batch, args.seq,
+                                                                                   args.steps)
     result["matmul_peak_flops"] = peak
     result["ours_flops_fraction_of_peak"] = result["ours_train_tokens_per_s"] * model_lib.flops_per_token(config, args.seq) / peak
-    result["ours_sample_tokens_per_s"] = ours_sample(config, args.batch, args.prompt, args.new_tokens)
+    result["ours_sample_tokens_per_s"], result["ours_sample_compile_s"] = ours_sample(config, args.batch, args.prompt,
+                                                                                      args.new_tokens)
     try:
+        if args.no_torch:
+            raise ImportError
         import torch
     except ImportError:
-        print("torch not installed (pip install -e '.[torch]'): no PyTorch comparison")
+        print("no PyTorch comparison (--no_torch, or torch not installed: pip install -e '.[torch]')")
     else:
         torch.manual_seed(0)
         torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -159,7 +176,7 @@ def main():
         result["sample_ratio_ours_over_torch"] = result["ours_sample_tokens_per_s"] / result["torch_sample_tokens_per_s"]
     for k, v in result.items():
         print(f"{k:32s} {v:,.4g}" if isinstance(v, float) else f"{k:32s} {v}")
-    print("written to", benchmarking.record_result("bench_lm", result))
+    print("written to", benchmarking.record_result("bench_lm", result), flush=True)
 
 
 if __name__ == "__main__":

@@ -77,14 +77,17 @@ import tempfile
 import time
 import warnings
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import models, optimizers
 from configs import ppo as ppo_configs
 from rlhf_jax import benchmarking
 from rlhf_jax import model as model_lib
-from rlhf_jax import ppo, pretrain
+from rlhf_jax import ppo, pretrain, sampling
 from rlhf_jax.tokenizer import ByteTokenizer
 
 LEARNING_RATE = 1e-5
@@ -172,6 +175,72 @@ def ours_iteration_times(loss, args, prompt_texts, tmp):
         times.append(time.perf_counter() - t0)
         lengths.append(float(metrics["val/mean_response_length"]))
     return times, lengths, n_params
+
+
+def ours_phase_times(loss, args, prompt_texts, tmp, peak_flops):
+    """Where one of our iterations goes: each phase jitted and timed on its own (best of
+    `--iterations`), and its achieved FLOP/s as a fraction of the measured matmul peak.
+
+    generate   sampling.generate of the whole rollout batch (KV cache, every token to the end)
+    forwards   the rollout's full-sequence passes: policy log-probs (+ values) and reference
+    host       device_get + decode + the Python reward function + device_put of the scores
+    update     the jitted update (advantages, forward/backward, optimizer step), state donated
+    """
+    sft_dir = os.path.join(tmp, "sft_phases")
+    config = ours_config(loss, args, sft_dir)
+    config.prompts = tuple(prompt_texts)
+    make_sft_run(sft_dir, config.model)
+    setup = ppo.build(config)
+    models_, c = setup.models, config
+    prompts = setup.batch_fn(0)["prompts"]
+    state = setup.state
+    samples = setup.rollout(state, setup.frozen, prompts, jax.random.key(0))
+    k, p = c.samples_per_prompt, args.prompt_length
+
+    @jax.jit
+    def generate(policy, prompts, rng):
+        return sampling.generate(models_.graphdef, policy, jnp.repeat(prompts["prompt_tokens"], k, 0),
+                                 jnp.repeat(prompts["prompt_mask"], k, 0), rng, max_new_tokens=c.max_new_tokens,
+                                 eos_id=models_.eos_id, pad_id=models_.pad_id, temperature=c.temperature)
+
+    @jax.jit
+    def forwards(state, frozen, tokens, mask):
+        policy = ppo.forward(models_, state.params["policy"], state.params["value"], tokens, mask, p)
+        return policy, ppo.forward(models_, frozen["ref"], None, tokens, mask, p, with_values=False)
+
+    def host():
+        response, mask = jax.device_get((samples.response, samples.response_mask))
+        texts = sampling.decode_responses(setup.tokenizer, response, mask)
+        raw = np.asarray([frac_e("", t) for t in texts], np.float32)
+        return jax.device_put(raw, samples.has_eos.sharding)
+
+    scores = setup.final_scores(host(), samples.has_eos)
+    holder = {"state": state}
+
+    def update():
+        holder["state"], metrics = setup.update(holder["state"], samples, scores, jax.random.key(1), setup.frozen["ref"])
+        jax.block_until_ready(metrics)
+
+    best = functools.partial(benchmarking.best_time, repeats=args.iterations)
+    times = {
+        "generate": best(lambda: jax.block_until_ready(generate(holder["state"].params["policy"], prompts,
+                                                                 jax.random.key(2)))),
+        "forwards": best(lambda: jax.block_until_ready(forwards(holder["state"], setup.frozen, samples.tokens,
+                                                                samples.attention_mask))),
+        "host": best(lambda: jax.block_until_ready(host())),
+        "update": best(update),
+    }
+    # FLOPs: 2 per weight per token forward, 6 forward + backward (PaLM's 6N + attention term).
+    b, n = args.prompts * k, args.response_length
+    train_flops_per_token = model_lib.flops_per_token(c.model, p + n)
+    value_passes = 1 if loss == "ppo" and c.value_model != "policy" else 0
+    flops = {
+        "generate": b * n * train_flops_per_token / 3,
+        "forwards": (2 + value_passes) * b * (p + n) * train_flops_per_token / 3,
+        "host": 0.0,
+        "update": (1 + value_passes) * b * (p + n) * train_flops_per_token * c.ppo_epochs,
+    }
+    return {phase: {"s": t, "fraction_of_peak": flops[phase] / t / peak_flops} for phase, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -291,7 +360,8 @@ def trl_iteration_times(loss, args, prompt_texts, tmp):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--losses", default="rloo", help="comma-separated: rloo, grpo")
+    parser.add_argument("--losses", default="rloo", help="comma-separated: rloo, grpo, ppo (ours only: TRL "
+                        "1.16 has no PPO trainer)")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first iterations (compile, caches)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration")
@@ -302,8 +372,8 @@ def main():
     parser.add_argument("--no_record", action="store_true", help="print only; do not append to results")
     args = parser.parse_args()
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-    if not set(losses) <= {"rloo", "grpo"} or not losses:
-        parser.error(f"--losses {args.losses!r}: expected a comma-separated subset of rloo, grpo")
+    if not set(losses) <= {"rloo", "grpo", "ppo"} or not losses:
+        parser.error(f"--losses {args.losses!r}: expected a comma-separated subset of rloo, grpo, ppo")
     if args.samples < 2 or args.prompt_length < 5 or args.iterations < 1:
         parser.error("need --samples >= 2, --prompt_length >= 5, --iterations >= 1")
 
@@ -327,6 +397,8 @@ def main():
     result.update(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
                   torch_threads=torch.get_num_threads())
 
+    peak = benchmarking.matmul_peak_flops(jnp.float32)
+    result["matmul_peak_flops"] = peak
     for loss in losses:
         with tempfile.TemporaryDirectory() as tmp:
             times, lengths, n_params = ours_iteration_times(loss, args, prompt_texts, tmp)
@@ -334,6 +406,14 @@ def main():
             ours = summarise(times[args.warmup:])
             ours["first_iteration_s"] = times[0]  # includes jit compilation
             ours["mean_response_length"] = float(np.mean(lengths[args.warmup:]))
+            ours["phases"] = ours_phase_times(loss, args, prompt_texts, tmp, peak)
+            print(f"{loss}: ours by phase: " + ", ".join(
+                f"{name} {v['s']:.3f} s ({100 * v['fraction_of_peak']:.1f}% of peak)"
+                for name, v in ours["phases"].items()), flush=True)
+            if loss == "ppo":  # ours only
+                result["ours_ppo"] = ours
+                print(f"ppo: ours {ours['median_s']:.3f} s/iteration (median; best {ours['best_s']:.3f})", flush=True)
+                continue
             times, lengths = trl_iteration_times(loss, args, prompt_texts, tmp)
             theirs = summarise(times[args.warmup:])
             theirs["first_iteration_s"] = times[0]

@@ -38,6 +38,18 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return min(times)
 
 
+def matmul_peak_flops(dtype, n=None, repeats=5) -> float:
+    """The machine's measured matmul FLOP/s: the best of a few n x n jnp.dot's (the denominator of
+    every "fraction of peak")."""
+    import jax.numpy as jnp
+
+    n = n or (8192 if jax.default_backend() == "gpu" else 2048)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    seconds = best_time(lambda: f(a).block_until_ready(), repeats=repeats)
+    return 2 * n**3 / seconds
+
+
 def record_result(name: str, result: dict) -> str:
     """Append one JSON line {date, machine, ...result} to experiments/results/<name>.jsonl."""
     os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -162,6 +162,20 @@ def cmd_score(args, overrides):
     print(f"{runs.score_from_run(args.workdir, args.prompt, args.response):.4f}")
 
 
+def cmd_export(args, _overrides):
+    from rlhf_jax import config as config_lib
+    from rlhf_jax import hf_export, runs
+
+    model_config, _, params = runs.load_policy(args.workdir, args.seed_index)
+    tokenizer = config_lib.read_resolved_config(args.workdir).get("tokenizer") or {}
+    try:
+        written = hf_export.export_hf(model_config, params, args.out,
+                                      tokenizer.get("path") if tokenizer.get("kind") == "hf" else None)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{args.workdir}: {e}") from None
+    print("\n".join(written))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,6 +220,11 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0)
     p.set_defaults(fn=cmd_best_of_n)
+    p = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint (GPT-2 or Llama layout)")
+    p.add_argument("--workdir", required=True, help="a run with a policy (pretrain, sft, ppo, dpo)")
+    p.add_argument("--out", required=True, help="folder for config.json, model.safetensors (+ tokenizer files)")
+    p.add_argument("--seed_index", type=int, default=0, help="which seed of a num_seeds > 1 run")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("score", help="print the reward model's score of a response")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)

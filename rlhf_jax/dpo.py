@@ -20,7 +20,8 @@ The reference log-probs come in the batch: computed for every pair once before t
 or per batch on the host side of the loop.
 
 Train state {'params', 'opt_state'} (a leading seed axis with num_seeds > 1: the step is
-vmapped, each seed reads the pairs in its own order). Metrics: loss and `rewards/chosen`,
+vmapped, each seed reads the pairs in its own order). With LoRA (`lora.rank` > 0) the params are
+the adapters and the reference is the base they are added to: the SFT weights are held once. Metrics: loss and `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
 (TRL's names); every eval_every steps the same on held-out pairs (eval/...), and eval/gold,
 eval/kl of samples on held-out prompts (rlhf_jax.evaluation, one evaluation for every method).
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import evaluation, labelers, losses, preferences, runs
+from rlhf_jax import evaluation, labelers, lora, losses, preferences, runs
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -92,9 +93,10 @@ def logprobs_of_all_pairs(logprob_fn, params, pair_batches) -> np.ndarray:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn):
+def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn, policy_of):
     """eval_fn(state, step): dpo_loss metrics on held-out pairs and the shared policy evaluation
-    (gold score and KL to the SFT policy of samples on held-out prompts), per seed."""
+    (gold score and KL to the SFT policy of samples on held-out prompts), per seed.
+    policy_of(one seed's trained params) -> the params the model runs with (LoRA merged)."""
     ecfg = config.eval_prompts
     prompts = loaders.prompt_texts(*_prompt_split(config))
     gold_fn = labelers.load_function(config.gold_function) if config.gold_function else None
@@ -107,7 +109,7 @@ def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref
         rejected_lengths=held_out["lengths"][:, 1], simpo_gamma=config.loss.simpo_gamma)[1])
 
     def eval_one(params):
-        metrics = {}
+        params, metrics = policy_of(params), {}
         if held_out["batches"]:
             logps = logprobs_of_all_pairs(logprob_fn, params, held_out["batches"])
             metrics = {f"eval/{k}": v for k, v in mesh_lib.host_copy(loss_fn(logps, held_out_ref)).items()}
@@ -154,16 +156,25 @@ def train(config, workdir: str):
     optimizer = make_optimizer(config.optimizer)
     num_seeds = config.num_seeds
 
-    one_seed = {"params": ref_params, "opt_state": optimizer.init(ref_params)}
-    state = one_seed if num_seeds == 1 else jax.tree.map(lambda x: jnp.stack([x] * num_seeds), one_seed)
+    lora_config = config.get("lora")
+    per_seed = []
+    for seed in run_lib.seeds_of(config):
+        trainable = lora.split(ref_params, lora_config, seed)[0]  # the SFT params, or adapters on them
+        per_seed.append({"params": trainable, "opt_state": optimizer.init(trainable)})
+    state = per_seed[0] if num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed)
     state = jax.tree.map(jnp.array, state)  # own copy: the step donates it, the reference stays
-    shardings = mesh_lib.param_shardings(mesh, one_seed)
+    shardings = mesh_lib.param_shardings(mesh, per_seed[0])
     if num_seeds > 1:
         shardings = mesh_lib.stacked(shardings)
     state = jax.device_put(state, shardings)
     ref_params = jax.device_put(ref_params, mesh_lib.param_shardings(mesh, ref_params))
-    step_fn = make_train_step(lambda params, batch: pair_loss(params, graphdef, batch, config.loss),
-                              optimizer, mesh, shardings, num_seeds)
+    base = ref_params if lora.enabled(lora_config) else None  # the reference is the base: one copy
+    step_fn = make_train_step(
+        lambda params, batch, base=None: pair_loss(lora.combine(params, base, lora_config), graphdef, batch,
+                                                   config.loss),
+        optimizer, mesh, shardings, num_seeds, frozen=base)
+    merged = jax.jit(lambda trainable, base: lora.combine(trainable, base, lora_config))
+    policy_of = (lambda params: params) if base is None else (lambda params: merged(params, base))
 
     # Reference log-probs: once for every pair (train and held-out), or per batch.
     logprob_fn = jax.jit(lambda params, batch: pair_logprobs(graphdef, params, batch))
@@ -205,7 +216,8 @@ def train(config, workdir: str):
                                       for b, n in batches])
             held_out = {"batches": batches, "lengths": lengths}
             held_out_ref = logprobs_of_all_pairs(logprob_fn, ref_params, batches)
-        eval_fn = make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn)
+        eval_fn = make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref, logprob_fn,
+                               policy_of)
 
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(run_lib.seeds_of(config)))
     return run_lib.train_loop(
@@ -222,7 +234,7 @@ def train(config, workdir: str):
 
 def abstract_state(config):
     """ShapeDtypeStructs of the checkpointed {'params', 'opt_state'} (a leading seed axis with
-    num_seeds > 1)."""
+    num_seeds > 1; LoRA: the adapters' only)."""
     state = runs.supervised_abstract_state(config, "lm")[1]
     seeds = config.get("num_seeds", 1)
     lead = (seeds,) if seeds > 1 else ()
@@ -230,4 +242,11 @@ def abstract_state(config):
 
 
 def policy_params(config, state):
-    return model_lib.abstract_params(config.model, "lm")[0], state["params"]
+    """(graphdef, params) of the policy (a leading seed axis with num_seeds > 1); with LoRA the
+    adapters merged into the SFT run's weights (reloaded from init_from)."""
+    graphdef, params = model_lib.abstract_params(config.model, "lm")[0], state["params"]
+    if lora.enabled(config.get("lora")):
+        base = runs.load_matching_policy(config.init_from, config.model, "dpo")[2]
+        merge = lambda trainable: lora.combine_restored(trainable, base, config.lora)
+        params = jax.vmap(merge)(params) if config.get("num_seeds", 1) > 1 else merge(params)
+    return graphdef, params

@@ -5,7 +5,7 @@
     outputs, _ = model.apply(graphdef, params, tokens, positions, mask)
 
 Weights are read with `safetensors.numpy` (never pickle). The returned params have exactly the
-structure of `init_params(config, head='lm')`; the vocabulary is the checkpoint's own (not
+structure of `init_params(config, head='lm')` (block params stacked on a leading layer axis); the vocabulary is the checkpoint's own (not
 padded). Supported: `GPT2LMHeadModel` and `LlamaForCausalLM` (default RoPE, no rope scaling,
 head_dim = hidden_size / num_attention_heads). Anything else is refused with a message naming the
 file and the key.
@@ -216,14 +216,26 @@ def _getter(weights, path):
 
 
 def _to_state(flat, config, path):
-    """Put the arrays into the abstract param tree of init_params(config), checking shapes."""
+    """Put the arrays into the abstract param tree of init_params(config), checking shapes.
+
+    `flat` maps per-layer keys ('blocks', i, ...) as the checkpoint stores them; our block params
+    are stacked on a leading layer axis ('blocks', ...) [L, ...], so layer i goes to index i.
+    """
     _, abstract = model.abstract_params(config, "lm")
     leaves = []
     for key, variable in nnx.to_flat_state(abstract):
         name = "/".join(map(str, key))
-        if key not in flat:
+        if key[0] == "blocks":
+            layer_keys = [key[:1] + (i,) + key[1:] for i in range(config.num_layers)]
+            missing = [k for k in layer_keys if k not in flat]
+            if missing:
+                raise KeyError(f"{path}: no tensor was mapped to param {'/'.join(map(str, missing[0]))}")
+            value = np.stack([np.asarray(flat.pop(k), dtype=np.float32) for k in layer_keys])
+        elif key not in flat:
             raise KeyError(f"{path}: no tensor was mapped to param {name}")
-        value = np.ascontiguousarray(flat.pop(key), dtype=np.float32)
+        else:
+            value = np.asarray(flat.pop(key), dtype=np.float32)
+        value = np.ascontiguousarray(value)
         if value.shape != variable.shape:
             raise ValueError(f"{path}: param {name} has shape {value.shape}, the model expects {variable.shape}")
         leaves.append((key, variable.replace(jnp.asarray(value))))

@@ -57,6 +57,8 @@ def _check_config(config) -> None:
         raise ValueError(f"dtype={config.dtype!r}: expected 'float32' or 'bfloat16'")
     if config.param_dtype != "float32":
         raise ValueError(f"param_dtype={config.param_dtype!r}: only 'float32' is supported")
+    if config.get("attention_impl", "einsum") not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={config.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
     if config.dropout != 0.0:
         raise NotImplementedError(f"dropout={config.dropout}: dropout is not implemented; set model.dropout=0.0")
 
@@ -74,6 +76,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+def attention(q, key, value, mask, impl: str = "einsum"):
+    """Softmax attention with GQA. q [B, T, H, D]; key, value [B, S, K, D]; mask [B, T, S] bool.
+
+    Returns [B, T, H, D]. Scores and softmax in float32 whatever the input dtype.
+    impl: 'einsum' (our own two einsums), 'xla' or 'cudnn' (`jax.nn.dot_product_attention`;
+    'cudnn' is the fused flash-attention kernel on NVIDIA GPUs, bf16/fp16 only).
+    """
+    b, t, h, d = q.shape
+    k = key.shape[2]
+    if impl == "einsum":
+        q = q.reshape(b, t, k, h // k, d)  # query head k * G + g uses key/value head k
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, key, preferred_element_type=jnp.float32) / math.sqrt(d)
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        return jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(b, t, h, d)
+    return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], implementation=impl)
 
 
 def _norm(config, rngs):
@@ -94,6 +117,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.d_model // config.num_heads
         self.rope_theta = config.rope_theta if config.positions == "rope" else None
+        self.attention_impl = config.get("attention_impl", "einsum")
         d, hd, kvd = config.d_model, config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
         residual_std = config.init_std / math.sqrt(2 * config.num_layers)  # GPT-2 scaled init
         self.query = _linear(config, d, hd, rngs)
@@ -101,11 +125,13 @@ class Attention(nnx.Module):
         self.value = _linear(config, d, kvd, rngs)
         self.out = _linear(config, hd, d, rngs, std=residual_std)
 
-    def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, cache=None, layer=None, cache_index=None):
         """x [B, T, d_model], positions [B, T], mask [B, T, S] bool (True = may attend).
 
-        layer_cache: None, or {'k', 'v'} [B, S, K, D]; the new keys/values go to slots
-        [cache_index, cache_index + T). Returns (y [B, T, d_model], new layer_cache or None).
+        cache: None, or {'k', 'v'} [L, B, S, K, D] for every layer; this layer's (`layer`, traced)
+        new keys/values go to slots [cache_index, cache_index + T). Only the new tokens are
+        written (in place in the scan carry), not the layer's whole slice.
+        Returns (y [B, T, d_model], updated cache or None).
         """
         b, t, _ = x.shape
         h, k, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -114,18 +140,13 @@ class Attention(nnx.Module):
         value = self.value(x).reshape(b, t, k, d)
         if self.rope_theta is not None:
             q, key = apply_rope(q, positions, self.rope_theta), apply_rope(key, positions, self.rope_theta)
-        if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
-            value = jax.lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype), start)
-            layer_cache = {"k": key, "v": value}
-        q = q.reshape(b, t, k, h // k, d)  # query head k * G + g uses key/value head k
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, key.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(d)
-        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        y = jnp.einsum("bkgts,bskd->btkgd", probs, value.astype(q.dtype)).reshape(b, t, h * d)
-        return self.out(y), layer_cache
+        if cache is not None:
+            start = (layer, 0, cache_index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], key[None].astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], value[None].astype(cache["v"].dtype), start)}
+            key, value = cache["k"][layer], cache["v"][layer]
+        y = attention(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.attention_impl)
+        return self.out(y.reshape(b, t, h * d)), cache
 
 
 class MLP(nnx.Module):
@@ -152,11 +173,22 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
-        y, layer_cache = self.attn(self.attn_norm(x), positions, mask, layer_cache, cache_index)
+    def __call__(self, x, positions, mask, cache=None, layer=None, cache_index=None):
+        y, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer, cache_index)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
-        return x, layer_cache
+        return x, cache
+
+
+def _stacked_blocks(config, rngs):
+    """`num_layers` Blocks as one module whose params carry a leading layer axis [L, ...]."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(config, rngs=rngs)
+
+    return make(rngs)
 
 
 def _scalar_head(config, rngs):
@@ -179,7 +211,7 @@ class Transformer(nnx.Module):
         if config.positions == "learned":
             self.position_embed = nnx.Embed(config.max_len, config.d_model, dtype=dtype,
                                             embedding_init=embed_init, rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.blocks = _stacked_blocks(config, rngs)  # one scanned block: compile time flat in depth
         self.final_norm = _norm(config, rngs)
         if head in ("lm", "lm_and_scalar") and not config.tie_embeddings:
             self.unembed = nnx.Linear(config.d_model, config.vocab_size, use_bias=False, dtype=dtype,
@@ -210,16 +242,21 @@ class Transformer(nnx.Module):
         causal = jnp.arange(key_mask.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
         mask = key_mask[:, None, :] & causal[None]  # [B, T, S]
 
-        def run_block(block_state, block_graphdef, x, layer_cache):
-            return nnx.merge(block_graphdef, block_state)(x, positions, mask, layer_cache, index)
+        block_graphdef, stacked_params = nnx.split(self.blocks)
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
 
-        if config.remat:  # jax.checkpoint on a pure function of the block's params: safe in any trace
-            run_block = jax.checkpoint(run_block, static_argnums=(1,))
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            block_graphdef, block_state = nnx.split(block)
-            x, layer_cache = run_block(block_state, block_graphdef, x, None if cache is None else cache["layers"][i])
-            new_layers.append(layer_cache)
+        def run_block(x, kv, layer_params, layer):
+            return nnx.merge(block_graphdef, layer_params)(x, positions, mask, kv, layer, index)
+
+        if config.remat:  # recompute each block in the backward pass: activations of one layer live
+            run_block = jax.checkpoint(run_block)
+
+        def scan_body(carry, layer_inputs):
+            x, kv = run_block(*carry, *layer_inputs)
+            return (x, kv), None
+
+        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, kv), _ = jax.lax.scan(scan_body, (x, kv), (stacked_params, layers))
         x = self.final_norm(x)
 
         outputs = {}
@@ -233,7 +270,7 @@ class Transformer(nnx.Module):
         if self.head in ("scalar", "lm_and_scalar"):
             outputs["scalar"] = self.scalar_head(x.astype(jnp.float32))[..., 0]
         if cache is not None:
-            cache = {"layers": new_layers, "mask": key_mask, "index": index + t}
+            cache = {"k": kv["k"], "v": kv["v"], "mask": key_mask, "index": index + t}
         return outputs, cache
 
 
@@ -270,15 +307,24 @@ def model_config(graphdef, params) -> ml_collections.FrozenConfigDict:
 
 
 def init_cache(config, batch_size: int, max_len: int, dtype=None):
-    """Empty KV cache for `max_len` slots.
+    """Empty KV cache for `max_len` slots, stacked over layers like the block params.
 
-    {'layers': [{'k': [B, S, K, D], 'v': [B, S, K, D]}] * num_layers,
+    {'k': [L, B, S, K, D], 'v': [L, B, S, K, D],
      'mask': [B, S] bool (True where the slot holds a real token), 'index': int32 (next slot)}
     """
     dtype = dtype or _dtype(config.dtype)
-    shape = (batch_size, max_len, config.num_kv_heads, config.d_model // config.num_heads)
-    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)]
-    return {"layers": layers, "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.d_model // config.num_heads)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def grow_cache(cache, extra_slots: int):
+    """The same cache with `extra_slots` empty slots appended (a copy; the sampler grows its cache
+    view in chunks so that decode attention reads only about the filled part)."""
+    pad = [(0, 0)] * 5
+    pad[2] = (0, extra_slots)
+    return {"k": jnp.pad(cache["k"], pad), "v": jnp.pad(cache["v"], pad),
+            "mask": jnp.pad(cache["mask"], ((0, 0), (0, extra_slots))), "index": cache["index"]}
 
 
 def last_token_index(attention_mask):

@@ -89,20 +89,25 @@ def skip_nonfinite(inner: optax.GradientTransformation, max_consecutive: int) ->
     return optax.GradientTransformation(init, update)
 
 
-def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 1):
+def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 1, frozen=None):
     """jit(train_step)(state, batch, rng) -> (state, metrics) for any supervised loss
     `loss_fn(params, batch) -> (loss, metrics)` (next-token in pretrain.py, Bradley-Terry in
     reward.py, DPO in dpo.py). State {'params', 'opt_state'}; its buffers are donated; the batch
     is split over every device of the mesh.
 
+    frozen: params the loss reads but never trains (LoRA's base weights, placed on the mesh):
+    then the loss is `loss_fn(params, batch, frozen)`, frozen is a jit argument (not a constant
+    baked into the program, not donated, not copied) and `params` are the adapters and heads.
+
     num_seeds S > 1: the state and the batch carry a leading seed axis [S] (unsplit; shardings
-    from mesh.stacked), the step is vmapped over it, and the metrics are run.seed_summary's mean
-    and `_std` over seeds.
+    from mesh.stacked), the step is vmapped over it (frozen is shared), and the metrics are
+    run.seed_summary's mean and `_std` over seeds.
     """
 
-    def train_step(state, batch, rng):
+    def train_step(state, batch, rng, frozen):
         del rng  # Dropout is off; the signature is the one every stage shares.
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        loss = loss_fn if frozen is None else (lambda params, batch: loss_fn(params, batch, frozen))
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"], batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
@@ -111,11 +116,13 @@ def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 
     batch_sharding = mesh_lib.batch_sharding(mesh)
     step = train_step
     if num_seeds > 1:
-        per_seed, batch_sharding = jax.vmap(train_step, in_axes=(0, 0, None)), mesh_lib.stacked(batch_sharding)
+        per_seed, batch_sharding = jax.vmap(train_step, in_axes=(0, 0, None, None)), mesh_lib.stacked(batch_sharding)
 
-        def step(state, batch, rng):
-            state, metrics = per_seed(state, batch, rng)
+        def step(state, batch, rng, frozen):
+            state, metrics = per_seed(state, batch, rng, frozen)
             return state, run_lib.seed_summary(metrics)
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, None),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+    frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, None, frozen_shardings),
+                     out_shardings=(state_shardings, None), donate_argnums=0)
+    return lambda state, batch, rng: jitted(state, batch, rng, frozen)

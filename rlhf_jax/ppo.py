@@ -55,7 +55,7 @@ import optax
 from flax import nnx, struct
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, losses, runs, sampling
+from rlhf_jax import distributed, lora, losses, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -75,7 +75,7 @@ MISSING_EOS = ("keep", "penalty")
 class TrainState:
     """What run.train_loop checkpoints; with num_seeds S > 1 every leaf has a leading [S].
 
-    params      {'policy': policy params (head 'lm'),
+    params      {'policy': policy params (head 'lm'; with LoRA its adapters {'lora': ...}),
                  'value': the value head (value_model 'policy') or a scalar model ('reward_model',
                           'sft'); None without a value function (loss != 'ppo')}
     opt_state   optax state of params: one optimizer over both, so the gradient clip
@@ -234,7 +234,8 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
     """
     c = models.config
     k = c.samples_per_prompt
-    policy, value = state.params["policy"], state.params["value"]
+    policy = lora.combine(state.params["policy"], frozen["ref"], c.get("lora"))  # LoRA: adapters on the reference
+    value = state.params["value"]
     prompt_tokens = jnp.repeat(prompts["prompt_tokens"], k, axis=0)
     prompt_mask = jnp.repeat(prompts["prompt_mask"], k, axis=0)
     if batch_sharding is not None:  # the repeated batch is split over the devices
@@ -326,12 +327,14 @@ def compute_advantages(config, samples: Rollout, scores, kl_coef, baseline):
 # ----------------------------------------------------------------------------- update
 
 
-def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len: int):
+def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len: int, ref=None):
     """Loss of one minibatch (the rows of `samples` and `adv` it holds): policy objective +
-    vf_coef * value loss - entropy_coef * entropy. params: {'policy', 'value'}."""
+    vf_coef * value loss - entropy_coef * entropy. params: {'policy', 'value'}; ref: the
+    reference params, which LoRA adapters are added to."""
     c = models.config
     mask = samples.response_mask.astype(bool)
-    logprobs, entropy, values = forward(models, params["policy"], params["value"], samples.tokens,
+    policy = lora.combine(params["policy"], ref, c.get("lora"))
+    logprobs, entropy, values = forward(models, policy, params["value"], samples.tokens,
                                         samples.attention_mask, prompt_len)
     clipped_loss, pm = losses.ppo_policy_loss(logprobs, samples.logprobs, adv.advantages, mask, c.clip_eps)
     if c.loss in ("ppo", "grpo"):
@@ -348,11 +351,11 @@ def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len
     return loss, metrics
 
 
-def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, scores, rng):
+def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, scores, rng, ref=None):
     """compute_advantages, then `ppo_epochs` epochs x `num_minibatches` shuffled minibatch steps,
     then the KL-coefficient update. Pure; jitted by `make_update` with the state donated.
 
-    scores: [B] final scores. One optimizer steps the policy and the value params together, so
+    scores: [B] final scores. ref: the reference params (read with LoRA only). One optimizer steps the policy and the value params together, so
     its gradient clip (config.optimizer.grad_clip_norm) is by their joint global norm; Adam is
     elementwise, so this is the update two Adams over the two would make.
     Returns (state, metrics).
@@ -370,7 +373,7 @@ def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, sco
         mb_samples, mb_adv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[idx], batch_sharding),
                                           (samples, adv))
         grad_fn = jax.value_and_grad(minibatch_loss, argnums=1, has_aux=True)
-        (_, metrics), grads = grad_fn(models, params, mb_samples, mb_adv, samples.prompt_len)
+        (_, metrics), grads = grad_fn(models, params, mb_samples, mb_adv, samples.prompt_len, ref)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         metrics["grad_norm"] = optax.tree.norm(grads)  # before the clip
         return (optax.apply_updates(params, updates), opt_state), metrics
@@ -430,21 +433,21 @@ def place_prompts(prompts, mesh, num_seeds: int = 1):
     return mesh_lib.shard_batch(prompts, mesh)
 
 
-def make_update(models, optimizer, mesh, state_shardings):
-    """jit(ppo_update)(state, samples, scores, rng) -> (state, metrics); the state buffers are
-    donated. With num_seeds > 1 it is vmapped over the seed axis and the metrics are
-    run.seed_summary's mean and `_std`."""
+def make_update(models, optimizer, mesh, state_shardings, frozen_shardings):
+    """jit(ppo_update)(state, samples, scores, rng, ref) -> (state, metrics); the state buffers
+    are donated, the reference (`frozen['ref']`, read with LoRA) is not. With num_seeds > 1 it
+    is vmapped over the seed axis and the metrics are run.seed_summary's mean and `_std`."""
     fn = functools.partial(ppo_update, models, optimizer, mesh)
     batch = mesh_lib.batch_sharding(mesh)
     if models.config.num_seeds > 1:
-        per_seed, batch = jax.vmap(fn), mesh_lib.stacked(batch)
+        per_seed, batch = jax.vmap(fn, in_axes=(0, 0, 0, 0, None)), mesh_lib.stacked(batch)
 
-        def fn(state, samples, scores, rng):
-            state, metrics = per_seed(state, samples, scores, rng)
+        def fn(state, samples, scores, rng, ref):
+            state, metrics = per_seed(state, samples, scores, rng, ref)
             return state, run_lib.seed_summary(metrics)
 
-    return jax.jit(fn, in_shardings=(state_shardings, batch, batch, None), out_shardings=(state_shardings, None),
-                   donate_argnums=0)
+    return jax.jit(fn, in_shardings=(state_shardings, batch, batch, None, frozen_shardings["ref"]),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -477,6 +480,10 @@ def _check_config(config):
         raise config_lib.ConfigError("value_model='reward_model' needs a reward_model run")
     if not config.init_from:
         raise config_lib.ConfigError("init_from: the SFT run the policy and reference start from")
+    if lora.enabled(config.get("lora")) and config.loss == "ppo" and config.value_model != "policy":
+        raise config_lib.ConfigError(f"lora.rank={config.lora.rank} with value_model={config.value_model!r}: a "
+                                     "separate value model would be a second full copy; use value_model='policy' "
+                                     "(a value head on the LoRA policy)")
 
 
 def init_models(config, tokenizer, optimizer):
@@ -508,7 +515,9 @@ def init_models(config, tokenizer, optimizer):
     for seed in run_lib.seeds_of(config):
         value_graphdef, value_params = value_function(seed)
         # Own copies: the reference and the reward model keep the loaded arrays; the update donates these.
-        params = jax.tree.map(jnp.array, {"policy": policy, "value": value_params})
+        # With LoRA the policy is adapters on the reference (which then is the base, held once).
+        trainable_policy = lora.split(policy, config.get("lora"), seed)[0]
+        params = jax.tree.map(jnp.array, {"policy": trainable_policy, "value": value_params})
         states.append(TrainState(params=params, opt_state=optimizer.init(params), kl_coef=jnp.float32(config.kl_coef),
                                  baseline=jnp.zeros([2], jnp.float32)))
     state = states[0] if config.num_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -544,7 +553,7 @@ class Setup:
     frozen: dict                     # dict(ref=reference params, reward=reward-model params or None)
     rollout: Callable                # (state, frozen, prompts, rng) -> Rollout
     final_scores: Callable           # (raw_scores, has_eos) -> scores
-    update: Callable                 # (state, samples, scores, rng) -> (state, metrics)
+    update: Callable                 # (state, samples, scores, rng, ref) -> (state, metrics)
     reward_function: Callable | None  # host (prompt, response) -> raw score, or None (reward model)
     gold_function: Callable | None   # host (prompt, response) -> gold score, logged only
     batch_fn: Callable               # step -> dict(step, prompts (placed), texts)
@@ -579,7 +588,7 @@ def build(config) -> Setup:
     return Setup(config=config, mesh=mesh, tokenizer=tokenizer, models=models, state=state, frozen=frozen,
                  rollout=make_rollout(models, mesh, state_shardings, frozen_shardings),
                  final_scores=jax.jit(functools.partial(final_scores, models)),
-                 update=make_update(models, optimizer, mesh, state_shardings),
+                 update=make_update(models, optimizer, mesh, state_shardings, frozen_shardings),
                  reward_function=labelers_load(config.reward_function),
                  gold_function=labelers_load(config.gold_function), batch_fn=batch_fn,
                  rng=seed_keys if config.num_seeds > 1 else seed_keys[0])
@@ -633,7 +642,7 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
         raw_scores = _host_scores(setup.reward_function, prompts, responses)
         raw_scores = mesh_lib.from_local_block(raw_scores.reshape(response.shape[:-1]), like=samples.has_eos)
     scores = setup.final_scores(raw_scores, samples.has_eos)
-    state, metrics = setup.update(state, samples, scores, keys[..., 1])
+    state, metrics = setup.update(state, samples, scores, keys[..., 1], setup.frozen["ref"])
 
     if setup.gold_function is not None:
         gold = _host_scores(setup.gold_function, prompts, responses)
@@ -689,6 +698,7 @@ def train(config, workdir: str):
 def abstract_state(config):
     """ShapeDtypeStructs of a PPO run's TrainState, from its config alone (for Orbax)."""
     _, policy = model_lib.abstract_params(config.model, "lm")
+    policy = jax.eval_shape(lambda p: lora.split(p, config.get("lora"), 0)[0], policy)
     value = None
     if config.loss == "ppo":
         if config.value_model == "policy":
@@ -707,5 +717,11 @@ def abstract_state(config):
 
 
 def policy_params(config, state):
-    """(graphdef, policy params) of a restored state (with a leading seed axis if num_seeds > 1)."""
-    return model_lib.abstract_params(config.model, "lm")[0], state.params["policy"]
+    """(graphdef, policy params) of a restored state (with a leading seed axis if num_seeds > 1);
+    with LoRA the adapters merged into the SFT run's weights (reloaded from init_from)."""
+    graphdef, params = model_lib.abstract_params(config.model, "lm")[0], state.params["policy"]
+    if lora.enabled(config.get("lora")):
+        base = runs.load_matching_policy(config.init_from, config.model, "ppo")[2]
+        merge = lambda trainable: lora.combine_restored(trainable, base, config.lora)
+        params = jax.vmap(merge)(params) if config.get("num_seeds", 1) > 1 else merge(params)
+    return graphdef, params

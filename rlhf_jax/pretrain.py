@@ -9,6 +9,10 @@ their batches:
 The train state is {'params': nnx.State, 'opt_state': optax state}; `train_step` is pure and
 jitted with the state sharded by the mesh (replicated, or FSDP-split) and the batch split over
 every device. Later stages load its params through `rlhf_jax.runs.load_policy`.
+
+With LoRA (`lora.rank` > 0; a run that starts from other params: init_from / init_from_hf) the
+state's params are the adapters only; the base is the starting params, read by the step and
+reloaded from init_from at hand-off (`policy_params` merges them).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, losses, runs, sampling
+from rlhf_jax import distributed, lora, losses, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -76,14 +80,15 @@ def language_model_loss(params, graphdef, batch):
     return losses.next_token_loss(outputs["logits"], batch["tokens"], batch["loss_mask"])
 
 
-def make_eval_fn(graphdef, mesh, batches, num_batches: int, unigram_loss: float):
-    """Mean validation loss over the first `num_batches` (unshuffled) batches, and perplexity."""
+def make_eval_fn(graphdef, mesh, batches, num_batches: int, unigram_loss: float, policy_of=lambda s: s["params"]):
+    """Mean validation loss over the first `num_batches` (unshuffled) batches, and perplexity.
+    policy_of(state) -> the params the model runs with (LoRA merged)."""
     loss_fn = jax.jit(lambda params, batch: language_model_loss(params, graphdef, batch)[1])
 
     def eval_fn(state, step):
-        total, tokens = 0.0, 0.0
+        total, tokens, params = 0.0, 0.0, policy_of(state)
         for i in range(min(num_batches, len(batches))):
-            m = jax.device_get(loss_fn(state["params"], mesh_lib.shard_batch(batches[i], mesh)))
+            m = jax.device_get(loss_fn(params, mesh_lib.shard_batch(batches[i], mesh)))
             total += float(m["loss"]) * float(m["num_tokens"])
             tokens += float(m["num_tokens"])
         loss = total / max(tokens, 1.0)
@@ -109,16 +114,24 @@ def train(config, workdir: str):
     train_batches = batches_for(config, data["train"], tokenizer)
     eval_batches = batches_for(config, data["validation"], tokenizer, shuffle=False)
     optimizer = make_optimizer(config.optimizer)
-    state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step_fn = make_train_step(lambda params, batch: language_model_loss(params, graphdef, batch),
-                              optimizer, mesh, shardings)
+    lora_config = config.get("lora")
+    trainable, base = lora.split(params, lora_config, config.seed)
+    if base is not None:
+        base = mesh_lib.shard_state(base, mesh)[0]
+    state, shardings = mesh_lib.shard_state({"params": trainable, "opt_state": optimizer.init(trainable)}, mesh)
+    step_fn = make_train_step(
+        lambda params, batch, base=None: language_model_loss(lora.combine(params, base, lora_config), graphdef, batch),
+        optimizer, mesh, shardings, frozen=base)
+    merged = jax.jit(lambda trainable, base: lora.combine(trainable, base, lora_config))
+    # The params eval and samples run with: with LoRA a merged, transient copy.
+    policy_of = (lambda state: state["params"]) if base is None else (lambda state: merged(state["params"], base))
     eval_fn = make_eval_fn(graphdef, mesh, eval_batches, config.eval_batches,
-                           loaders.unigram_entropy(data["validation"], tokenizer))
+                           loaders.unigram_entropy(data["validation"], tokenizer), policy_of)
     prompts = [p for p in config.sample_prompts]
 
     def log_samples(state, step, writer):
         if prompts and config.sample_every and (step % config.sample_every == 0 or step == config.num_steps):
-            params = mesh_lib.host_copy(state["params"])  # (gathered by every process; process 0 samples)
+            params = mesh_lib.host_copy(policy_of(state))  # (gathered by every process; process 0 samples)
             if not distributed.is_main_process():
                 return
             texts = sampling.generate_texts(graphdef, params, tokenizer, prompts, max_new_tokens=config.sample_tokens,
@@ -146,5 +159,7 @@ def abstract_state(config):
 
 
 def policy_params(config, state):
-    """(graphdef, params) of the language model in a restored state."""
-    return model_lib.abstract_params(config.model, "lm")[0], state["params"]
+    """(graphdef, params) of the language model in a restored state (LoRA: merged with the base
+    it started from)."""
+    base = init_params_for(config)[2] if lora.enabled(config.get("lora")) else None
+    return model_lib.abstract_params(config.model, "lm")[0], lora.combine_restored(state["params"], base, config.get("lora"))

@@ -39,8 +39,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import evaluation, labelers, losses, preferences, registry, runs
-from rlhf_jax import distributed
+from rlhf_jax import distributed, evaluation, labelers, lora, losses, preferences, registry, runs
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -64,12 +63,14 @@ def preference_loss(params, graphdef, batch, use_margin: bool, center_coef: floa
     return losses.bradley_terry_loss(r_chosen, r_rejected, margin, center_coef)
 
 
-def make_bradley_terry_step(graphdef, optimizer, mesh, state_shardings, loss_config):
-    """jit(train_step)(state, batch, rng) -> (state, metrics): the supervised step with the BT loss."""
+def make_bradley_terry_step(graphdef, optimizer, mesh, state_shardings, loss_config, lora_config=None, base=None):
+    """jit(train_step)(state, batch, rng) -> (state, metrics): the supervised step with the BT loss.
+    With LoRA the state's params are {'lora', 'scalar_head'} and `base` the frozen trunk."""
     use_margin, center_coef = bool(loss_config.use_margin), float(loss_config.center_coef)
-    return make_train_step(lambda params, batch: preference_loss(params, graphdef, batch, use_margin,
-                                                                          center_coef),
-                                    optimizer, mesh, state_shardings)
+    return make_train_step(
+        lambda params, batch, base=None: preference_loss(lora.combine(params, base, lora_config), graphdef, batch,
+                                                         use_margin, center_coef),
+        optimizer, mesh, state_shardings, frozen=base)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -186,9 +187,16 @@ def train(config, workdir: str):
     train_batches = loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
                                                config.seed)
     optimizer = make_optimizer(config.optimizer)
-    state, shardings = mesh_lib.shard_state({"params": params, "opt_state": optimizer.init(params)}, mesh)
-    step_fn = make_bradley_terry_step(graphdef, optimizer, mesh, shardings, config.loss)
-    score = evaluation.make_scorer(graphdef, tokenizer, config.seq_len)
+    lora_config = config.get("lora")
+    trainable, base = lora.split(params, lora_config, config.seed, heads=("scalar_head",))
+    if base is not None:
+        base = mesh_lib.shard_state(base, mesh)[0]
+    state, shardings = mesh_lib.shard_state({"params": trainable, "opt_state": optimizer.init(trainable)}, mesh)
+    step_fn = make_bradley_terry_step(graphdef, optimizer, mesh, shardings, config.loss, lora_config, base)
+    merged = jax.jit(lambda trainable, base: lora.combine(trainable, base, lora_config))
+    score_merged = evaluation.make_scorer(graphdef, tokenizer, config.seq_len)
+    # Eval scores with the full params: with LoRA a merged, transient copy.
+    score = score_merged if base is None else (lambda params, *texts: score_merged(merged(params, base), *texts))
 
     eval_fn = None
     if "validation" in data and len(data["validation"]):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import signal
 import threading
@@ -234,6 +235,13 @@ def check_fits(manager: ocp.CheckpointManager, step: int, target) -> None:
         return
     saved, wanted = manifest["arrays"], _leaves(target)
     where = step_dir(manager, step)
+    per_layer = re.compile(r"\['blocks'\]\[\d+\]")  # ['params']['blocks'][0]['attn']...
+    unstacked = sorted(name for name in saved if per_layer.search(name))
+    if unstacked and not any(per_layer.search(name) for name in wanted):
+        raise config_lib.CheckpointError(
+            f"{where}: saved with the unstacked layer layout (one array per layer, e.g. {unstacked[0]}) of "
+            "rlhf_jax before 2026-11-22; models now stack the layers on a leading axis (blocks/... "
+            "[num_layers, ...]). Retrain the run with this version, or load it with the older commit (346bc22)")
     for name in sorted(set(saved) | set(wanted)):
         if name not in wanted:
             raise config_lib.CheckpointError(f"{where}: holds array {name} that the config has no place for: "

@@ -17,8 +17,10 @@ import sys
 
 import jax
 import numpy as np
+from flax import nnx
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import lora
 from rlhf_jax import model as model_lib
 from rlhf_jax import registry
 from rlhf_jax import run as run_lib
@@ -69,8 +71,11 @@ def load_matching_policy(workdir: str, model_config, stage: str):
 
 def supervised_abstract_state(config, head: str = "lm"):
     """(graphdef, ShapeDtypeStructs of {'params', 'opt_state'}): the state of the stages trained
-    with one supervised loss (pretrain, SFT, reward)."""
+    with one supervised loss (pretrain, SFT, reward, DPO). With LoRA the params are the adapters
+    (and the reward model's scalar head)."""
     graphdef, params = model_lib.abstract_params(config.model, head)
+    heads = ("scalar_head",) if head == "scalar" else ()
+    params = jax.eval_shape(lambda p: lora.split(p, config.get("lora"), 0, heads)[0], params)
     state = {"params": params, "opt_state": jax.eval_shape(make_optimizer(config.optimizer).init, params)}
     return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
@@ -87,6 +92,10 @@ def load_reward_model(workdir: str):
                                      "'reward' run (rlhf-jax train --config=experiments/reviews/reward.py)")
     graphdef, target = supervised_abstract_state(config, head="scalar")
     params = run_lib.load_state(workdir, target)["params"]
+    if lora.enabled(config.get("lora")):  # adapters + head on the trunk of the SFT run it started from
+        _, _, policy = load_policy(config.init_from)
+        trunk = nnx.State({k: v for k, v in policy.items() if k != "unembed"})
+        params = lora.combine_restored(params, trunk, config.lora)
     return config.model, graphdef, params, read_normalization(workdir)
 
 

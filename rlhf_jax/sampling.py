@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import loaders
-from rlhf_jax.model import apply, init_cache, model_config, positions_from_mask
+from rlhf_jax.model import apply, grow_cache, init_cache, model_config, positions_from_mask
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -69,7 +69,7 @@ def sample_token(rng, logits, temperature, *, top_k: int = 0, top_p: float = 1.0
 
 def generate(graphdef, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int, eos_id: int,
              pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             greedy: bool = False, vmap_axis: str | None = None) -> dict:
+             greedy: bool = False, vmap_axis: str | None = None, decode_chunk: int = 32) -> dict:
     """Sample `max_new_tokens` continuations of left-padded prompts.
 
     prompt_tokens, prompt_mask: [B, P] (mask 1 on real tokens; padding on the left).
@@ -81,32 +81,38 @@ def generate(graphdef, params, prompt_tokens, prompt_mask, rng, *, max_new_token
         logprobs        [B, N] float32     log_softmax(logits / temperature)[token]; 0 where masked
     vmap_axis: the axis name when called inside `jax.vmap(..., axis_name=vmap_axis)` (several
     policies sampled in one program): the loop then runs until all of them are done.
+    decode_chunk: the cache starts with room for `decode_chunk` response tokens and doubles its
+    room when full (steps decode_chunk, 2 decode_chunk, 4 decode_chunk, ...), so each decode step
+    attends over at most twice the filled slots instead of all P + N of them. One loop per
+    chunk size is compiled (log2(N / decode_chunk) + 1 of them); 0 = one cache of P + N slots.
     """
     return _generate(graphdef, params, jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
                      rng, jnp.asarray(temperature, jnp.float32), max_new_tokens=int(max_new_tokens),
                      eos_id=int(eos_id), pad_id=int(pad_id), top_k=int(top_k), top_p=float(top_p),
-                     greedy=bool(greedy), vmap_axis=vmap_axis)
+                     greedy=bool(greedy), vmap_axis=vmap_axis, decode_chunk=int(decode_chunk))
 
 
 @functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "top_k", "top_p", "greedy", "vmap_axis"))
+                   static_argnames=("max_new_tokens", "eos_id", "pad_id", "top_k", "top_p", "greedy", "vmap_axis",
+                                    "decode_chunk"))
 def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *, max_new_tokens, eos_id,
-              pad_id, top_k, top_p, greedy, vmap_axis):
+              pad_id, top_k, top_p, greedy, vmap_axis, decode_chunk):
     config = model_config(graphdef, params)
     batch, prompt_len = prompt_tokens.shape
-    cache = init_cache(config, batch, prompt_len + max_new_tokens)
+    chunk_ends = decode_chunk_ends(max_new_tokens, decode_chunk)
+    cache = init_cache(config, batch, prompt_len + chunk_ends[0])
 
     # Prefill: the whole prompt in one call. With left padding, the last column is every row's
     # last real token, so its logits predict the first response token.
     outputs, cache = apply(graphdef, params, prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
 
-    def not_finished(state):
+    def not_finished(state, chunk_end):
         unfinished_rows = jnp.sum(~state["done"])
         if vmap_axis:  # under vmap: stop when every vmapped program is done, so the loop
             # condition is not batched (a batched one makes the loop select every carry, the
             # KV cache included, at every step)
             unfinished_rows = jax.lax.psum(unfinished_rows, vmap_axis)
-        return (state["step"] < max_new_tokens) & (unfinished_rows > 0)
+        return (state["step"] < chunk_end) & (unfinished_rows > 0)
 
     def decode_step(state):
         step, done = state["step"], state["done"]
@@ -137,7 +143,10 @@ def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *,
         "response_mask": jnp.zeros((batch, max_new_tokens), jnp.int32),
         "logprobs": jnp.zeros((batch, max_new_tokens), jnp.float32),
     }
-    state = jax.lax.while_loop(not_finished, decode_step, state)
+    for i, chunk_end in enumerate(chunk_ends):
+        if i:  # room for the next chunk's tokens (once every row is done the loop exits at once)
+            state["cache"] = grow_cache(state["cache"], chunk_end - chunk_ends[i - 1])
+        state = jax.lax.while_loop(functools.partial(not_finished, chunk_end=chunk_end), decode_step, state)
     return {
         "tokens": jnp.concatenate([prompt_tokens, state["response"]], axis=1),
         "attention_mask": jnp.concatenate([prompt_mask, state["response_mask"]], axis=1),
@@ -145,6 +154,16 @@ def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *,
         "response_mask": state["response_mask"],
         "logprobs": state["logprobs"],
     }
+
+
+def decode_chunk_ends(max_new_tokens: int, decode_chunk: int) -> list[int]:
+    """Response lengths at which the sampler's cache is full: [C, 2C, 4C, ..., N]."""
+    if decode_chunk <= 0 or decode_chunk >= max_new_tokens:
+        return [max_new_tokens]
+    ends = [decode_chunk]
+    while ends[-1] < max_new_tokens:
+        ends.append(min(2 * ends[-1], max_new_tokens))
+    return ends
 
 
 def encode_prompts(tokenizer, texts, max_prompt_len: int, *, add_bos: bool = False):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import losses
+from rlhf_jax import lora, losses, model
 
 class _Missing:
     """A key the config does not have: falsy, so `if c.get(key)` reads as 'unset'."""
@@ -177,6 +177,7 @@ def model_rules(c: _Checks):
     c.choice("model.norm", ("layernorm", "rmsnorm"))
     c.choice("model.mlp", ("gelu", "swiglu"))
     c.choice("model.dtype", ("float32", "bfloat16"))
+    c.choice("model.attention_impl", model.ATTENTION_IMPLS)
     c.choice("model.param_dtype", ("float32",))
     c.choice("model.dropout", (0.0,))
     c.positive("model.norm_eps")
@@ -209,6 +210,24 @@ def data_rules(c: _Checks, key: str = "data"):
         c.fail(key + ".records_name", c.get(key + ".records_name"), "expected the name given to write_preferences")
 
 
+def lora_rules(c: _Checks):
+    """config.lora (configs/lora.py): adapters need params to adapt (init_from / init_from_hf)."""
+    c.integer("lora.rank", 0)
+    if not c.get("lora.rank"):
+        return
+    c.positive("lora.alpha")
+    targets = c.get("lora.targets")
+    names = [t.strip() for t in str(targets).split(",") if t.strip()] if targets is not _MISSING else []
+    if targets is not _MISSING and (not names or not set(names) <= set(lora.TARGETS)):
+        c.fail("lora.targets", targets, f"expected a comma-separated subset of {','.join(lora.TARGETS)}")
+    if c.get("stage") in ("pretrain", "sft") and not (c.get("init_from") or c.get("init_from_hf")):
+        c.fail("lora.rank", c.get("lora.rank"), "LoRA adapts existing weights: set init_from or init_from_hf "
+               "(or lora.rank=0 to train every param)")
+    if c.get("stage") == "ppo" and c.get("loss") == "ppo" and c.get("value_model") != "policy":
+        c.fail("value_model", c.get("value_model"), "with LoRA expected 'policy' (a value head on the LoRA policy; "
+               "a separate value model would be a second full copy of the weights)")
+
+
 def init_rules(c: _Checks, required: bool = False):
     if c.get("init_from") and c.get("init_from_hf"):
         c.fail("init_from_hf", c.get("init_from_hf"), "set at most one of init_from and init_from_hf")
@@ -234,6 +253,7 @@ def language_model_rules(c: _Checks):
     run_rules(c), optimizer_rules(c), batch_split_rules(c), model_rules(c), sequence_rules(c)
     data_rules(c)
     init_rules(c)
+    lora_rules(c)
     c.integer("eval_batches", 1)
     c.integer("sample_every", 0)
     c.integer("sample_tokens", 1)
@@ -243,6 +263,7 @@ def reward_rules(c: _Checks):
     """rlhf_jax.reward (+ rlhf_jax.preferences for config.preferences)."""
     run_rules(c), optimizer_rules(c), batch_split_rules(c), model_rules(c), sequence_rules(c)
     init_rules(c, required=True)
+    lora_rules(c)
     if c.get("preferences.enabled"):
         sampling_rules(c, "preferences")
         c.integer("preferences.num_validation_prompts", 0)
@@ -295,6 +316,7 @@ def ppo_rules(c: _Checks):
     c.function_path("reward_function")
     c.function_path("gold_function")
     init_rules(c, required=True)
+    lora_rules(c)
     data = c.get("prompts")
     if data is _MISSING or not data:
         data_rules(c)
@@ -304,6 +326,7 @@ def dpo_rules(c: _Checks):
     """rlhf_jax.dpo's fields; beta / loss kind / label_smoothing at the top level or in config.loss."""
     run_rules(c), optimizer_rules(c), batch_split_rules(c), model_rules(c), sequence_rules(c)
     init_rules(c, required=True)
+    lora_rules(c)
     for group in ("", "loss."):
         c.positive(group + "beta")
         c.number(group + "label_smoothing", 0.0, 0.5, high_open=True)

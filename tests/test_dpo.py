@@ -214,3 +214,23 @@ def test_sample_command_reads_a_dpo_run(setup, tmp_path, capsys):
     with pytest.raises(registry.NoPolicy, match="'reward' run"):
         config_lib.write_resolved_config(ml_collections.ConfigDict(dict(stage="reward")), str(tmp_path / "rm"))
         runs.load_policy(str(tmp_path / "rm"))
+
+
+def test_dpo_with_lora_learns_and_hands_off_merged_params(setup, tmp_path):
+    """LoRA rank 4: the checkpoint holds adapters only, DPO still learns the marker, and the
+    policy a later stage loads is the SFT weights with the adapters merged (not the SFT's)."""
+    from configs import lora as lora_configs
+
+    config = tiny_config(setup, num_steps=8, lora=lora_configs.rank(4, alpha=8.0), **{"optimizer.learning_rate": 1e-2})
+    workdir = str(tmp_path / "lora")
+    registry.run_stage(config, workdir)
+    rows = run_lib.read_metrics(workdir)
+    assert rows[-1]["eval/rewards/accuracies"] > 0.8
+    _, state = runs.load_run(workdir)
+    assert set(state["params"]) == {"lora"}  # no second copy of the weights in the run
+    _, _, merged = runs.load_policy(workdir)
+    _, _, sft = runs.load_policy(setup["sft"])
+    assert jax.tree.structure(merged) == jax.tree.structure(sft)
+    q_merged, q_sft = merged["blocks"]["attn"]["query"]["kernel"][...], sft["blocks"]["attn"]["query"]["kernel"][...]
+    assert not np.allclose(q_merged, q_sft)
+    np.testing.assert_array_equal(merged["embed"]["embedding"][...], sft["embed"]["embedding"][...])

@@ -217,3 +217,48 @@ def test_presets_have_the_same_fields():
     assert M.flops_per_token(models.gpt2_124m(), 1024) > 6 * 85e6
     _, tiny_params = M.abstract_params(models.llama_tiny())
     assert M.count_params(tiny_params) > 0
+
+
+def test_block_params_are_stacked_on_a_layer_axis():
+    """One scanned block: every block param has a leading [num_layers] axis, each layer its own init."""
+    config = micro(num_layers=3)
+    graphdef, params = M.init_params(config, seed=3)
+    for path, leaf in nnx.to_flat_state(params):
+        if path[0] == "blocks":
+            assert leaf.shape[0] == 3, path
+    kernels = np.asarray(params["blocks"]["attn"]["query"]["kernel"][...])
+    assert not np.allclose(kernels[0], kernels[1])  # each layer initialised on its own
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("impl", ["xla"])
+def test_attention_impls_equal_einsum(arch, impl):
+    """jax.nn.dot_product_attention (attention_impl) equals our einsum path: GQA, left padding,
+    KV-cache decoding, and gradients."""
+    base = ARCHS[arch]()
+    graphdef, params = M.init_params(base, seed=5)
+    other_graphdef, _ = M.abstract_params(ARCHS[arch](attention_impl=impl))
+    tokens = random_tokens(9, (2, 8))
+    mask = jnp.ones((2, 8), jnp.int32).at[0, :3].set(0)
+    real = np.asarray(mask, bool)
+    ours = forward(graphdef, params, tokens, mask)[0]["logits"]
+    theirs = forward(other_graphdef, params, tokens, mask)[0]["logits"]
+    np.testing.assert_allclose(np.asarray(theirs)[real], np.asarray(ours)[real], atol=1e-5)
+
+    cache = M.init_cache(base, 2, 8)
+    _, cache = forward(other_graphdef, params, tokens[:, :6], mask[:, :6], cache)
+    step = forward(other_graphdef, params, tokens[:, 6:], mask[:, 6:], cache,
+                   M.positions_from_mask(mask)[:, 6:])[0]["logits"]
+    np.testing.assert_allclose(step, ours[:, 6:], atol=1e-5)
+
+    def loss(p, g):
+        return jnp.sum(jnp.where(real[..., None], forward(g, p, tokens, mask)[0]["logits"], 0.0) ** 2)
+
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, graphdef)),
+                    jax.tree.leaves(jax.grad(loss)(params, other_graphdef))):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_attention_impl_is_named():
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        M.init_params(micro(attention_impl="flash"))

@@ -215,3 +215,41 @@ def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
 def test_num_seeds_must_be_positive(sft_run, tmp_path):
     with pytest.raises(config_lib.ConfigError, match="num_seeds=0"):
         ppo.train(make_config(sft_run, num_seeds=0), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def lora_sft_run(tmp_path_factory):
+    """A random 'SFT run' whose embeddings are large (init_std 0.5): LoRA leaves the (tied)
+    embeddings frozen, and with GPT-2's 0.02 init the logits of a random model cannot move
+    more than about |e| |LayerNorm(h)| ~ 0.6 however the projections change."""
+    model = tiny_model()
+    model.init_std = 0.5
+    workdir = str(tmp_path_factory.mktemp("lora_sft"))
+    pretrain.save_random_run(workdir, model)
+    return workdir, model
+
+
+@pytest.mark.parametrize("loss", ["ppo", "rloo"])
+def test_lora_policy_learns_a_toy_reward(lora_sft_run, tmp_path, loss):
+    """PPO (value head on the LoRA policy) and RLOO with rank-8 adapters on every projection: the
+    state holds adapters (and the value head), the reference is the base, and the reward rises."""
+    from configs import lora as lora_configs
+
+    sft_run, model = lora_sft_run
+    extra = {} if loss == "ppo" else dict(samples_per_prompt=4, batch_size=4)
+    config = make_config(sft_run, loss=loss, lora=lora_configs.rank(8, alpha=16.0), model=model, **extra)
+    state = ppo.build(config).state
+    assert set(state.params["policy"]) == {"lora"}
+    target = ppo.abstract_state(config)
+    assert jax.tree.structure(state) == jax.tree.structure(target)
+    ppo.train(config, str(tmp_path))
+    scores = _scores(str(tmp_path))
+    assert scores[-5:].mean() > scores[:5].mean() + 0.15, (loss, scores.round(3).tolist())
+
+
+def test_lora_with_a_separate_value_model_is_refused(sft_run):
+    from configs import lora as lora_configs
+    from rlhf_jax import validation
+
+    with pytest.raises(config_lib.ConfigError, match="value_model"):
+        validation.validate(make_config(sft_run, lora=lora_configs.rank(8), value_model="sft"))

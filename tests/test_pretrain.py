@@ -156,3 +156,44 @@ def test_sample_command_prints_several_responses(tmp_path, capsys):
     assert cli.main(["sample", f"--workdir={run}", "--prompt=The hotel", "--num=3", "--max_new_tokens=8"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- sample") == 3 and out.count("The hotel") == 3
+
+
+def test_export_command_writes_a_checkpoint_that_imports_to_the_same_logits(tmp_path, capsys):
+    from rlhf_jax.hf_import import graphdef_for, load_hf_checkpoint
+
+    run = str(tmp_path / "pre")
+    registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), run, allow_config_change=True)
+    assert cli.main(["export", f"--workdir={run}", f"--out={tmp_path / 'hf'}"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    model_config, graphdef, params = runs.load_policy(run)
+    config, exported = load_hf_checkpoint(str(tmp_path / "hf"))
+    tokens = np.arange(20, dtype=np.int32).reshape(2, 10) + 60
+    mask = np.ones_like(tokens)
+    ours = model_lib.apply(graphdef, params, tokens, model_lib.positions_from_mask(mask), mask)[0]["logits"]
+    theirs = model_lib.apply(graphdef_for(config), exported, tokens, model_lib.positions_from_mask(mask), mask)[0]
+    np.testing.assert_array_equal(theirs["logits"], ours)
+    assert cli.main(["export", f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}"]) == 2
+
+
+def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path, capsys):
+    """SFT with LoRA on a pre-training run: the checkpoint holds adapters only, the policy a later
+    stage loads (and `rlhf-jax export` writes) is base + adapters, and the loss went down."""
+    from configs import lora as lora_configs
+    from rlhf_jax.hf_import import load_hf_checkpoint
+
+    pre, sft = str(tmp_path / "pre"), str(tmp_path / "sft")
+    registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), pre, allow_config_change=True)
+    config = micro_config("sft", tmp_path / "data", num_steps=8, init_from=pre, lora=lora_configs.rank(4))
+    config.optimizer.learning_rate = 1e-2
+    registry.run_stage(config, sft)
+    rows = run_lib.read_metrics(sft)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    _, state = runs.load_run(sft)
+    assert set(state["params"]) == {"lora"}
+    _, _, merged = runs.load_policy(sft)
+    _, _, base = runs.load_policy(pre)
+    assert not np.allclose(merged["blocks"]["mlp"]["up"]["kernel"][...], base["blocks"]["mlp"]["up"]["kernel"][...])
+    assert cli.main(["export", f"--workdir={sft}", f"--out={tmp_path / 'hf'}"]) == 0
+    _, exported = load_hf_checkpoint(str(tmp_path / "hf"))
+    np.testing.assert_allclose(exported["blocks"]["mlp"]["up"]["kernel"][...],
+                               merged["blocks"]["mlp"]["up"]["kernel"][...], rtol=1e-6)

@@ -216,3 +216,30 @@ def test_model_config_must_match_the_sft_run(tmp_path):
     config.model.d_model = 64
     with pytest.raises(config_lib.ConfigError, match="config.model differs"):
         reward.init_reward_params(config)
+
+
+def test_lora_reward_model_learns_and_loads_merged(tmp_path):
+    """LoRA rank 8 + the scalar head: the run holds adapters and head only, still learns the
+    marker, and runs.load_reward_model gives full params whose scores match the eval's."""
+    from configs import lora as lora_configs
+
+    data_dir, sft_dir, workdir = tmp_path / "data", tmp_path / "sft", str(tmp_path / "reward")
+    fake_sft_run(sft_dir, data_dir)
+    builders.write_preferences({"train": marker_records(256, 1), "validation": marker_records(64, 2)},
+                               str(data_dir), "marker")
+    config = tiny_reward_config(sft_dir, data_dir, num_steps=40, lora=lora_configs.rank(8))
+    config.preferences.enabled = False
+    config.normalize.enabled = False
+    config.data = datasets.preferences("marker")
+    config.eval_gold = "test_reward:marker_gold"
+    config.optimizer.learning_rate = 1e-2
+    config.lock()
+    registry.run_stage(config, workdir)
+    assert run_lib.read_metrics(workdir)[-1]["eval/accuracy"] > 0.9
+    _, state = runs.load_run(workdir)
+    assert set(state["params"]) == {"lora", "scalar_head"}
+    _, graphdef, params, _ = runs.load_reward_model(workdir)
+    tokens, mask = sampling.encode_prompt_responses(ByteTokenizer(), ["Review 1:"] * 2,
+                                                    [" the room was great", " the room was fine"], config.seq_len)
+    raw = np.asarray(jax.jit(model_lib.reward_scores, static_argnums=0)(graphdef, params, tokens, mask))
+    assert raw[0] > raw[1]

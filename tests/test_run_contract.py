@@ -163,3 +163,15 @@ def test_sweep_runs_every_override_group(tmp_path):
     assert os.path.exists(tmp_path / "sweep.png")
     cfg = json.load(open(tmp_path / "learning_rate=0.1,seed=1" / "config.json"))
     assert cfg["optimizer"]["learning_rate"] == 0.1 and cfg["seed"] == 1
+
+
+def test_checkpoint_of_the_unstacked_layer_layout_is_named(tmp_path):
+    """A checkpoint saved before layers were stacked (blocks/0/..., blocks/1/...) is refused with a
+    message naming the layout, before Orbax is asked to restore it."""
+    manager = run_lib.checkpoint_manager(str(tmp_path))
+    old = {"params": {"blocks": [{"w": np.zeros((3,), np.float32)}, {"w": np.ones((3,), np.float32)}]}}
+    run_lib.save_checkpoint(manager, 1, old)
+    new = {"params": {"blocks": {"w": np.zeros((2, 3), np.float32)}}}
+    with pytest.raises(config_lib.CheckpointError, match="unstacked layer layout"):
+        run_lib.restore_checkpoint(manager, new)
+    manager.close()

@@ -118,7 +118,7 @@ def test_vmapped_programs_equal_separate_calls():
     tokens, mask = prompts()
     eos = int(generate(graphdef, params, tokens[:1], mask[:1], jax.random.key(0), max_new_tokens=1,
                        eos_id=NEVER, pad_id=PAD, greedy=True)["response"][0, 0])
-    kwargs = dict(max_new_tokens=8, eos_id=eos, pad_id=PAD, temperature=0.1)  # near greedy: row 0 ends at once
+    kwargs = dict(max_new_tokens=8, eos_id=eos, pad_id=PAD, greedy=True)  # row 0 ends at once
     stacked_tokens, stacked_mask = np.stack([tokens[:1], tokens[1:2]]), np.stack([mask[:1], mask[1:2]])
     keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
     both = jax.vmap(lambda t, m, k: generate(graphdef, params, t, m, k, vmap_axis="programs", **kwargs),
@@ -206,3 +206,24 @@ def test_generate_with_bf16_remat_and_value_head():
                    temperature=0.9, top_k=5)
     assert out["response"].shape == (3, 4) and np.isfinite(out["logprobs"]).all()
     assert (out["logprobs"] < 0).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_growing_cache_gives_the_same_samples(arch):
+    """decode_chunk grows the cache 2 -> 4 -> 8 -> 11 slots of response; the samples, masks and
+    log-probs equal those of one cache of P + N slots (decode_chunk=0) for the same key."""
+    graphdef, params = model(arch)
+    tokens, mask = prompts()
+    kwargs = dict(max_new_tokens=11, eos_id=NEVER, pad_id=PAD, temperature=1.0)
+    whole = generate(graphdef, params, tokens, mask, jax.random.key(3), decode_chunk=0, **kwargs)
+    grown = generate(graphdef, params, tokens, mask, jax.random.key(3), decode_chunk=2, **kwargs)
+    np.testing.assert_array_equal(grown["response"], whole["response"])
+    np.testing.assert_array_equal(grown["response_mask"], whole["response_mask"])
+    np.testing.assert_allclose(grown["logprobs"], whole["logprobs"], atol=1e-5)
+
+
+def test_decode_chunk_ends():
+    from rlhf_jax.sampling import decode_chunk_ends
+    assert decode_chunk_ends(192, 32) == [32, 64, 128, 192]
+    assert decode_chunk_ends(48, 32) == [32, 48]
+    assert decode_chunk_ends(20, 32) == [20] and decode_chunk_ends(20, 0) == [20]
