@@ -192,6 +192,9 @@ def build_parser():
         p.add_argument("--distributed_timeout_s", type=int, default=300,
                        help="how long to wait for every process to join")
         p.set_defaults(fn=fn, distributed=True)
+    # (Listed for --help; main() parses `launch` itself so the command after `--` stays whole.)
+    sub.add_parser("launch", help="run a command as N processes on this machine under jax.distributed: "
+                   "launch --num_processes=N [--devices_per_process=D] [--port=P] -- train ...")
     p = sub.add_parser("plot", help="curves from metrics.jsonl of one or more workdirs")
     p.add_argument("workdirs", nargs="+")
     p.add_argument("--metric", required=True, help="name, or several separated by commas")
