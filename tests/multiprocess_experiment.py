@@ -1,8 +1,9 @@
 """The tiny runs tests/test_multiprocess.py launches as 1 or 2 processes (a config file, since
-`rlhf-jax launch` starts fresh processes). `:pretrain` (default), `:reward` or `:ppo`."""
+`rlhf-jax launch` starts fresh processes). `:pretrain` (default), `:reward`, `:ppo` or `:dpo`."""
 
 from configs import datasets, models, optimizers
 from configs import ppo as ppo_configs
+from configs.dpo import dpo_stage
 from configs.reward import reward_stage
 from configs.stages import language_model_stage
 
@@ -18,6 +19,8 @@ def get_config(stage="pretrain"):
         return reward_config()
     if stage == "ppo":
         return ppo_config()
+    if stage == "dpo":
+        return dpo_config()
     c = language_model_stage("pretrain", num_steps=6, batch_size=8, seq_len=32, learning_rate=3e-3)
     c.model = micro_model()
     c.data = datasets.reviews(num_train=200, num_validation=40)
@@ -60,4 +63,15 @@ def ppo_config():
     c.num_minibatches, c.ppo_epochs = 2, 1
     c.optimizer = optimizers.adam(3e-3, eps=1e-5, grad_clip_norm=1.0)
     c.log_every, c.checkpoint_every, c.sample_every = 1, 2, 2
+    return c
+
+
+def dpo_config():
+    """DPO from `init_from` on pairs read from a JSONL file (`data.path`), no held-out evaluation."""
+    c = dpo_stage()
+    c.model = micro_model()
+    c.data = datasets.preferences_jsonl("", validation_fraction=0.0)
+    c.data_dir = "/tmp/rlhf_jax_multiprocess_data"
+    c.batch_size, c.seq_len, c.num_steps = 8, 48, 4
+    c.log_every, c.checkpoint_every, c.eval_every = 1, 2, 0
     return c
