@@ -6,7 +6,10 @@ import ml_collections
 def _base(name, learning_rate):
     return ml_collections.ConfigDict(dict(
         name=name, learning_rate=float(learning_rate), schedule="constant", warmup_steps=0,
-        decay_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0))
+        decay_steps=0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0,
+        # A step with a NaN or inf loss, gradient or metric: 'stop' the run (run diverged), or
+        # 'skip' its update (params kept, counted) up to max_consecutive_skips steps in a row.
+        on_nonfinite="stop", max_consecutive_skips=10))
 
 
 def sgd(learning_rate=1.0):

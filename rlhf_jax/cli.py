@@ -9,6 +9,11 @@ label, labels, serve.
     rlhf-jax label --data=<dir>  /  rlhf-jax labels --data=<dir>     (terminal labeler / store stats)
     rlhf-jax best_of_n --policy=<run> --reward_model=<reward run> [--max_n=64]
     rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
+    rlhf-jax launch --num_processes=2 [--devices_per_process=4] -- train --config=... --workdir=...
+
+train, sweep, pipeline and compare run as one of several processes (rlhf_jax.distributed) with
+--coordinator_address=host:port --num_processes=N --process_id=i, on a cluster JAX detects, or
+under `rlhf-jax launch` (N processes on this machine).
 
 A mistake in what you give (a config value, a data file, a run directory, a damaged checkpoint)
 is one line on stderr naming the file / key / step and what is allowed, with exit status 2;
@@ -22,12 +27,29 @@ import os
 import sys
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import registry
+from rlhf_jax import distributed, registry
 
 def cmd_train(args, overrides):
     config = config_lib.load_config(args.config, overrides)
     registry.run_stage(config, args.workdir, args.allow_config_change)
-    print(f"done: {args.workdir}")
+    if distributed.is_main_process():
+        print(f"done: {args.workdir}")
+
+
+def cmd_launch(argv):
+    """`launch [flags] -- <command>`: parsed apart, so the command's own --config.* stay its own."""
+    if "--" not in argv:
+        raise config_lib.ConfigError("launch: put the command after `--`: rlhf-jax launch --num_processes=2 -- "
+                                     "train --config=... --workdir=...")
+    split = argv.index("--")
+    p = argparse.ArgumentParser(prog="rlhf-jax launch", description="run a command as N processes on this "
+                                "machine under jax.distributed (CPU processes use gloo collectives)")
+    p.add_argument("--num_processes", type=int, required=True)
+    p.add_argument("--devices_per_process", type=int, default=0,
+                   help="fake CPU devices per process (XLA_FLAGS); 0 keeps the environment's devices")
+    p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
+    args = p.parse_args(argv[1:split])
+    return distributed.launch(argv[split + 1:], args.num_processes, args.devices_per_process, args.port)
 
 
 def sweep_runs(module, base_overrides):
@@ -203,7 +225,15 @@ def build_parser():
         p.add_argument("--workdir", required=True)
         p.add_argument("--allow_config_change", action="store_true",
                        help="resume a workdir whose saved config.json differs")
-        p.set_defaults(fn=fn)
+        p.add_argument("--coordinator_address", default="", help="host:port of process 0 (multi-process runs)")
+        p.add_argument("--num_processes", type=int, default=0)
+        p.add_argument("--process_id", type=int, default=-1)
+        p.add_argument("--distributed_timeout_s", type=int, default=300,
+                       help="how long to wait for every process to join")
+        p.set_defaults(fn=fn, distributed=True)
+    # (Listed for --help; main() parses `launch` itself so the command after `--` stays whole.)
+    sub.add_parser("launch", help="run a command as N processes on this machine under jax.distributed: "
+                   "launch --num_processes=N [--devices_per_process=D] [--port=P] -- train ...")
     p = sub.add_parser("plot", help="curves from metrics.jsonl of one or more workdirs")
     p.add_argument("workdirs", nargs="+")
     p.add_argument("--metric", required=True, help="name, or several separated by commas")
@@ -263,10 +293,15 @@ def main(argv=None):
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
+        if argv[:1] == ["launch"]:
+            return cmd_launch(argv)
         rest, overrides = config_lib.split_override_args(argv)
         args = build_parser().parse_args(rest)
         if overrides and args.command not in ("train", "sweep", "pipeline", "compare", "rounds"):
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
+        if getattr(args, "distributed", False):  # Before anything touches a device.
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                   args.distributed_timeout_s)
         args.fn(args, overrides)
     except config_lib.UserError as e:
         if debug:

@@ -166,7 +166,7 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
-def write_resolved_config(config, workdir: str, allow_change: bool = False) -> None:
+def write_resolved_config(config, workdir: str, allow_change: bool = False, write: bool = True) -> None:
     """Write `<workdir>/config.json`; on resume, refuse a config that differs from the saved one.
 
     Only a workdir with a checkpoint holds an experiment to protect: a run that failed before
@@ -183,6 +183,8 @@ def write_resolved_config(config, workdir: str, allow_change: bool = False) -> N
             raise ConfigError(
                 f"{workdir} holds a run with a different config (keys {changed}); resuming it would mix "
                 "two experiments. Use a new --workdir, or pass --allow_config_change to resume anyway.")
+    if not write:  # (the other processes of a multi-process run: process 0 writes)
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(resolved, f, indent=2, sort_keys=True)

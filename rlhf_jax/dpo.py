@@ -85,7 +85,7 @@ def logprobs_of_all_pairs(logprob_fn, params, pair_batches) -> np.ndarray:
     """[N, 2] (chosen, rejected) summed response log-probs of every pair of all_pair_batches."""
     out = []
     for batch, n in pair_batches:
-        chosen, rejected = jax.device_get(logprob_fn(params, batch))
+        chosen, rejected = mesh_lib.host_copy(logprob_fn(params, batch))  # (whole, on every process)
         out.append(np.stack([chosen, rejected], axis=1)[:n])
     return np.concatenate(out) if out else np.zeros([0, 2], np.float32)
 
@@ -112,7 +112,7 @@ def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref
         params, metrics = policy_of(params), {}
         if held_out["batches"]:
             logps = logprobs_of_all_pairs(logprob_fn, params, held_out["batches"])
-            metrics = {f"eval/{k}": v for k, v in jax.device_get(loss_fn(logps, held_out_ref)).items()}
+            metrics = {f"eval/{k}": v for k, v in mesh_lib.host_copy(loss_fn(logps, held_out_ref)).items()}
         policy = evaluate(graphdef, params)
         metrics.update({f"eval/{k}": policy[k] for k in ("kl", "gold", "length") if k in policy})
         return metrics
@@ -199,7 +199,7 @@ def train(config, workdir: str):
         if train_ref is not None:
             ref = train_ref[batch["index"]]
         else:
-            ref = np.stack(jax.device_get(logprob_fn(ref_params, batch)), axis=1)
+            ref = np.stack(mesh_lib.host_copy(logprob_fn(ref_params, batch)), axis=1)
         return dict(batch, ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1])
 
     def batch_fn(step):
@@ -207,7 +207,7 @@ def train(config, workdir: str):
         if num_seeds == 1:
             return mesh_lib.shard_batch(per_seed[0], mesh)
         sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
-        return {k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in per_seed]))
+        return {k: mesh_lib.put_global(np.stack([b[k] for b in per_seed]), sharding)
                 for k in per_seed[0]}
 
     eval_fn = None

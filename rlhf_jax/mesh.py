@@ -82,18 +82,74 @@ def shard_state(state, mesh: Mesh):
     return jax.device_put(state, shardings), shardings
 
 
-def shard_batch(batch, mesh: Mesh):
-    """Place a host batch (pytree of arrays with a leading batch axis) on the mesh.
+def process_block(sharding: NamedSharding, shape) -> tuple[slice, ...]:
+    """The block of a global array of `shape` that this process's devices hold under `sharding`:
+    one slice per dimension. (One process: the whole array.) Raises when those devices do not
+    hold one contiguous block, which `jax.make_array_from_process_local_data` needs."""
+    indices = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+    block = []
+    for dim, size in enumerate(shape):
+        parts = {idx[dim].indices(size)[:2] for idx in indices}
+        start, stop = min(a for a, _ in parts), max(b for _, b in parts)
+        covered = sum(b - a for a, b in parts)
+        if covered != stop - start:
+            raise ValueError(f"mesh: the devices of process {jax.process_index()} hold no contiguous block of "
+                             f"dimension {dim} of an array {tuple(shape)}: order the mesh devices by process")
+        block.append(slice(start, stop))
+    return tuple(block)
 
-    On several hosts each process passes its own slice; the global batch is their concatenation.
+
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """A global host array (the same on every process) as a jax.Array under `sharding`. Each
+    process hands over only its own block; on one process this is `jax.device_put`."""
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x[process_block(sharding, x.shape)], x.shape)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a global host batch (pytree of arrays with a leading batch axis; the same on every
+    process) on the mesh, split over every device. On several processes each keeps only its rows.
     """
     sharding = batch_sharding(mesh)
-    n = batch_size_per_mesh(mesh) // jax.process_count()
+    n = batch_size_per_mesh(mesh)
 
     def put(x):
         x = np.asarray(x)
         if x.shape[0] % n:
-            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the {n} local devices of the mesh")
-        return jax.make_array_from_process_local_data(sharding, x)
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by the {n} devices of the mesh")
+        return put_global(x, sharding)
 
     return jax.tree.map(put, batch)
+
+
+def local_block(x: jax.Array) -> tuple[tuple[slice, ...], np.ndarray]:
+    """(block, values): the block of a global array this process holds (mesh.process_block), on
+    the host. Host-side Python (a reward function, decoding) works on these values, and
+    `from_local_block` assembles its results into a global array again. One process: all of x."""
+    block = process_block(x.sharding, x.shape)
+    values = np.empty([b.stop - b.start for b in block], x.dtype)
+    for shard in x.addressable_shards:  # (replicas of a part write the same values twice)
+        at = tuple(slice(i.indices(n)[0] - b.start, i.indices(n)[1] - b.start)
+                   for i, b, n in zip(shard.index, block, x.shape))
+        values[at] = np.asarray(shard.data)
+    return block, values
+
+
+def from_local_block(values, like: jax.Array) -> jax.Array:
+    """The global array shaped and sharded like `like` whose block on this process is `values`."""
+    return jax.make_array_from_process_local_data(like.sharding, np.asarray(values, like.dtype), like.shape)
+
+
+def host_copy(tree):
+    """Every array of a pytree whole on this host: for host-side work (sampling a text table)
+    that must not enter a collective. Replicated arrays are read locally, others gathered."""
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)

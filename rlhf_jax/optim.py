@@ -6,7 +6,10 @@ trains like a vector of seeds: build the optimizer inside the vmapped function.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from rlhf_jax import mesh as mesh_lib
@@ -46,7 +49,44 @@ def make_optimizer(config, learning_rate=None) -> optax.GradientTransformation:
     else:
         raise ValueError(f"optimizer.name={name!r}: expected 'sgd', 'adam' or 'adamw'")
     clip = config.get("grad_clip_norm", 0.0)
-    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+    opt = optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+    on_nonfinite = config.get("on_nonfinite", "stop")
+    if on_nonfinite == "skip":
+        return skip_nonfinite(opt, int(config.get("max_consecutive_skips", 10)))
+    if on_nonfinite != "stop":
+        raise ValueError(f"optimizer.on_nonfinite={on_nonfinite!r}: expected 'stop' or 'skip'")
+    return opt
+
+
+class SkipNonFiniteState(NamedTuple):
+    """The optimizer state under `skip_nonfinite`. run.train_loop reads `skipped_updates`."""
+
+    consecutive: jax.Array  # int32: non-finite updates in a row up to now
+    skipped_updates: jax.Array  # int32: updates skipped since the run started (checkpointed)
+    inner_state: optax.OptState
+
+
+def skip_nonfinite(inner: optax.GradientTransformation, max_consecutive: int) -> optax.GradientTransformation:
+    """An update holding NaN or inf is dropped: zero updates, the inner state (moments, step
+    count) unchanged, and counted. The `max_consecutive + 1`-th in a row is applied instead (a
+    run that only produces NaN should stop, not idle): its non-finite metrics then stop the run
+    in run.train_loop. (optax.apply_if_finite does the same but counts applied non-finite
+    updates as skipped too, so a run could not tell the two apart.)"""
+
+    def init(params):
+        return SkipNonFiniteState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+        consecutive = jnp.where(finite, 0, state.consecutive + 1)
+        skip = jnp.logical_not(finite) & (consecutive <= max_consecutive)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        return new_updates, SkipNonFiniteState(consecutive, state.skipped_updates + skip.astype(jnp.int32),
+                                               keep(new_inner, state.inner_state))
+
+    return optax.GradientTransformation(init, update)
 
 
 def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 1, frozen=None):

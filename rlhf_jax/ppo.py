@@ -55,7 +55,7 @@ import optax
 from flax import nnx, struct
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import lora, losses, runs, sampling
+from rlhf_jax import distributed, lora, losses, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -436,7 +436,7 @@ def place_prompts(prompts, mesh, num_seeds: int = 1):
         return jax.device_put(prompts, mesh_lib.replicated(mesh))
     if num_seeds > 1:
         sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), prompts)
+        return jax.tree.map(lambda x: mesh_lib.put_global(x, sharding), prompts)
     return mesh_lib.shard_batch(prompts, mesh)
 
 
@@ -647,30 +647,34 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
     want_table = c.sample_every and batch["step"] % c.sample_every == 0
     prompts = responses = gold = None
     if setup.reward_function is not None or setup.gold_function is not None or want_table:
-        response, mask = jax.device_get((samples.response, samples.response_mask))
+        # Host work on this process's rows only (all rows on one process): mesh.local_block.
+        block, response = mesh_lib.local_block(samples.response)
+        _, mask = mesh_lib.local_block(samples.response_mask)
         n = response.shape[-1]
         responses = sampling.decode_responses(setup.tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
         # The prompt of each response: K consecutive rows per prompt, the seeds one after another.
         prompts = [t for seed_texts in (batch["texts"] if seeded else [batch["texts"]]) for t in seed_texts
                    for _ in range(c.samples_per_prompt)]
+        prompts = np.asarray(prompts, object).reshape(samples.has_eos.shape)[block[:-1]].reshape(-1).tolist()
     if setup.reward_function is None:
         raw_scores = samples.reward_model_scores
     else:
-        raw_scores = _host_scores(setup.reward_function, prompts, responses).reshape(samples.has_eos.shape)
-        raw_scores = jax.device_put(raw_scores, samples.has_eos.sharding)
+        raw_scores = _host_scores(setup.reward_function, prompts, responses)
+        raw_scores = mesh_lib.from_local_block(raw_scores.reshape(response.shape[:-1]), like=samples.has_eos)
     scores = setup.final_scores(raw_scores, samples.has_eos)
     state, metrics = setup.update(state, samples, scores, keys[..., 1], setup.frozen["ref"])
 
     if setup.gold_function is not None:
         gold = _host_scores(setup.gold_function, prompts, responses)
-        per_seed = gold.reshape(c.num_seeds, -1).mean(axis=1)
+        gold = mesh_lib.host_copy(mesh_lib.from_local_block(gold.reshape(response.shape[:-1]), like=samples.has_eos))
+        per_seed = np.asarray(gold, np.float32).reshape(c.num_seeds, -1).mean(axis=1)
         metrics.update(run_lib.seed_summary({"objective/gold_scores": per_seed}) if seeded
                        else {"objective/gold_scores": float(per_seed[0])})
     table = None
     if want_table:
-        b = len(responses) // c.num_seeds  # seed 0's rows
-        table = sample_table(prompts[:b], responses[:b], np.asarray(jax.device_get(scores)).reshape(-1)[:b],
-                             None if gold is None else gold[:b], c.num_sample_rows)
+        b = len(responses) // c.num_seeds  # seed 0's rows (of this process)
+        table = sample_table(prompts[:b], responses[:b], mesh_lib.local_block(scores)[1].reshape(-1)[:b],
+                             None if gold is None else gold.reshape(-1)[:b], c.num_sample_rows)
     return state, metrics, table
 
 
@@ -682,7 +686,7 @@ def train(config, workdir: str):
     # The sample tables go to samples.txt and to TensorBoard through a writer of their own
     # (train_loop's is not handed to a step; TensorBoard reads every event file in tb/).
     tensorboard = None
-    if config.sample_every:
+    if config.sample_every and distributed.is_main_process():
         from tensorboardX import SummaryWriter
 
         tensorboard = SummaryWriter(os.path.join(workdir, "tb"), filename_suffix=".samples")
@@ -690,7 +694,7 @@ def train(config, workdir: str):
     def step_fn(state, batch, rng):
         """`ppo_step` in train_loop's (state, metrics) form: the sample table is written as it is made."""
         state, metrics, table = ppo_step(setup, state, batch, rng)
-        if table is not None:
+        if table is not None and tensorboard is not None:  # (process 0 writes)
             tensorboard.add_text("samples", table, batch["step"])
             with open(os.path.join(workdir, "samples.txt"), "a") as f:
                 f.write(f"--- step {batch['step']}\n{table}\n")

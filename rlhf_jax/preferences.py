@@ -232,7 +232,14 @@ def preference_data(config, workdir: str) -> dict:
     """The pairs a preference-trained stage (reward, DPO) reads: {split: source}. Generated into
     <workdir>/preferences with config.preferences.enabled, else the dataset config.data."""
     if config.preferences.enabled:
-        return make_preferences(config, os.path.join(workdir, "preferences"))
+        out_dir = os.path.join(workdir, "preferences")
+        if jax.process_count() > 1 and not os.path.exists(os.path.join(out_dir, SUMMARY_FILE)):
+            # Sampling and labelling write one folder from one process; several would race.
+            raise config_lib.ConfigError(
+                f"{config.stage}: {out_dir} holds no finished preferences; a run of {jax.process_count()} processes "
+                "reads them but does not make them. Make them with the same command on one process first "
+                f"(it may be stopped once {SUMMARY_FILE} is written), or give the pairs in config.data")
+        return make_preferences(config, out_dir)
     if not config.data or not config.data.get("name"):
         raise config_lib.ConfigError(f"{config.stage}: set preferences.enabled=True or a preference dataset in "
                                      "config.data")

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import lora, losses, runs, sampling
+from rlhf_jax import distributed, lora, losses, runs, sampling
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -131,7 +131,10 @@ def train(config, workdir: str):
 
     def log_samples(state, step, writer):
         if prompts and config.sample_every and (step % config.sample_every == 0 or step == config.num_steps):
-            texts = sampling.generate_texts(graphdef, policy_of(state), tokenizer, prompts, max_new_tokens=config.sample_tokens,
+            params = mesh_lib.host_copy(policy_of(state))  # (gathered by every process; process 0 samples)
+            if not distributed.is_main_process():
+                return
+            texts = sampling.generate_texts(graphdef, params, tokenizer, prompts, max_new_tokens=config.sample_tokens,
                                    greedy=True, rng=jax.random.key(0))
             table = "\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, texts))
             writer.write_text(step, "samples", table)

@@ -50,6 +50,7 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
 
     Nothing is written before the checks pass: a bad value, or a changed config that does not
     fit the workdir's checkpoint, leaves the workdir as it was."""
+    from rlhf_jax import distributed
     from rlhf_jax import run as run_lib
     from rlhf_jax import validation
 
@@ -57,7 +58,12 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
     module = stage_module(config.stage)
     if allow_config_change:
         run_lib.check_workdir_fits(workdir, module.abstract_state(config))
-    config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change)
-    state = module.train(config, workdir)
+    # Every process checks a resumed workdir's config; process 0 alone writes it.
+    config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
+                                     write=distributed.is_main_process())
+    try:
+        state = module.train(config, workdir)
+    except run_lib.Diverged as e:  # The loop knows the step and metric; name the stage too.
+        raise run_lib.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
     run_lib.mark_finished(workdir, f"{config.get('num_steps', '')}")
     return state

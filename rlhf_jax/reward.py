@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import config as config_lib
-from rlhf_jax import evaluation, labelers, lora, losses, preferences, registry, runs
+from rlhf_jax import distributed, evaluation, labelers, lora, losses, preferences, registry, runs
 from rlhf_jax import mesh as mesh_lib
 from rlhf_jax import model as model_lib
 from rlhf_jax import run as run_lib
@@ -104,7 +104,7 @@ def make_eval_fn(score, pairs: list[dict], gold_fn):
                             for p in pairs])
 
     def eval_fn(state, step):
-        params = state["params"]
+        params = mesh_lib.host_copy(state["params"])  # (each process scores every pair itself)
         r_chosen = score(params, prompts, [p["chosen"] for p in pairs])
         r_rejected = score(params, prompts, [p["rejected"] for p in pairs])
         diff = r_chosen - r_rejected
@@ -153,6 +153,8 @@ def normalize_on_policy_samples(config, workdir, score, params, tokenizer) -> di
     normalization = {**fit_normalization(raw), "num_samples": len(raw), "policy": policy_dir,
                      "split": ncfg.split,
                      "time": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    if not distributed.is_main_process():  # Every process sampled and scored the same rows; 0 writes.
+        return normalization
     with open(os.path.join(workdir, NORMALIZATION_SAMPLES_FILE), "w", encoding="utf-8") as f:
         for p, r, s in zip(prompts, responses, raw):
             f.write(json.dumps({"prompt": p, "response": r, "reward": float(s)}, ensure_ascii=False) + "\n")
@@ -219,6 +221,7 @@ def train(config, workdir: str):
         eval_fn=eval_fn, eval_every=config.eval_every, progress_every_s=config.get("progress_every_s", 10.0),
         headline=("loss", "accuracy", "eval/accuracy", "eval/spearman"))
 
+    distributed.barrier("reward: trained")  # (every process decides from the same files)
     if config.normalize.enabled and not os.path.exists(os.path.join(workdir, NORMALIZATION_FILE)):
         normalize_on_policy_samples(config, workdir, score, state["params"], tokenizer)
     return state

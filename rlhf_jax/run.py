@@ -33,15 +33,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rlhf_jax import config as config_lib
+from rlhf_jax import distributed
 
 
 # ----------------------------------------------------------------------------- metrics
 
 
 class MetricsWriter:
-    """Appends metrics to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard."""
+    """Appends metrics to `<workdir>/metrics.jsonl` and mirrors scalars to TensorBoard.
+
+    In a run of several processes only process 0 writes (every process holds the same metrics:
+    they are replicated outputs of the global step); on the others every method does nothing."""
 
     def __init__(self, workdir: str, resume_step: int = 0):
+        self.active = jax.process_index() == 0
+        self._file = self._tb = None
+        if not self.active:
+            return
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         # Lines logged after the checkpoint we resume from describe steps that will run again.
@@ -54,6 +62,8 @@ class MetricsWriter:
         self._tb_dir = os.path.join(workdir, "tb")
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
         row = {"step": int(step)}
         row.update({k: _to_python(v) for k, v in metrics.items()})
         self._file.write(json.dumps(row) + "\n")
@@ -67,6 +77,8 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, step)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
+        if not self.active:
+            return
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
@@ -75,11 +87,15 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Everything logged so far on disk (TensorBoard's writer otherwise waits up to 30 s)."""
+        if not self.active:
+            return
         self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        if not self.active:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -179,8 +195,15 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, extra: dic
     args = {"state": ocp.args.StandardSave(state)}
     if extra is not None:
         args["extra"] = ocp.args.JsonSave(extra)
-    manager.save(step, args=ocp.args.Composite(**args))
-    manager.wait_until_finished()  # The manifest describes a finished checkpoint only.
+    try:
+        manager.save(step, args=ocp.args.Composite(**args))
+        manager.wait_until_finished()  # The manifest describes a finished checkpoint only.
+    except Exception as e:  # A full disk, a quota, a vanished mount: Orbax's temporary folder is left
+        kept = manager.latest_step()  # unfinished and never becomes a step; earlier ones stay.
+        raise config_lib.CheckpointError(
+            f"{step_dir(manager, step)}: saving the checkpoint failed ({type(e).__name__}: {e}); "
+            f"{'the checkpoint of step ' + str(kept) if kept is not None else 'no checkpoint'} stays the latest "
+            "and a rerun resumes from it once there is room") from e
     if jax.process_index() == 0:
         path = os.path.join(step_dir(manager, step), MANIFEST)
         with open(path + ".tmp", "w") as f:
@@ -188,6 +211,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, extra: dic
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
+    # No process goes on (and could be killed) before the checkpoint it saved is verifiable.
+    distributed.barrier(f"manifest {step}")
 
 
 def read_manifest(manager: ocp.CheckpointManager, step: int) -> dict | None:
@@ -257,7 +282,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None 
         return None
     where = step_dir(manager, step)
     check_fits(manager, step, target)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(_with_sharding, target)
     args = {"state": ocp.args.StandardRestore(abstract)}
     if with_extra:
         args["extra"] = ocp.args.JsonRestore()
@@ -276,6 +301,20 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None 
                 raise DamagedCheckpoint(f"{where}: array {name} does not match its checksum in {MANIFEST}: "
                                         "the checkpoint's files were damaged after it was saved")
     return (step, restored["state"], restored.get("extra")) if with_extra else (step, restored["state"])
+
+
+def _with_sharding(x):
+    """The restore target of one array. A target without a sharding (a hand-off loading another
+    run's params from its config alone) is restored replicated on every device there is now: left
+    to itself Orbax would use the devices the checkpoint was saved from, which a run on other
+    processes or another machine does not have."""
+    x = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(x, "sharding", None) is None:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+        x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere)
+    return x
 
 
 def _root_cause(e: BaseException) -> str:
@@ -315,6 +354,7 @@ def _set_aside(manager, workdir: str, steps) -> None:
             dest = os.path.join(aside, f"{step}.{int(time.time())}")
             os.replace(step_dir(manager, step), dest)
             print(f"moved the damaged checkpoint of step {step} to {dest}", file=sys.stderr, flush=True)
+    distributed.barrier("damaged checkpoints set aside")
     manager.reload()
 
 
@@ -338,7 +378,10 @@ def is_finished(workdir: str) -> bool:
 
 
 def mark_finished(workdir: str, note: str = "") -> None:
-    """Write DONE, atomically: called once everything the stage hands off is on disk."""
+    """Write DONE, atomically: called once everything the stage hands off is on disk (by
+    process 0 alone when there are several)."""
+    if jax.process_index() != 0:
+        return
     path = os.path.join(workdir, "DONE")
     with open(path + ".tmp", "w") as f:
         f.write(note + "\n")
@@ -360,6 +403,8 @@ class Progress:
 
     def update(self, step: int, metrics: dict, force: bool = False) -> None:
         now = time.time()
+        if jax.process_index() != 0:  # One progress line per run, not per process.
+            return
         if not force and now - self.last < self.every_s:
             return
         self.last = now
@@ -386,7 +431,10 @@ def _fmt_time(s):
 
 # ----------------------------------------------------------------------------- the loop
 
+# Fault injection for the resume tests: die like `kill -9` after this step (on every process,
+# or only on process RLHF_JAX_FAULT_PROCESS).
 _FAULT_AFTER_STEP = int(os.environ.get("RLHF_JAX_FAULT_AFTER_STEP", "-1"))
+_FAULT_PROCESS = int(os.environ.get("RLHF_JAX_FAULT_PROCESS", "-1"))
 
 
 def step_rng(rng, step: int):
@@ -410,6 +458,15 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
     log_fn(state, step, writer): optional extra logging (sample tables) at each log step.
     headline: metric names shown first on the progress line (default: the first six).
     `state` doubles as the restore target, so its shardings are those of the restored state.
+
+    Non-finite guard: a step whose metrics (loss, grad_norm, any other) hold NaN or inf stops
+    the run with Diverged naming the step and metric, after writing that step's row (marked
+    "nonfinite"); no checkpoint is saved after it. With `optimizer.on_nonfinite='skip'` the
+    optimizer keeps the params on such steps (optim.skip_nonfinite): they are left out of the
+    logged means and counted in `nonfinite/skipped_updates`.
+    SIGTERM (what schedulers send before pre-emption): the step in flight finishes, a
+    checkpoint of it is saved, and the process ends by SIGTERM; every process stops after the
+    same step.
     """
     manager = checkpoint_manager(workdir)
     start = 0
@@ -420,27 +477,33 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
         raise
     if found is not None:
         start, state = found
-        print(f"resuming {workdir} from step {start}", file=sys.stderr, flush=True)
+        if distributed.is_main_process():
+            print(f"resuming {workdir} from step {start}", file=sys.stderr, flush=True)
     writer = MetricsWriter(workdir, resume_step=start)
     progress = Progress(num_steps, start, progress_every_s, headline=headline)
-    pending = []
+    pending = []  # (step, metrics, skipped updates so far) of the steps since the last log
+    skipped = jax.device_get(skipped_updates(state))
     step = start
     with _SigtermAfterStep() as sigterm:  # outermost: the writers below are closed first
         try:
-            while step < num_steps and not sigterm.requested:
+            while step < num_steps:
                 batch = batch_fn(step) if batch_fn is not None else None
                 state, metrics = step_fn(state, batch, step_rng(rng, step))
                 step += steps_per_call
-                pending.append(metrics)
+                pending.append((step, metrics, skipped_updates(state)))
                 last = step >= num_steps
-                checkpoint_now = step % checkpoint_every == 0 or last
+                # Every process must stop after the same step (the checkpoint is collective).
+                stop = distributed.any_process(sigterm.requested)
+                checkpoint_now = step % checkpoint_every == 0 or last or stop
                 # Checkpoint steps close a logging window too, so a resumed run logs what an
                 # uninterrupted one would.
                 if step % log_every == 0 or checkpoint_now:
-                    row = _mean_metrics(jax.device_get(pending))
+                    row, skipped = _window_row(jax.device_get(pending), skipped, writer, manager)
                     pending = []
                     if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
-                        row.update(eval_fn(state, step))
+                        evaluated = eval_fn(state, step)
+                        _check_finite(step, evaluated, {**row, **evaluated}, writer, manager)
+                        row.update(evaluated)
                     writer.write(step, row)
                     if log_fn is not None:
                         log_fn(state, step, writer)
@@ -448,15 +511,65 @@ def train_loop(*, workdir: str, state, step_fn, batch_fn, num_steps: int, rng, l
                 if checkpoint_now:
                     save_checkpoint(manager, step, state)
                     writer.flush()  # The curves on disk reach the checkpoint a resume starts from.
-                if step == _FAULT_AFTER_STEP:  # Fault injection for the resume tests: die like `kill -9`.
+                if step == _FAULT_AFTER_STEP and _FAULT_PROCESS in (-1, jax.process_index()):
                     manager.wait_until_finished()
                     os.kill(os.getpid(), signal.SIGKILL)
+                if stop:
+                    sigterm.requested = True  # (also where the SIGTERM reached another process)
+                    break
             manager.wait_until_finished()
         finally:
             writer.close()
             manager.close()
     # DONE is written by registry.run_stage once the stage's other outputs are on disk too.
     return state
+
+
+def skipped_updates(state):
+    """How many updates optim.skip_nonfinite has skipped so far (summed over seeds), or None
+    when the optimizer does not skip (optimizer.on_nonfinite='stop'). Found by its fields
+    (optim imports this module, not the reverse)."""
+    is_guard = lambda x: hasattr(x, "skipped_updates") and hasattr(x, "inner_state")
+    guards = [x for x in jax.tree.leaves(state, is_leaf=is_guard) if is_guard(x)]
+    if not guards:
+        return None
+    return sum(x.skipped_updates.sum() for x in guards)
+
+
+def _nonfinite(metrics: dict) -> list[str]:
+    return [k for k, v in metrics.items() if not _is_finite(np.asarray(v))]
+
+
+def _check_finite(step, metrics, row, writer, manager) -> None:
+    """Raise Diverged when a metric of `step` is NaN or inf, after logging the row (marked)."""
+    bad = _nonfinite(metrics)
+    if not bad:
+        return
+    writer.write(step, {**row, "nonfinite": bad})
+    writer.flush()
+    kept = manager.latest_step()
+    raise Diverged(
+        f"step {step}: metric {bad[0]} is {np.asarray(metrics[bad[0]]).tolist()} (non-finite: {bad}); the run stops "
+        f"and {'the checkpoint of step ' + str(kept) if kept is not None else 'no checkpoint'} stays the latest. "
+        "Lower optimizer.learning_rate or clip gradients (optimizer.grad_clip_norm), or set "
+        "optimizer.on_nonfinite='skip' to skip such updates")
+
+
+def _window_row(window, skipped_before, writer, manager):
+    """The logged row of the steps since the last log: each metric's mean over them. A step
+    whose metrics are non-finite stops the run (`_check_finite`) unless its update was skipped
+    (the skip count grew): then it is left out of the means. Returns (row, skip count)."""
+    kept = []
+    for step, metrics, skipped in window:
+        was_skipped = skipped is not None and skipped > skipped_before
+        skipped_before = skipped
+        if not was_skipped:
+            _check_finite(step, metrics, metrics, writer, manager)
+            kept.append(metrics)
+    row = _mean_metrics(kept) if kept else {}
+    if skipped_before is not None:
+        row["nonfinite/skipped_updates"] = int(skipped_before)
+    return row, skipped_before
 
 
 def seeds_of(config) -> list[int]:

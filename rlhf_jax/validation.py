@@ -128,6 +128,8 @@ def optimizer_rules(c: _Checks):
     c.positive("optimizer.eps")
     c.number("optimizer.weight_decay", 0.0)
     c.number("optimizer.grad_clip_norm", 0.0)
+    c.choice("optimizer.on_nonfinite", ("stop", "skip"))
+    c.integer("optimizer.max_consecutive_skips", 0)
 
 
 def mesh_devices(c: _Checks) -> int | None:

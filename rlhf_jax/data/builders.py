@@ -427,7 +427,21 @@ def prepare(builder) -> Splits:
 
 def load_dataset(config, data_dir: str) -> dict[str, Source]:
     """{split: Source} for the dataset `config.name` (see the module docstring), preparing it
-    into `data_dir` the first time. No network is used except by 'imdb_reviews'."""
+    into `data_dir` the first time. No network is used except by 'imdb_reviews'.
+
+    In a run of several processes process 0 prepares it while the others wait (two writers of
+    one TFDS folder would race); then every process opens it."""
+    from rlhf_jax import distributed
+
+    if distributed.is_main_process():
+        sources = _load_dataset(config, data_dir)
+        distributed.barrier(f"dataset {config.get('name')} prepared")
+        return sources
+    distributed.barrier(f"dataset {config.get('name')} prepared")
+    return _load_dataset(config, data_dir)
+
+
+def _load_dataset(config, data_dir: str) -> dict[str, Source]:
     data_dir = os.path.expanduser(data_dir)
     name = config.get("name")
     get = config.get
