@@ -136,8 +136,9 @@ def local_block(x: jax.Array) -> tuple[tuple[slice, ...], np.ndarray]:
 
 
 def from_local_block(values, like: jax.Array) -> jax.Array:
-    """The global array shaped and sharded like `like` whose block on this process is `values`."""
-    return jax.make_array_from_process_local_data(like.sharding, np.asarray(values, like.dtype), like.shape)
+    """The global array shaped and sharded like `like` whose block on this process is `values`
+    (values keep their own dtype: `like` gives the layout only)."""
+    return jax.make_array_from_process_local_data(like.sharding, np.asarray(values), like.shape)
 
 
 def host_copy(tree):
