@@ -151,12 +151,7 @@ def train(config, workdir: str):
     _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     model_config, graphdef, init_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
-    ref_params = init_params
-    if config.get("reference_from"):
-        if lora.enabled(config.get("lora")):
-            raise config_lib.ConfigError("reference_from: with LoRA the reference is init_from's base weights "
-                                         "(adapters off); leave reference_from empty")
-        ref_params = runs.load_matching_policy(config.reference_from, config.model, "dpo")[2]
+    ref_params = runs.load_reference(config, init_params, "dpo")
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = preferences.preference_data(config, workdir)
     optimizer = make_optimizer(config.optimizer)

@@ -501,12 +501,7 @@ def init_models(config, tokenizer, optimizer):
     num_seeds > 1; frozen = dict(ref=reference params, reward=reward-model params or None).
     """
     model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo")
-    reference = policy
-    if config.get("reference_from"):
-        if lora.enabled(config.get("lora")):
-            raise config_lib.ConfigError("reference_from: with LoRA the reference is init_from's base weights "
-                                         "(adapters off); leave reference_from empty")
-        reference = runs.load_matching_policy(config.reference_from, config.model, "ppo")[2]
+    reference = runs.load_reference(config, policy, "ppo")
     reward_graphdef, reward_params, normalization = None, None, {"mean": 0.0, "std": 1.0}
     reward_lora = None
     if config.reward_model:

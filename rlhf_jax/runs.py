@@ -69,6 +69,18 @@ def load_matching_policy(workdir: str, model_config, stage: str):
     return run_model, graphdef, params
 
 
+def load_reference(config, policy, stage: str):
+    """The frozen reference of PPO / DPO: `policy` (init_from's params), or the run named by
+    `config.reference_from` (rounds: an earlier round's policy). Refused with LoRA, whose
+    reference is init_from's base weights with the adapters off."""
+    if not config.get("reference_from"):
+        return policy
+    if lora.enabled(config.get("lora")):
+        raise config_lib.ConfigError("reference_from: with LoRA the reference is init_from's base weights "
+                                     "(adapters off); leave reference_from empty")
+    return load_matching_policy(config.reference_from, config.model, stage)[2]
+
+
 def supervised_abstract_state(config, head: str = "lm"):
     """(graphdef, ShapeDtypeStructs of {'params', 'opt_state'}): the state of the stages trained
     with one supervised loss (pretrain, SFT, reward, DPO). With LoRA the params are the adapters
