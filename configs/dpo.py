@@ -20,7 +20,7 @@
     batch_size, seq_len pairs per step; prompt + response + EOS rows of seq_len tokens
     eval_every          held-out pair accuracy (eval/rewards/accuracies, eval/loss) and samples on
                         held-out prompts: eval/gold (gold_function), eval/kl (to the SFT policy,
-                        rlhf_jax.evaluation), every eval_every steps and at the end
+                        rlhf_jax.models.evaluation), every eval_every steps and at the end
     eval_prompts        prompt dataset (+ its data_dir) + split + count for those samples
 """
 
@@ -57,7 +57,7 @@ def dpo_stage(*, num_steps=200, batch_size=16, seq_len=192, learning_rate=1e-5, 
     c.eval_prompts = ml_collections.ConfigDict(dict(data=datasets.reviews_sft(), data_dir="~/.cache/rlhf_jax/datasets",
                                                    split="validation", num=64,
                                                    max_prompt_len=64, max_new_tokens=96, temperature=1.0))
-    c.gold_function = "rlhf_jax.labelers:vader_gold_score"
+    c.gold_function = "rlhf_jax.people.labelers:vader_gold_score"
     c.checkpoint_every = max(num_steps // 4, 1)
     c.progress_every_s = 10.0
     c.mesh = mesh.data_parallel()

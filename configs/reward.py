@@ -1,8 +1,8 @@
 """The reward-model stage's fields, and how its preference pairs are made.
 
-    reward_stage(...)            every field rlhf_jax.reward.train reads
+    reward_stage(...)            every field rlhf_jax.stages.reward.train reads
     preference_generation(...)   config.preferences: sample K responses per prompt from the SFT
-                                 policy, pair them, label them (rlhf_jax.preferences)
+                                 policy, pair them, label them (rlhf_jax.stages.preferences)
 
 With `preferences.enabled`, the stage first writes its own preferences into
 `<workdir>/preferences`; otherwise it reads `config.data` (any preference dataset config:
@@ -55,7 +55,7 @@ def preference_generation(*, num_prompts=128, num_validation_prompts=32, samples
     c.batch_size = 32
     c.labeler = labeler
     c.noise_temperature = float(noise_temperature)
-    c.gold = "rlhf_jax.labelers:vader_gold_score"
+    c.gold = "rlhf_jax.people.labelers:vader_gold_score"
     c.function = ""
     c.min_labels = 0
     c.seed = 0
@@ -97,7 +97,7 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     c.loss = ml_collections.ConfigDict(dict(use_margin=False, center_coef=0.0))
     c.log_every = 10
     c.eval_every = max(num_steps // 5, 1)
-    c.eval_gold = "rlhf_jax.labelers:vader_gold_score"
+    c.eval_gold = "rlhf_jax.people.labelers:vader_gold_score"
     c.eval_max_pairs = 0
     c.checkpoint_every = max(num_steps // 4, 1)
     c.progress_every_s = 10.0

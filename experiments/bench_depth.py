@@ -25,10 +25,11 @@ def measure(size, layers, batch, seq, new_tokens):
 
     from configs import mesh as mesh_configs
     from configs import models, optimizers
-    from rlhf_jax import mesh as mesh_lib
-    from rlhf_jax import model as model_lib
-    from rlhf_jax import pretrain, sampling
-    from rlhf_jax.optim import make_optimizer, make_train_step
+    from rlhf_jax.runtime import mesh as mesh_lib
+    from rlhf_jax.models import model as model_lib
+    from rlhf_jax.stages import pretrain
+    from rlhf_jax.models import sampling
+    from rlhf_jax.runtime.optim import make_optimizer, make_train_step
 
     config = getattr(models, size)()
     config.num_layers = layers
@@ -89,7 +90,7 @@ def main():
             print(name, rows[-1], flush=True)
         result[name] = rows
     sys.path.insert(0, here)
-    from rlhf_jax import benchmarking
+    from rlhf_jax.runtime import benchmarking
 
     print("written to", benchmarking.record_result("bench_depth", result))
 

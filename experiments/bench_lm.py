@@ -28,11 +28,12 @@ import numpy as np
 
 from configs import mesh as mesh_configs
 from configs import models, optimizers
-from rlhf_jax import benchmarking, sampling
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import pretrain
-from rlhf_jax.optim import make_optimizer, make_train_step
+from rlhf_jax.runtime import benchmarking
+from rlhf_jax.models import sampling
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.stages import pretrain
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
 
 
 def ours_train(config, batch, seq, steps):

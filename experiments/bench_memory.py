@@ -32,8 +32,8 @@ def measure(size: str, layers: int, rank: int) -> dict:
     from configs import lora as lora_configs
     from configs import models, optimizers
     from configs import ppo as ppo_configs
-    from rlhf_jax import model as model_lib
-    from rlhf_jax import ppo, pretrain
+    from rlhf_jax.models import model as model_lib
+    from rlhf_jax.stages import ppo, pretrain
 
     model = getattr(models, size)()
     model.num_layers = layers or model.num_layers
@@ -42,7 +42,7 @@ def measure(size: str, layers: int, rank: int) -> dict:
         c = ppo_configs.trl(num_steps=1)
         c.model = model
         c.init_from = os.path.join(tmp, "sft")
-        c.reward_function = "rlhf_jax.labelers:vader_gold_score"
+        c.reward_function = "rlhf_jax.people.labelers:vader_gold_score"
         c.gold_function = ""
         c.prompts = ("The food was", "The room was")
         c.batch_size, c.samples_per_prompt = 2, 2
@@ -72,7 +72,7 @@ def main():
     if args.child >= 0:
         print(json.dumps(measure(args.size, args.layers, args.child)))
         return
-    from rlhf_jax import benchmarking
+    from rlhf_jax.runtime import benchmarking
 
     rows = []
     for rank in [int(r) for r in args.ranks.split(",")]:

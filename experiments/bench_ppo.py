@@ -85,10 +85,11 @@ import numpy as np
 
 from configs import models, optimizers
 from configs import ppo as ppo_configs
-from rlhf_jax import benchmarking
-from rlhf_jax import model as model_lib
-from rlhf_jax import ppo, pretrain, sampling
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import benchmarking
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.stages import ppo, pretrain
+from rlhf_jax.models import sampling
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 LEARNING_RATE = 1e-5
 KL_COEF = 0.05

@@ -28,9 +28,9 @@ import jax
 import numpy as np
 
 import bench_ppo
-from rlhf_jax import benchmarking
-from rlhf_jax import ppo
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import benchmarking
+from rlhf_jax.stages import ppo
+from rlhf_jax.runtime import run as run_lib
 
 
 def timed(fn, n):

@@ -17,7 +17,9 @@ import time
 
 import jax
 
-from rlhf_jax import benchmarking, config as config_lib, snack
+from rlhf_jax.runtime import benchmarking, config as config_lib
+
+from rlhf_jax.stages import snack
 
 
 def python_loop_train(num_runs, num_steps, weight=20.0, learning_rate=1.0, seed=0):

@@ -13,8 +13,10 @@ import tempfile
 import numpy as np
 
 from configs import models
-from rlhf_jax import benchmarking, hf_export, runs
-from rlhf_jax import model as M
+from rlhf_jax.runtime import benchmarking
+from rlhf_jax.models import hf_export
+from rlhf_jax.stages import runs
+from rlhf_jax.models import model as M
 
 
 def main():

@@ -37,7 +37,7 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "rlhf_jax.serve", f"--data={data}", f"--port={port}",
+    server = subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.serve", f"--data={data}", f"--port={port}",
                                f"--policy={args.policy}", "--compare_every=1", "--max_new_tokens=96",
                                "--temperature=0.7"], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     options = webdriver.ChromeOptions()

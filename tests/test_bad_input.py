@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 
 from configs import models
-from rlhf_jax import cli, registry, runs, validation
-from rlhf_jax import config as config_lib
-from rlhf_jax import labelers, pretrain, snack
-from rlhf_jax import run as run_lib
+from rlhf_jax.apps import cli
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import validation
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.people import labelers
+from rlhf_jax.stages import pretrain, snack
+from rlhf_jax.runtime import run as run_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SNACK = os.path.join(ROOT, "experiments", "snack_bandit.py")
@@ -113,7 +116,8 @@ def test_every_stage_kind_has_rules():
 
 
 def test_ppo_choices_match_the_ppo_module():
-    from rlhf_jax import data, ppo
+    from rlhf_jax import data
+    from rlhf_jax.stages import ppo
 
     assert validation.PPO_LOSSES == ppo.LOSSES
     assert validation.PPO_VALUE_MODELS == ppo.VALUE_MODELS
@@ -343,7 +347,7 @@ def tensorboard_steps(workdir):
 
 def snack_process(workdir, *overrides, env=None):
     return subprocess.Popen(
-        [sys.executable, "-m", "rlhf_jax.cli", "train", f"--config={SNACK}", f"--workdir={workdir}", *overrides],
+        [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={SNACK}", f"--workdir={workdir}", *overrides],
         env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 

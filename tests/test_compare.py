@@ -9,13 +9,13 @@ import pytest
 
 from configs import models, optimizers
 from configs.reward import reward_stage
-from rlhf_jax import compare
-from rlhf_jax import config as config_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import pretrain
-from rlhf_jax import run as run_lib
+from rlhf_jax.drivers import compare
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.stages import pretrain
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders
-from rlhf_jax.optim import make_optimizer
+from rlhf_jax.runtime.optim import make_optimizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import datasets
-from rlhf_jax import config as config_lib
+from rlhf_jax.runtime import config as config_lib
 from rlhf_jax.data import builders, loaders, reviews
 from rlhf_jax.data import load_dataset, load_preferences, write_preferences
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -8,14 +8,15 @@ import pytest
 
 from configs import datasets, models
 from configs.dpo import dpo_stage
-from rlhf_jax import config as config_lib
-from rlhf_jax import dpo, losses, registry, runs
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.stages import dpo, registry, runs
+from rlhf_jax import losses
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer, make_train_step
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 
 def micro_model():
@@ -41,7 +42,7 @@ def setup(tmp_path_factory):
     """A random 'SFT run' and a preference dataset of marker pairs (train 64, validation 16)."""
     root = tmp_path_factory.mktemp("dpo")
     sft = str(root / "sft")
-    from rlhf_jax import pretrain
+    from rlhf_jax.stages import pretrain
 
     pretrain.save_random_run(sft, micro_model())
     records = {"train": marker_records(64, 0), "validation": marker_records(16, 1)}
@@ -62,7 +63,7 @@ def tiny_config(setup, **fields):
     c.eval_prompts.data_dir = setup["data"]
     c.eval_prompts.num = 8
     c.eval_prompts.max_new_tokens = 8
-    c.gold_function = "rlhf_jax.labelers:vader_gold_score"
+    c.gold_function = "rlhf_jax.people.labelers:vader_gold_score"
     c.progress_every_s = 1e9
     for key, value in fields.items():
         node = c
@@ -205,7 +206,7 @@ def test_bad_loss_kind_is_a_config_error(setup, tmp_path):
 
 
 def test_sample_command_reads_a_dpo_run(setup, tmp_path, capsys):
-    from rlhf_jax import cli
+    from rlhf_jax.apps import cli
 
     run = str(tmp_path / "run")
     registry.run_stage(tiny_config(setup, num_steps=2, eval_every=0, checkpoint_every=2), run)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from configs import models
-from rlhf_jax import evaluation
-from rlhf_jax import model as model_lib
-from rlhf_jax import sampling
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.models import evaluation
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.models import sampling
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 
 def micro_model():

@@ -27,11 +27,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import optimizers
-from rlhf_jax import config as config_lib
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import registry
-from rlhf_jax import run as run_lib
-from rlhf_jax.optim import make_optimizer, make_train_step
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.stages import registry
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -141,7 +141,7 @@ SNACK = os.path.join(ROOT, "experiments", "snack_bandit.py")
 
 def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
     workdir = str(tmp_path / "termed")
-    command = [sys.executable, "-m", "rlhf_jax.cli", "train", f"--config={SNACK}", f"--workdir={workdir}",
+    command = [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={SNACK}", f"--workdir={workdir}",
                "--config.num_steps=100000000", "--config.checkpoint_every=100000000"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60

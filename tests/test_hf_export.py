@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import models
-from rlhf_jax import model as M
-from rlhf_jax.hf_export import export_hf
-from rlhf_jax.hf_import import graphdef_for, load_hf_checkpoint
+from rlhf_jax.models import model as M
+from rlhf_jax.models.hf_export import export_hf
+from rlhf_jax.models.hf_import import graphdef_for, load_hf_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

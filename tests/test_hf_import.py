@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rlhf_jax import model as M
-from rlhf_jax.hf_import import graphdef_for, load_hf_checkpoint
+from rlhf_jax.models import model as M
+from rlhf_jax.models.hf_import import graphdef_for, load_hf_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

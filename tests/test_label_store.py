@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from rlhf_jax import label_store as LS
-from rlhf_jax.config import DataError
+from rlhf_jax.people import label_store as LS
+from rlhf_jax.runtime.config import DataError
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 
 def pairs(n, split="train"):
@@ -87,7 +87,7 @@ def test_queue_asks_each_pair_of_n_annotators_and_resumes(tmp_path):
 # own SQLite connection, as a second server or a terminal labeler beside the web app would be.
 _GRAB = """
 import json, sys
-from rlhf_jax.label_store import LabelStore
+from rlhf_jax.people.label_store import LabelStore
 store, name, got = LabelStore(sys.argv[1], answers_per_pair=2), sys.argv[2], []
 while (lease := store.next_pair(name)) is not None:
     store.answer(lease.pair_id, name, "left", lease.shown, request_id=name + lease.pair_id)

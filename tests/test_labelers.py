@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from rlhf_jax import labelers as LB
+from rlhf_jax.people import labelers as LB
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,7 +87,7 @@ def test_load_function_and_errors():
     assert LB.load_function("math:sqrt")(9.0) == 3.0
     assert LB.load_function("os.path:join")("a", "b") == os.path.join("a", "b")
     assert LB.load_function("math.sqrt") is math.sqrt
-    assert LB.load_function("rlhf_jax.labelers:vader_gold_score") is LB.vader_gold_score
+    assert LB.load_function("rlhf_jax.people.labelers:vader_gold_score") is LB.vader_gold_score
     with pytest.raises(ImportError, match="no_such_pkg_xyz.mod:f"):
         LB.load_function("no_such_pkg_xyz.mod:f")
     with pytest.raises(AttributeError, match="math:no_such_fn"):
@@ -104,7 +104,7 @@ def test_function_labeler_and_label_pairs():
     assert label("p", "short", "long answer")["choice"] == 1
     tie = label("p", "abc", "xyz")
     assert tie["choice"] == 0 and tie["p_a"] == 0.5
-    by_path = LB.function_labeler("rlhf_jax.labelers:vader_gold_score")
+    by_path = LB.function_labeler("rlhf_jax.people.labelers:vader_gold_score")
     assert by_path("p", "horrible", "excellent")["choice"] == 1
 
     pairs = [
@@ -130,7 +130,7 @@ def _make_pairs(data_dir, n=5):
 
 
 _SCRIPT = (
-    "import sys; from rlhf_jax.labelers import label_in_terminal; "
+    "import sys; from rlhf_jax.people.labelers import label_in_terminal; "
     "n = label_in_terminal(sys.argv[1]); print('NEW=%d' % n)"
 )
 
@@ -155,7 +155,7 @@ def _run_session(data_dir, keystrokes):
 
 def _labels(data_dir):
     """The answers in the label store, in the terminal labeler's old record form."""
-    from rlhf_jax.label_store import STORE_FILE, LabelStore
+    from rlhf_jax.people.label_store import STORE_FILE, LabelStore
 
     if not os.path.exists(os.path.join(data_dir, STORE_FILE)):
         return []

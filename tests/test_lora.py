@@ -10,8 +10,8 @@ from flax import nnx
 
 from configs import lora as lora_configs
 from configs import models
-from rlhf_jax import lora
-from rlhf_jax import model as M
+from rlhf_jax.models import lora
+from rlhf_jax.models import model as M
 
 
 def micro(**overrides):

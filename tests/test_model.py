@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import models
-from rlhf_jax import model as M
+from rlhf_jax.models import model as M
 
 
 def micro(**overrides):

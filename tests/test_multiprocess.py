@@ -12,9 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, registry, runs
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import distributed
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import run as run_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")
@@ -23,7 +24,7 @@ EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")
 def launch(workdir, data_dir, num_processes, devices_per_process, *overrides, env=None, stage="pretrain",
            timeout=240):
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", "launch", f"--num_processes={num_processes}",
+        [sys.executable, "-m", "rlhf_jax.apps.cli", "launch", f"--num_processes={num_processes}",
          f"--devices_per_process={devices_per_process}", "--", "train", f"--config={EXPERIMENT}:{stage}",
          f"--workdir={workdir}", f"--config.data_dir={data_dir}", *overrides],
         env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, capture_output=True, text=True, cwd=ROOT,
@@ -107,7 +108,7 @@ def test_killed_process_stops_the_launch_and_the_rerun_resumes(pretrain_runs):
 
 @pytest.mark.slow
 def test_reward_stage_two_processes_equal_one_process(tmp_path):
-    from rlhf_jax import pretrain
+    from rlhf_jax.stages import pretrain
     from tests.multiprocess_experiment import micro_model
 
     sft = str(tmp_path / "sft")
@@ -134,7 +135,7 @@ def test_reward_stage_two_processes_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_with_a_host_reward_function_two_processes_equal_one_process(tmp_path):
-    from rlhf_jax import pretrain
+    from rlhf_jax.stages import pretrain
     from tests.multiprocess_experiment import micro_model
 
     sft = str(tmp_path / "sft")
@@ -154,7 +155,7 @@ def test_ppo_with_a_host_reward_function_two_processes_equal_one_process(tmp_pat
 def test_unreachable_coordinator_is_a_clear_error(tmp_path):
     port = distributed.free_port()  # nobody listens there
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", "train", f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}",
+        [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={EXPERIMENT}", f"--workdir={tmp_path / 'w'}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
          "--distributed_timeout_s=2"],
         env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -171,7 +172,7 @@ def test_incomplete_distributed_settings_are_named(tmp_path):
 
 
 def test_launch_without_a_command_is_a_clear_error(capsys):
-    from rlhf_jax import cli
+    from rlhf_jax.apps import cli
 
     assert cli.main(["launch", "--num_processes=2", "train"]) == 2
     assert "put the command after `--`" in capsys.readouterr().err

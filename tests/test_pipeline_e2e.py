@@ -9,9 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import pipeline, runs, sampling
-from rlhf_jax import run as run_lib
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.drivers import pipeline
+
+from rlhf_jax.stages import runs
+
+from rlhf_jax.models import sampling
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PIPELINE = os.path.join(ROOT, "experiments", "reviews", "pipeline.py")

@@ -11,11 +11,11 @@ import pytest
 from configs import models as model_configs
 from configs import optimizers
 from configs import ppo as ppo_configs
-from rlhf_jax import config as config_lib
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import ppo, pretrain, runs
-from rlhf_jax import run as run_lib
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.stages import ppo, pretrain, runs
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 PROMPTS = ("The hotel", "I loved", "A film", "My phone", "The cafe was", "Our room", "Service", "Food")
 
@@ -249,7 +249,7 @@ def test_lora_policy_learns_a_toy_reward(lora_sft_run, tmp_path, loss):
 
 def test_lora_with_a_separate_value_model_is_refused(sft_run):
     from configs import lora as lora_configs
-    from rlhf_jax import validation
+    from rlhf_jax.runtime import validation
 
     with pytest.raises(config_lib.ConfigError, match="value_model"):
         validation.validate(make_config(sft_run, lora=lora_configs.rank(8), value_model="sft"))
@@ -260,10 +260,10 @@ def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):
     (the trunk is the reference's weights), and scores exactly as the merged reward model does."""
     from configs import lora as lora_configs
     from configs import reward as reward_configs
-    from rlhf_jax import lora
-    from rlhf_jax import model as model_lib
-    from rlhf_jax import run as run_lib
-    from rlhf_jax.optim import make_optimizer
+    from rlhf_jax.models import lora
+    from rlhf_jax.models import model as model_lib
+    from rlhf_jax.runtime import run as run_lib
+    from rlhf_jax.runtime.optim import make_optimizer
 
     sft_run, model = lora_sft_run
     rcfg = reward_configs.reward_stage(num_steps=1)

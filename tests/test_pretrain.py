@@ -8,14 +8,15 @@ import pytest
 
 from configs import datasets, mesh as mesh_configs, models, optimizers
 from configs.stages import language_model_stage
-from rlhf_jax import cli, registry, runs
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import pretrain
-from rlhf_jax import run as run_lib
+from rlhf_jax.apps import cli
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.stages import pretrain
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer, make_train_step
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 
 def micro_model():
@@ -161,7 +162,7 @@ def test_sample_command_prints_several_responses(tmp_path, capsys):
 
 
 def test_export_command_writes_a_checkpoint_that_imports_to_the_same_logits(tmp_path, capsys):
-    from rlhf_jax.hf_import import graphdef_for, load_hf_checkpoint
+    from rlhf_jax.models.hf_import import graphdef_for, load_hf_checkpoint
 
     run = str(tmp_path / "pre")
     registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), run, allow_config_change=True)
@@ -181,7 +182,7 @@ def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path, capsys):
     """SFT with LoRA on a pre-training run: the checkpoint holds adapters only, the policy a later
     stage loads (and `rlhf-jax export` writes) is base + adapters, and the loss went down."""
     from configs import lora as lora_configs
-    from rlhf_jax.hf_import import load_hf_checkpoint
+    from rlhf_jax.models.hf_import import load_hf_checkpoint
 
     pre, sft = str(tmp_path / "pre"), str(tmp_path / "sft")
     registry.run_stage(micro_config("pretrain", tmp_path / "data", num_steps=2), pre, allow_config_change=True)

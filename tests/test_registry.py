@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rlhf_jax import registry
+from rlhf_jax.stages import registry
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -27,7 +27,7 @@ def test_stage_modules_never_import_each_other():
     stage_modules = set(registry.STAGES.values())
     for module in stage_modules:
         others = (imported_modules(module) & stage_modules) - {module}
-        assert not others, f"{module} imports the stage module(s) {sorted(others)}: load runs through rlhf_jax.runs"
+        assert not others, f"{module} imports the stage module(s) {sorted(others)}: load runs through rlhf_jax.stages.runs"
 
 
 @pytest.mark.parametrize("stage", sorted(registry.STAGES))

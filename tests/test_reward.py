@@ -13,15 +13,17 @@ import pytest
 from configs import datasets, models
 from configs.reward import reward_stage
 from configs.stages import language_model_stage
-from rlhf_jax import cli, registry, runs
-from rlhf_jax import config as config_lib
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import pretrain, reward, sampling
-from rlhf_jax import run as run_lib
+from rlhf_jax.apps import cli
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.stages import pretrain, reward
+from rlhf_jax.models import sampling
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 
 def micro_model():

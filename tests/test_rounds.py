@@ -9,9 +9,10 @@ import pytest
 
 from configs import datasets, optimizers
 from configs import ppo as ppo_configs
-from rlhf_jax import config as config_lib
-from rlhf_jax import label_store, rounds
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.people import label_store
+from rlhf_jax.drivers import rounds
+from rlhf_jax.runtime import run as run_lib
 
 from test_reward import fake_sft_run, micro_model, tiny_reward_config
 
@@ -104,7 +105,7 @@ def test_reference_from_is_refused_with_lora(sft, tmp_path):
     cannot be that base, so the stages refuse the combination instead of training against it."""
     from configs import lora as lora_configs
     from configs.dpo import dpo_stage
-    from rlhf_jax import dpo
+    from rlhf_jax.stages import dpo
 
     sft_dir, data_dir = sft
     config = dpo_stage(num_steps=1, batch_size=4, seq_len=32)

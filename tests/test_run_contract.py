@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import cli
-from rlhf_jax import config as config_lib
-from rlhf_jax import run as run_lib
-from rlhf_jax import snack
+from rlhf_jax.apps import cli
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.stages import snack
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "experiments", "snack_bandit.py")
@@ -67,7 +67,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def run_cli(workdir, *overrides, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", "train", f"--config={EXPERIMENT}", f"--workdir={workdir}",
+        [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={EXPERIMENT}", f"--workdir={workdir}",
          "--config.num_steps=400", "--config.checkpoint_every=100", *overrides],
         env={**os.environ, **(env or {})}, capture_output=True, text=True, cwd=ROOT)
 

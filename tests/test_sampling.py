@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import models
-from rlhf_jax import model as M
-from rlhf_jax.sampling import decode_responses, encode_prompts, generate
-from rlhf_jax.tokenizer import ByteTokenizer
+from rlhf_jax.models import model as M
+from rlhf_jax.models.sampling import decode_responses, encode_prompts, generate
+from rlhf_jax.models.tokenizer import ByteTokenizer
 
 VOCAB, PAD, NEVER = 40, 39, -1  # eos_id=-1: a token that is never sampled
 
@@ -223,7 +223,7 @@ def test_growing_cache_gives_the_same_samples(arch):
 
 
 def test_decode_chunk_ends():
-    from rlhf_jax.sampling import decode_chunk_ends
+    from rlhf_jax.models.sampling import decode_chunk_ends
     assert decode_chunk_ends(192, 32) == [32, 64, 128, 192]
     assert decode_chunk_ends(48, 32) == [32, 48]
     assert decode_chunk_ends(20, 32) == [20] and decode_chunk_ends(20, 0) == [20]

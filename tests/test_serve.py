@@ -16,9 +16,10 @@ import pytest
 starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from rlhf_jax import label_store as LS  # noqa: E402
-from rlhf_jax import labelers, serve  # noqa: E402
-from rlhf_jax.config import ConfigError  # noqa: E402
+from rlhf_jax.people import label_store as LS  # noqa: E402
+from rlhf_jax.people import labelers  # noqa: E402
+from rlhf_jax.apps import serve
+from rlhf_jax.runtime.config import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "<script>alert('x')</script>&<b>"
@@ -183,7 +184,7 @@ def test_chat_with_a_tiny_policy(tmp_path):
     """The real loading path (runs.PolicySampler, as `rlhf-jax sample`) on a random-init micro model."""
     from test_reward import fake_sft_run
 
-    from rlhf_jax import runs
+    from rlhf_jax.stages import runs
 
     fake_sft_run(tmp_path / "sft", tmp_path / "data")
     sampler = runs.PolicySampler(str(tmp_path / "sft"))
@@ -202,7 +203,7 @@ def free_port():
 
 
 def start_server(data_dir, port):
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.serve", f"--data={data_dir}", f"--port={port}"],
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.serve", f"--data={data_dir}", f"--port={port}"],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.time() + 60
@@ -246,7 +247,7 @@ def test_kill_9_loses_and_duplicates_no_confirmed_label(tmp_path):
 
 
 def test_cli_serve_refuses_a_public_address_without_tokens_and_labels_reports(tmp_path, capsys):
-    from rlhf_jax import cli
+    from rlhf_jax.apps import cli
 
     write_pairs(tmp_path, 2)
     assert cli.main(["serve", f"--data={tmp_path}", "--host=0.0.0.0"]) == 2

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from rlhf_jax import label_store as LS
-from rlhf_jax import labelers
+from rlhf_jax.people import label_store as LS
+from rlhf_jax.people import labelers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "<script>alert('owned')</script> & <b>bold?</b>"
@@ -54,7 +54,7 @@ def server(tmp_path):
         {"id": "p2", "prompt": "The acting", "response_a": "A third", "response_b": "B third"}])
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.serve", f"--data={data}", f"--port={port}",
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.serve", f"--data={data}", f"--port={port}",
                              f"--policy={tmp_path / 'sft'}", "--compare_every=1", "--max_new_tokens=8"],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import optimizers, snack_models
-from rlhf_jax import config as config_lib
-from rlhf_jax import run as run_lib
-from rlhf_jax import snack
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.stages import snack
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "snack_bandit.py")
 

@@ -49,6 +49,6 @@ def get_config():
                                             max_prompt_len=64, max_new_tokens=96, temperature=1.0, batch_size=128,
                                             seed=0))
     c.data_dir = "~/.cache/rlhf_jax/datasets"
-    c.gold_function = "rlhf_jax.labelers:vader_gold_score"
+    c.gold_function = "rlhf_jax.people.labelers:vader_gold_score"
     c.kl_budgets = (6.0, 15.0)
     return c

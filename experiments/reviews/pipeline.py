@@ -15,7 +15,7 @@ import os
 
 import ml_collections
 
-from rlhf_jax.config import load_config_file
+from rlhf_jax.runtime.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +35,7 @@ def get_config(variant: str = ""):
         c.dpo.preferences.enabled = True
         c.dpo.data_dir = reward.data_dir
         c.dpo.eval_every = 50
-    # report.md: the SFT and the trained policy judged by rlhf_jax.evaluation on held-out prompts
+    # report.md: the SFT and the trained policy judged by rlhf_jax.models.evaluation on held-out prompts
     # (SFT's validation split unless report_prompts lists some), and a table of the first rows.
     c.report_prompts = ()
     c.num_report_prompts = 128

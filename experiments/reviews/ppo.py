@@ -29,7 +29,7 @@ pipeline default (adaptive beta, 100 iterations): RM -0.14 -> 1.82, gold 0.18 ->
 from configs import models
 from configs import ppo as ppo_configs
 
-VADER = "rlhf_jax.labelers:vader_gold_score"
+VADER = "rlhf_jax.people.labelers:vader_gold_score"
 
 
 def get_config(arg: str = ""):

@@ -1,4 +1,4 @@
-"""Continual improvement in rounds on the embedded review task (rlhf_jax.rounds).
+"""Continual improvement in rounds on the embedded review task (rlhf_jax.drivers.rounds).
 
     rlhf-jax rounds --config=experiments/reviews/rounds.py --workdir=runs/rounds
     rlhf-jax rounds --config=experiments/reviews/rounds.py:dpo --workdir=runs/rounds_dpo
@@ -18,10 +18,10 @@ import os
 import ml_collections
 
 from configs import datasets
-from rlhf_jax.config import load_config_file
+from rlhf_jax.runtime.config import load_config_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VADER = "rlhf_jax.labelers:vader_gold_score"
+VADER = "rlhf_jax.people.labelers:vader_gold_score"
 
 
 def get_config(variant: str = ""):

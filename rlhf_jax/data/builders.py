@@ -49,7 +49,7 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.config import DataError
+from rlhf_jax.runtime.config import DataError
 from rlhf_jax.data import reviews as reviews_lib
 
 VERSION = tfds.core.Version("1.0.0")
@@ -431,7 +431,7 @@ def load_dataset(config, data_dir: str) -> dict[str, Source]:
 
     In a run of several processes process 0 prepares it while the others wait (two writers of
     one TFDS folder would race); then every process opens it."""
-    from rlhf_jax import distributed
+    from rlhf_jax.runtime import distributed
 
     if distributed.is_main_process():
         sources = _load_dataset(config, data_dir)

@@ -37,7 +37,7 @@ import math
 import grain
 import numpy as np
 
-from rlhf_jax.config import DataError
+from rlhf_jax.runtime.config import DataError
 
 # ----------------------------------------------------------------------------------------------
 # Reading and tokenizing examples.

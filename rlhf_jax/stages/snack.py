@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import registry
-from rlhf_jax import run as run_lib
-from rlhf_jax.optim import make_optimizer
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.stages import registry
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime.optim import make_optimizer
 
 
 # ----------------------------------------------------------------------------- the policy

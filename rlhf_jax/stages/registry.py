@@ -11,7 +11,7 @@ Every stage module has the same small interface, and nothing else is assumed abo
                                       raise NoPolicy
 
 Stage modules never import each other: a stage that starts from another run's policy or
-reward model loads it through `rlhf_jax.runs`, which finds the run's module here. Adding a stage
+reward model loads it through `rlhf_jax.stages.runs`, which finds the run's module here. Adding a stage
 is its file plus one line in STAGES.
 """
 
@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import importlib
 
-from rlhf_jax import config as config_lib
+from rlhf_jax.runtime import config as config_lib
 
 STAGES = {
-    "snack": "rlhf_jax.snack",
-    "pretrain": "rlhf_jax.pretrain",
-    "sft": "rlhf_jax.pretrain",
-    "reward": "rlhf_jax.reward",
-    "ppo": "rlhf_jax.ppo",
-    "dpo": "rlhf_jax.dpo",
+    "snack": "rlhf_jax.stages.snack",
+    "pretrain": "rlhf_jax.stages.pretrain",
+    "sft": "rlhf_jax.stages.pretrain",
+    "reward": "rlhf_jax.stages.reward",
+    "ppo": "rlhf_jax.stages.ppo",
+    "dpo": "rlhf_jax.stages.dpo",
 }
 
 # Stages whose runs hold a language-model policy (what `rlhf-jax sample` and the evaluation read).
@@ -50,9 +50,9 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
 
     Nothing is written before the checks pass: a bad value, or a changed config that does not
     fit the workdir's checkpoint, leaves the workdir as it was."""
-    from rlhf_jax import distributed
-    from rlhf_jax import run as run_lib
-    from rlhf_jax import validation
+    from rlhf_jax.runtime import distributed
+    from rlhf_jax.runtime import run as run_lib
+    from rlhf_jax.runtime import validation
 
     validation.validate(config)
     module = stage_module(config.stage)

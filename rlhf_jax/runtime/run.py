@@ -32,8 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import distributed
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import distributed
 
 
 # ----------------------------------------------------------------------------- metrics

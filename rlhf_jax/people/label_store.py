@@ -47,7 +47,7 @@ import random
 import sqlite3
 from typing import Iterable, Optional
 
-from rlhf_jax.config import DataError
+from rlhf_jax.runtime.config import DataError
 
 STORE_FILE = "labels.sqlite"
 PAIRS_FILE = "pairs.jsonl"

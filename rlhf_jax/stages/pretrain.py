@@ -8,7 +8,7 @@ their batches:
 
 The train state is {'params': nnx.State, 'opt_state': optax state}; `train_step` is pure and
 jitted with the state sharded by the mesh (replicated, or FSDP-split) and the batch split over
-every device. Later stages load its params through `rlhf_jax.runs.load_policy`.
+every device. Later stages load its params through `rlhf_jax.stages.runs.load_policy`.
 
 With LoRA (`lora.rank` > 0; a run that starts from other params: init_from / init_from_hf) the
 state's params are the adapters only; the base is the starting params, read by the step and
@@ -22,14 +22,17 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, lora, losses, runs, sampling
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import distributed
+from rlhf_jax.models import lora, sampling
+from rlhf_jax import losses
+from rlhf_jax.stages import runs
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer, make_train_step
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 
 # ----------------------------------------------------------------------------- state
@@ -62,7 +65,7 @@ def init_params_for(config):
     if config.init_from:
         return runs.load_matching_policy(config.init_from, config.model, config.stage)
     if config.init_from_hf:
-        from rlhf_jax import hf_import
+        from rlhf_jax.models import hf_import
 
         model_config, params = hf_import.load_hf_checkpoint(config.init_from_hf)
         graphdef, _ = model_lib.abstract_params(model_config)

@@ -26,13 +26,13 @@ Models: the policy and the frozen reference start from the SFT run (`init_from`)
 function is a scalar head on the policy (`value_model='policy'`, one forward gives logits and
 values), or a separate scalar model initialised from the reward model ('reward_model') or from
 the SFT params ('sft'). The reward is a reward-model run (`reward_model`) or an importable
-Python function (`reward_function`, e.g. 'rlhf_jax.labelers:vader_gold_score').
+Python function (`reward_function`, e.g. 'rlhf_jax.people.labelers:vader_gold_score').
 
 Train state (`TrainState`, checkpointed by run.train_loop, so a resumed run repeats an
 uninterrupted one): params {'policy', 'value'} and one optax state over both, kl_coef (beta,
 adaptive or fixed), baseline (EMA of the sequence reward). The frozen reference / reward params
 are reloaded from their runs, never checkpointed here. Load a finished policy with
-`rlhf_jax.runs.load_policy(workdir[, seed_index])`.
+`rlhf_jax.stages.runs.load_policy(workdir[, seed_index])`.
 
 Seeds in one program (`num_seeds` S > 1, for small models): every train-state leaf gets a
 leading seed axis [S], and rollout and update are `jax.vmap`ped over it inside one jit (the
@@ -54,14 +54,17 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, lora, losses, runs, sampling
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import distributed
+from rlhf_jax.models import lora, sampling
+from rlhf_jax import losses
+from rlhf_jax.stages import runs
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 LOSSES = ("ppo", "reinforce", "reinforce_baseline", "rloo", "grpo")
 VALUE_MODELS = ("policy", "reward_model", "sft")
@@ -543,7 +546,7 @@ def init_models(config, tokenizer, optimizer):
 def labelers_load(path):
     if not path:
         return None
-    from rlhf_jax import labelers
+    from rlhf_jax.people import labelers
 
     return labelers.load_function(path)
 

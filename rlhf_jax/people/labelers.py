@@ -9,7 +9,7 @@ The person labels pairs in a data directory:
 
 * ``<data_dir>/pairs.jsonl``: unlabeled pairs, one JSON object per line,
   ``{"id", "prompt", "response_a", "response_b"}``.
-* ``<data_dir>/labels.sqlite``: the label store (rlhf_jax.label_store), shared with the web
+* ``<data_dir>/labels.sqlite``: the label store (rlhf_jax.people.label_store), shared with the web
   app: every answer with its annotator, time and shown order, committed as soon as it is given,
   so an interrupted session loses nothing and a new session resumes where the last one stopped.
   An older ``labels.jsonl`` (``{"id", "choice": 0 | 1 | null, "labeler", "time"}``) is imported.
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from rlhf_jax import label_store
+from rlhf_jax.people import label_store
 
 PAIRS_FILE = label_store.PAIRS_FILE
 LABELS_FILE = label_store.LABELS_FILE  # the terminal labeler's old answer file; imported, no longer written
@@ -194,7 +194,7 @@ def _preference(pair: dict, choice: int, extra: dict) -> dict:
 
 def read_pairs(data_dir: str) -> list[dict]:
     """The pairs of ``<data_dir>/pairs.jsonl`` (first occurrence of each id)."""
-    from rlhf_jax.config import DataError
+    from rlhf_jax.runtime.config import DataError
 
     pairs, seen = [], set()
     path = os.path.join(data_dir, PAIRS_FILE)
@@ -233,7 +233,7 @@ def write_pairs(data_dir: str, pairs: Iterable[dict]) -> str:
 def open_store(data_dir: str, answers_per_pair: int = 1) -> "label_store.LabelStore":
     """The label store of a labelling folder, with its pairs.jsonl (and an old labels.jsonl)
     imported. A folder with neither pairs.jsonl nor a store is an error naming pairs.jsonl."""
-    from rlhf_jax.config import DataError
+    from rlhf_jax.runtime.config import DataError
 
     if not os.path.exists(os.path.join(data_dir, label_store.STORE_FILE)):
         path = os.path.join(data_dir, PAIRS_FILE)
@@ -275,7 +275,7 @@ def label_in_terminal(
 ) -> int:
     """Ask a person to label the pairs of the label store in ``<data_dir>`` they have not answered.
 
-    The store is ``<data_dir>/labels.sqlite`` (rlhf_jax.label_store), shared with the web app
+    The store is ``<data_dir>/labels.sqlite`` (rlhf_jax.people.label_store), shared with the web app
     (``rlhf-jax serve``); ``pairs.jsonl`` and an older ``labels.jsonl`` are imported first. Shows
     the prompt and the two responses (always in the pair's order: [1] is response_a) and reads
     ``1``, ``2``, ``t``/``tie``, ``s``/``skip`` or ``q``/``quit``; anything else re-asks. Each
@@ -345,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", required=True, help="directory holding pairs.jsonl / labels.sqlite")
     parser.add_argument("--annotator", default="human", help="your name, recorded with each answer")
     args = parser.parse_args(argv)
-    from rlhf_jax.config import UserError
+    from rlhf_jax.runtime.config import UserError
 
     try:
         n = label_in_terminal(args.data, annotator=args.annotator)

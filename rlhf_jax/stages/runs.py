@@ -1,6 +1,6 @@
 """Finished runs as inputs to later stages: their state, their policy, their reward model.
 
-    config, state = load_run(workdir)                          # any stage, via rlhf_jax.registry
+    config, state = load_run(workdir)                          # any stage, via rlhf_jax.stages.registry
     model_config, graphdef, params = load_policy(workdir)      # pretrain, sft, ppo, dpo (head 'lm')
     model_config, graphdef, params, norm = load_reward_model(workdir)   # reward runs
 
@@ -19,14 +19,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import lora
-from rlhf_jax import model as model_lib
-from rlhf_jax import registry
-from rlhf_jax import run as run_lib
-from rlhf_jax import sampling
-from rlhf_jax.optim import make_optimizer
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.models import lora
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.stages import registry
+from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.models import sampling
+from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 NORMALIZATION_FILE = "reward_normalization.json"
 

@@ -34,9 +34,10 @@ from typing import Optional
 
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import label_store, labelers, registry, runs
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.people import label_store, labelers
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import run as run_lib
 
 STORE_DIR = "labels"
 ROUND_FILE = "round.json"
@@ -116,8 +117,8 @@ def fresh_prompts(config, split: str, num: int, r: int) -> list[dict]:
 
 def sample_round_pairs(config, policy_dir: str, r: int) -> list[dict]:
     """Round r's pairs from the policy in `policy_dir` (deterministic in seed and round)."""
-    from rlhf_jax import preferences
-    from rlhf_jax.tokenizer import make_tokenizer
+    from rlhf_jax.stages import preferences
+    from rlhf_jax.models.tokenizer import make_tokenizer
 
     pcfg = config.pairs
     run_config = config_lib.read_resolved_config(policy_dir)
@@ -178,8 +179,8 @@ def wait_for_people(config, store: label_store.LabelStore, r: int, workdir: str)
 
 def reward_accuracy(reward_dir: str, records: list[dict]) -> Optional[float]:
     """Fraction of preference records whose chosen response the reward model scores higher."""
-    from rlhf_jax import evaluation
-    from rlhf_jax.tokenizer import make_tokenizer
+    from rlhf_jax.models import evaluation
+    from rlhf_jax.models.tokenizer import make_tokenizer
 
     if not records:
         return None
@@ -203,9 +204,9 @@ def held_out_prompts(config) -> list[str]:
 
 
 def make_judge(config, sft_dir: str):
-    """judge(policy_dir) -> gold, KL to SFT (rlhf_jax.evaluation, the pipeline's evaluation)."""
-    from rlhf_jax import evaluation
-    from rlhf_jax.tokenizer import make_tokenizer
+    """judge(policy_dir) -> gold, KL to SFT (rlhf_jax.models.evaluation, the pipeline's evaluation)."""
+    from rlhf_jax.models import evaluation
+    from rlhf_jax.models.tokenizer import make_tokenizer
 
     run_config = config_lib.read_resolved_config(sft_dir)
     tokenizer = make_tokenizer(run_config.get("tokenizer"))
@@ -281,7 +282,7 @@ def run_rounds(spec: str, overrides, workdir: str) -> list[RoundResult]:
 
 
 def run_rounds_from_config(config, workdir: str) -> list[RoundResult]:
-    from rlhf_jax import validation
+    from rlhf_jax.runtime import validation
 
     check_config(config)
     os.makedirs(workdir, exist_ok=True)

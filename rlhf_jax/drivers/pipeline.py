@@ -10,7 +10,7 @@ Stages hand off through checkpoints: SFT starts from pre-training, the reward mo
 (which also samples and labels the pairs), PPO from SFT (policy and reference) and the reward
 model, DPO from SFT (policy, reference, and the policy its pairs are sampled from). At the end:
 `curves.png` (the last stage's headline metrics against step) and `report.md` (the SFT and the
-trained policy judged by rlhf_jax.evaluation on held-out prompts, and their responses).
+trained policy judged by rlhf_jax.models.evaluation on held-out prompts, and their responses).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import os
 import sys
 import time
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import registry, runs
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import run as run_lib
 
 POLICY_STAGES = ("ppo", "dpo")  # the stage whose policy the report compares with SFT
 
@@ -47,7 +47,7 @@ def wire_stages(config, workdir: str) -> dict:
 
 
 def run_pipeline(spec: str, overrides, workdir: str):
-    from rlhf_jax import validation
+    from rlhf_jax.runtime import validation
 
     config = config_lib.load_config(spec, overrides)
     stages = wire_stages(config, workdir)
@@ -73,10 +73,12 @@ CURVES = {"ppo": ("objective/scores", "objective/gold_scores", "objective/kl"),
 
 def write_report(config, workdir: str):
     """curves.png of the policy stage's headline metrics; report.md: the SFT and the trained
-    policy judged by the shared evaluation (rlhf_jax.evaluation: gold score, KL to SFT, reward
+    policy judged by the shared evaluation (rlhf_jax.models.evaluation: gold score, KL to SFT, reward
     model score of samples on held-out prompts) and their responses side by side."""
-    from rlhf_jax import evaluation, labelers, plotting
-    from rlhf_jax.tokenizer import make_tokenizer
+    from rlhf_jax.models import evaluation
+    from rlhf_jax.people import labelers
+    from rlhf_jax.runtime import plotting
+    from rlhf_jax.models.tokenizer import make_tokenizer
 
     final = [name for name in config.stages if name in POLICY_STAGES][-1]
     final_dir = os.path.join(workdir, final)
@@ -108,7 +110,7 @@ def write_report(config, workdir: str):
     results = {"sft": evaluate(sft_graphdef, sft_params)}
     _, graphdef, params = runs.load_policy(final_dir)
     results[final] = evaluate(graphdef, params)
-    lines += [f"Held-out evaluation (rlhf_jax.evaluation): {len(prompts)} validation prompts, one sample each at "
+    lines += [f"Held-out evaluation (rlhf_jax.models.evaluation): {len(prompts)} validation prompts, one sample each at "
               f"temperature {config.report_temperature}; KL = sampled sequence KL to the SFT policy (nats).", "",
               "| policy | " + " | ".join(k for k in ("gold", "rm", "kl", "length") if k in results["sft"]) + " |",
               "|---|" + "---|" * sum(k in results["sft"] for k in ("gold", "rm", "kl", "length"))]

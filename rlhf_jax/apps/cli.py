@@ -11,7 +11,7 @@ label, labels, serve.
     rlhf-jax plot <workdir> [<workdir> ...] --metric=<name>[,<name>] --out=<file.png> [--group_mean]
     rlhf-jax launch --num_processes=2 [--devices_per_process=4] -- train --config=... --workdir=...
 
-train, sweep, pipeline and compare run as one of several processes (rlhf_jax.distributed) with
+train, sweep, pipeline and compare run as one of several processes (rlhf_jax.runtime.distributed) with
 --coordinator_address=host:port --num_processes=N --process_id=i, on a cluster JAX detects, or
 under `rlhf-jax launch` (N processes on this machine).
 
@@ -26,8 +26,9 @@ import argparse
 import os
 import sys
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, registry
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import distributed
+from rlhf_jax.stages import registry
 
 def cmd_train(args, overrides):
     config = config_lib.load_config(args.config, overrides)
@@ -67,9 +68,9 @@ def sweep_runs(module, base_overrides):
 
 
 def cmd_sweep(args, overrides):
-    from rlhf_jax import plotting
+    from rlhf_jax.runtime import plotting
 
-    from rlhf_jax import validation
+    from rlhf_jax.runtime import validation
 
     module = config_lib.load_config_module(args.config)
     planned = [(name, config_lib.load_config(args.config, run_overrides))
@@ -92,14 +93,14 @@ def cmd_sweep(args, overrides):
 
 
 def cmd_plot(args, _overrides):
-    from rlhf_jax import plotting
+    from rlhf_jax.runtime import plotting
 
     out = plotting.plot_runs(args.workdirs, args.metric, args.out, group_mean=args.group_mean)
     print(f"wrote {out}")
 
 
 def cmd_label(args, _overrides):
-    from rlhf_jax import labelers
+    from rlhf_jax.people import labelers
 
     n = labelers.label_in_terminal(args.data, annotator=args.annotator, answers_per_pair=args.answers_per_pair)
     print(f"{n} new answers saved in {os.path.join(args.data, 'labels.sqlite')}")
@@ -107,7 +108,7 @@ def cmd_label(args, _overrides):
 
 def cmd_labels(args, _overrides):
     """Per-annotator counts and agreement of a label store; optional exports."""
-    from rlhf_jax import labelers
+    from rlhf_jax.people import labelers
 
     store = labelers.open_store(args.data, args.answers_per_pair)
     stats = store.stats()
@@ -128,33 +129,35 @@ def cmd_labels(args, _overrides):
 
 
 def cmd_serve(args, _overrides):
-    from rlhf_jax import serve
+    from rlhf_jax.apps import serve
 
     serve.serve(args)
 
 
 def cmd_rounds(args, overrides):
-    from rlhf_jax import rounds
+    from rlhf_jax.drivers import rounds
 
     rounds.run_rounds(args.config, overrides, args.workdir)
 
 
 def cmd_pipeline(args, overrides):
-    from rlhf_jax import pipeline
+    from rlhf_jax.drivers import pipeline
 
     pipeline.run_pipeline(args.config, overrides, args.workdir)
 
 
 def cmd_compare(args, overrides):
-    from rlhf_jax import compare
+    from rlhf_jax.drivers import compare
 
     compare.run_comparison(args.config, overrides, args.workdir)
 
 
 def cmd_best_of_n(args, _overrides):
-    from rlhf_jax import evaluation, labelers, runs
+    from rlhf_jax.models import evaluation
+    from rlhf_jax.people import labelers
+    from rlhf_jax.stages import runs
     from rlhf_jax.data import builders, loaders
-    from rlhf_jax.tokenizer import make_tokenizer
+    from rlhf_jax.models.tokenizer import make_tokenizer
 
     run_config = config_lib.read_resolved_config(args.policy)
     tokenizer = make_tokenizer(run_config.get("tokenizer"))
@@ -184,7 +187,7 @@ def check_flags(args, **rules):
 def cmd_sample(args, overrides):
     import math
 
-    from rlhf_jax import runs
+    from rlhf_jax.stages import runs
 
     check_flags(args, num=(lambda n: n >= 1, "an integer >= 1"),
                 max_new_tokens=(lambda n: n >= 1, "an integer >= 1"),
@@ -195,14 +198,15 @@ def cmd_sample(args, overrides):
 
 
 def cmd_score(args, overrides):
-    from rlhf_jax import runs
+    from rlhf_jax.stages import runs
 
     print(f"{runs.score_from_run(args.workdir, args.prompt, args.response):.4f}")
 
 
 def cmd_export(args, _overrides):
-    from rlhf_jax import config as config_lib
-    from rlhf_jax import hf_export, runs
+    from rlhf_jax.runtime import config as config_lib
+    from rlhf_jax.models import hf_export
+    from rlhf_jax.stages import runs
 
     model_config, _, params = runs.load_policy(args.workdir, args.seed_index)
     tokenizer = config_lib.read_resolved_config(args.workdir).get("tokenizer") or {}
@@ -252,7 +256,7 @@ def build_parser():
     p.add_argument("--export_tfds", default="", help="write the preference dataset (majority vote) here")
     p.set_defaults(fn=cmd_labels)
     p = sub.add_parser("serve", help="the labelling web app (queue, chat-and-compare, stats)")
-    from rlhf_jax import serve
+    from rlhf_jax.apps import serve
 
     serve.add_arguments(p)
     p.set_defaults(fn=cmd_serve)
@@ -271,7 +275,7 @@ def build_parser():
     p.add_argument("--num_prompts", type=int, default=128, help="prompts of the policy run's dataset")
     p.add_argument("--split", default="validation")
     p.add_argument("--data_dir", default="", help="where that dataset lives (default: the run's data_dir)")
-    p.add_argument("--gold_function", default="rlhf_jax.labelers:vader_gold_score")
+    p.add_argument("--gold_function", default="rlhf_jax.people.labelers:vader_gold_score")
     p.add_argument("--max_new_tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0)
     p.set_defaults(fn=cmd_best_of_n)

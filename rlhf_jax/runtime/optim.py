@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.runtime import run as run_lib
 
 
 def learning_rate_schedule(config, learning_rate=None):

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from configs import models
-from rlhf_jax import model
+from rlhf_jax.models import model
 
 
 def load_hf_checkpoint(path: str):

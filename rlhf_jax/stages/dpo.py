@@ -24,7 +24,7 @@ vmapped, each seed reads the pairs in its own order). With LoRA (`lora.rank` > 0
 the adapters and the reference is the base they are added to: the SFT weights are held once. Metrics: loss and `rewards/chosen`,
 `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`
 (TRL's names); every eval_every steps the same on held-out pairs (eval/...), and eval/gold,
-eval/kl of samples on held-out prompts (rlhf_jax.evaluation, one evaluation for every method).
+eval/kl of samples on held-out prompts (rlhf_jax.models.evaluation, one evaluation for every method).
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import evaluation, labelers, lora, losses, preferences, runs
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.models import evaluation, lora
+from rlhf_jax.people import labelers
+from rlhf_jax import losses
+from rlhf_jax.stages import preferences, runs
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer, make_train_step
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 
 # ----------------------------------------------------------------------------- the loss

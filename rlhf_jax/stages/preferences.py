@@ -45,10 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import labelers, runs, sampling
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.people import labelers
+from rlhf_jax.stages import runs
+from rlhf_jax.models import sampling
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "preferences.json"

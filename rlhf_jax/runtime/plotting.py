@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhf_jax import config as config_lib  # noqa: E402
-from rlhf_jax.run import read_metrics  # noqa: E402
+from rlhf_jax.runtime import config as config_lib  # noqa: E402
+from rlhf_jax.runtime.run import read_metrics  # noqa: E402
 
 
 def metric_series(workdir: str, metric: str):

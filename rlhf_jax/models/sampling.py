@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import loaders
-from rlhf_jax.model import apply, grow_cache, init_cache, model_config, positions_from_mask
+from rlhf_jax.models.model import apply, grow_cache, init_cache, model_config, positions_from_mask
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:

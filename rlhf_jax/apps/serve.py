@@ -4,7 +4,7 @@
                    [--tokens=<file.json>] [--new_tokens=alice,bob] [--answers_per_pair=1]
                    [--compare_every=3]
 
-Two modes write to the same label store (<dir>/labels.sqlite, rlhf_jax.label_store), which the
+Two modes write to the same label store (<dir>/labels.sqlite, rlhf_jax.people.label_store), which the
 terminal labeler (`rlhf-jax label`) and the preference stage read too:
 
   /       labelling queue: the prompt and two responses side by side, in a random order that is
@@ -54,8 +54,8 @@ import threading
 import uuid
 from typing import Callable, Optional
 
-from rlhf_jax import label_store
-from rlhf_jax.config import ConfigError, DataError
+from rlhf_jax.people import label_store
+from rlhf_jax.runtime.config import ConfigError, DataError
 
 try:  # The web stack is an optional extra (pip install -e '.[serve]'); `rlhf-jax --help` works without it.
     from starlette.applications import Starlette
@@ -594,7 +594,7 @@ def serve(args) -> None:
         tokens = read_tokens(args.tokens)
     sampler = None
     if args.policy:
-        from rlhf_jax import runs
+        from rlhf_jax.stages import runs
 
         sampler = runs.PolicySampler(args.policy)
     app = make_app(args.data, host=args.host, tokens=tokens, answers_per_pair=args.answers_per_pair,

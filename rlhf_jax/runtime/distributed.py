@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from rlhf_jax import config as config_lib
+from rlhf_jax.runtime import config as config_lib
 
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "RLHF_JAX_NUM_PROCESSES"
@@ -184,7 +184,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
     if not command:
         raise config_lib.ConfigError("launch: no command after `--` (e.g. -- train --config=... --workdir=...)")
     port = port or free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.cli", *command],
+    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.cli", *command],
                               env=child_env(i, num_processes, port, devices_per_process))
              for i in range(num_processes)]
 

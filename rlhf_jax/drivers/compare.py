@@ -6,7 +6,7 @@ on one SFT policy and one preference dataset, judged by one evaluation.
 For every method and every value of its KL knob (PPO/RLOO/GRPO: kl_coef; DPO family: beta) one
 run of `num_seeds` seeds trained in one program (vmap), in <workdir>/<method>/<knob>=<value>;
 finished runs are skipped, interrupted ones resume. Then every seed's final policy is evaluated
-the same way (rlhf_jax.evaluation: samples on held-out prompts, their sequence KL to the SFT
+the same way (rlhf_jax.models.evaluation: samples on held-out prompts, their sequence KL to the SFT
 policy, gold score and reward-model score), results cached per run in eval.json; best-of-n from
 the SFT policy (analytic KL) and the SFT policy itself (KL 0) are points on the same chart.
 
@@ -24,11 +24,13 @@ import time
 
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import evaluation, labelers, registry, runs
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.models import evaluation
+from rlhf_jax.people import labelers
+from rlhf_jax.stages import registry, runs
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 
 def method_config(config, name: str, method, value: float):
@@ -169,7 +171,7 @@ def write_outputs(config, workdir: str, rows: list[dict]):
 
 
 def plot_frontier(summary: list[dict], out: str, knobs: dict) -> str:
-    from rlhf_jax import plotting  # noqa: F401  (selects the Agg backend)
+    from rlhf_jax.runtime import plotting  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))

@@ -5,7 +5,7 @@ pairwise preferences with the Bradley-Terry loss, -log sigmoid(r_chosen - r_reje
 
 The stage (config.stage == 'reward'):
   1. preferences: with config.preferences.enabled, sample / pair / label into
-     <workdir>/preferences (rlhf_jax.preferences.make_preferences, idempotent); else read
+     <workdir>/preferences (rlhf_jax.stages.preferences.make_preferences, idempotent); else read
      config.data (e.g. `preferences_jsonl` for an imported file);
   2. params: those of the SFT run config.init_from, unembedding -> scalar head
      (model.replace_head_with_scalar: a pytree operation, the trunk is copied as is);
@@ -23,7 +23,7 @@ The reward is the scalar head's output at the LAST REAL token of prompt + respon
 position max{t : attention_mask[t] = 1} (= mask.sum(-1) - 1 for right padding); positions come
 from the mask, so left-padded prompts score like unpadded ones.
 
-Later stages load a finished reward run with `rlhf_jax.runs.load_reward_model(workdir)` ->
+Later stages load a finished reward run with `rlhf_jax.stages.runs.load_reward_model(workdir)` ->
 (model_config, graphdef, params, {'mean', 'std'}) and score with
 `model.reward_scores(graphdef, params, tokens [B, T], attention_mask [B, T]) -> [B]` (raw, jittable).
 """
@@ -38,14 +38,18 @@ import sys
 import jax
 import numpy as np
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import distributed, evaluation, labelers, lora, losses, preferences, registry, runs
-from rlhf_jax import mesh as mesh_lib
-from rlhf_jax import model as model_lib
-from rlhf_jax import run as run_lib
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import distributed
+from rlhf_jax.models import evaluation, lora
+from rlhf_jax.people import labelers
+from rlhf_jax import losses
+from rlhf_jax.stages import preferences, registry, runs
+from rlhf_jax.runtime import mesh as mesh_lib
+from rlhf_jax.models import model as model_lib
+from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.optim import make_optimizer, make_train_step
-from rlhf_jax.tokenizer import make_tokenizer
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models.tokenizer import make_tokenizer
 
 NORMALIZATION_FILE = runs.NORMALIZATION_FILE
 NORMALIZATION_SAMPLES_FILE = "normalization_samples.jsonl"

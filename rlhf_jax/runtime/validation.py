@@ -13,15 +13,16 @@ in the first second instead. A rule only looks at the keys a config has (a stage
 lack optional fields), and the rules of a stage are a list of plain functions: add one there.
 
 What needs the files of other runs (does init_from exist, does its model match) is checked where
-the run is loaded (rlhf_jax.runs), not here: in the pipeline those runs do not exist yet.
+the run is loaded (rlhf_jax.stages.runs), not here: in the pipeline those runs do not exist yet.
 """
 
 from __future__ import annotations
 
 import math
 
-from rlhf_jax import config as config_lib
-from rlhf_jax import lora, losses, model
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.models import lora, model
+from rlhf_jax import losses
 
 class _Missing:
     """A key the config does not have: falsy, so `if c.get(key)` reads as 'unset'."""
@@ -94,7 +95,7 @@ class _Checks:
 
     def function_path(self, key: str, required: bool = False):
         """'package.module:function', importable and callable."""
-        from rlhf_jax import labelers
+        from rlhf_jax.people import labelers
 
         value = self.get(key)
         if value is _MISSING or (not value and not required):
@@ -109,7 +110,7 @@ class _Checks:
 
 
 def run_rules(c: _Checks):
-    """The loop's fields (rlhf_jax.run.train_loop)."""
+    """The loop's fields (rlhf_jax.runtime.run.train_loop)."""
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "num_seeds"):
         c.integer(key, 1)
     c.integer("eval_every", 0)
@@ -117,7 +118,7 @@ def run_rules(c: _Checks):
 
 
 def optimizer_rules(c: _Checks):
-    """rlhf_jax.optim.make_optimizer's fields."""
+    """rlhf_jax.runtime.optim.make_optimizer's fields."""
     c.choice("optimizer.name", ("sgd", "adam", "adamw"))
     c.positive("optimizer.learning_rate")
     c.choice("optimizer.schedule", ("constant", "linear", "cosine"))
@@ -163,7 +164,7 @@ def batch_split_rules(c: _Checks):
 
 
 def model_rules(c: _Checks):
-    """The decoder-only transformer (rlhf_jax.model; configs/models.py)."""
+    """The decoder-only transformer (rlhf_jax.models.model; configs/models.py)."""
     for key in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
         c.integer("model." + key, 1)
     d_model, heads, kv_heads = c.get("model.d_model"), c.get("model.num_heads"), c.get("model.num_kv_heads")
@@ -249,7 +250,7 @@ def sampling_rules(c: _Checks, group: str):
 
 
 def language_model_rules(c: _Checks):
-    """pretrain and sft (rlhf_jax.pretrain)."""
+    """pretrain and sft (rlhf_jax.stages.pretrain)."""
     run_rules(c), optimizer_rules(c), batch_split_rules(c), model_rules(c), sequence_rules(c)
     data_rules(c)
     init_rules(c)
@@ -260,7 +261,7 @@ def language_model_rules(c: _Checks):
 
 
 def reward_rules(c: _Checks):
-    """rlhf_jax.reward (+ rlhf_jax.preferences for config.preferences)."""
+    """rlhf_jax.stages.reward (+ rlhf_jax.stages.preferences for config.preferences)."""
     run_rules(c), optimizer_rules(c), batch_split_rules(c), model_rules(c), sequence_rules(c)
     init_rules(c, required=True)
     lora_rules(c)
@@ -287,7 +288,7 @@ def reward_rules(c: _Checks):
 
 
 def ppo_rules(c: _Checks):
-    """rlhf_jax.ppo's fields (ppo._check_config adds the checks that combine them)."""
+    """rlhf_jax.stages.ppo's fields (ppo._check_config adds the checks that combine them)."""
     run_rules(c), optimizer_rules(c), model_rules(c)
     mesh_devices(c)
     sampling_rules(c, "")
@@ -323,7 +324,7 @@ def ppo_rules(c: _Checks):
 
 
 def dpo_rules(c: _Checks):
-    """rlhf_jax.dpo's fields; beta / loss kind / label_smoothing at the top level or in config.loss."""
+    """rlhf_jax.stages.dpo's fields; beta / loss kind / label_smoothing at the top level or in config.loss."""
     run_rules(c), optimizer_rules(c), batch_split_rules(c), model_rules(c), sequence_rules(c)
     init_rules(c, required=True)
     lora_rules(c)
@@ -338,7 +339,7 @@ def dpo_rules(c: _Checks):
 
 
 def snack_rules(c: _Checks):
-    """rlhf_jax.snack: `log_every` updates per jitted call, so it divides the run and checkpoints."""
+    """rlhf_jax.stages.snack: `log_every` updates per jitted call, so it divides the run and checkpoints."""
     run_rules(c), optimizer_rules(c)
     log_every = c.get("log_every")
     for key in ("num_steps", "checkpoint_every"):

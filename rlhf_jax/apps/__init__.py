@@ -1,0 +1,1 @@
+"""What people run: the `rlhf-jax` command line and the labelling web app."""

@@ -1,0 +1,1 @@
+"""Several stages composed: the pipeline, the method comparison, improvement in rounds."""
