@@ -36,9 +36,17 @@ MOVED = {
 }
 
 
+# Modules that did not just move but were merged into another.
+MERGED = {"validation": "rlhf_jax.stages.registry"}  # validate(config) and the rules' runner
+
+
+def _new_home(name: str) -> str:
+    return MERGED.get(name) or f"{__name__}.{MOVED[name]}.{name}"
+
+
 def __getattr__(name):  # `from rlhf_jax import ppo`, `rlhf_jax.ppo`
     if name in MOVED:
-        return importlib.import_module(f"{__name__}.{MOVED[name]}.{name}")
+        return importlib.import_module(_new_home(name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -53,8 +61,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        name = spec.name.rpartition(".")[2]
-        return importlib.import_module(f"{__name__}.{MOVED[name]}.{name}")
+        return importlib.import_module(_new_home(spec.name.rpartition(".")[2]))
 
     def exec_module(self, module):
         pass

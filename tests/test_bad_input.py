@@ -18,7 +18,6 @@ import pytest
 from configs import models
 from rlhf_jax.apps import cli
 from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import validation
 from rlhf_jax.runtime import config as config_lib
 from rlhf_jax.people import labelers
 from rlhf_jax.stages import pretrain, snack
@@ -104,25 +103,48 @@ def test_every_stage_kind_has_rules():
         loss="sigmoid", label_smoothing=0.0, num_seeds=1, init_from="sft", model=micro_model(),
         seq_len=64, optimizer=config_lib.load_config(SNACK).optimizer.to_dict(),
         preferences=dict(enabled=True)))
-    validation.validate(dpo)
+    registry.validate(dpo)
     for key, value, allowed in (("beta", 0.0, "(0, inf)"), ("loss", "dpo2", "'sigmoid'"),
                                 ("label_smoothing", 0.5, "[0, 0.5)"), ("num_seeds", 0, ">= 1")):
         bad = config_lib.ml_collections.ConfigDict(dpo.to_dict())
         bad[key] = value
         with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}=.*{__import__('re').escape(allowed)}"):
-            validation.validate(bad)
+            registry.validate(bad)
     with pytest.raises(config_lib.ConfigError, match=r"config.stage='nope'"):
-        validation.validate(config_lib.ml_collections.ConfigDict(dict(stage="nope")))
+        registry.validate(config_lib.ml_collections.ConfigDict(dict(stage="nope")))
 
 
-def test_ppo_choices_match_the_ppo_module():
-    from rlhf_jax import data
+def test_validation_accepts_exactly_the_choices_the_code_has():
+    """The rules read the tables the code dispatches on (one definition each): every choice the
+    code has passes validation, and a value it does not have is refused, naming the key."""
+    from rlhf_jax import losses
+    from rlhf_jax.data import builders
     from rlhf_jax.stages import ppo
 
-    assert validation.PPO_LOSSES == ppo.LOSSES
-    assert validation.PPO_VALUE_MODELS == ppo.VALUE_MODELS
-    assert validation.PPO_MISSING_EOS == ppo.MISSING_EOS
-    assert validation.DATASET_NAMES == data.builders.DATASET_NAMES
+    base = config_lib.load_config(os.path.join(ROOT, "experiments", "reviews", "ppo.py"))
+    for key, choices in (("loss", ppo.LOSSES), ("value_model", ppo.VALUE_MODELS), ("missing_eos", ppo.MISSING_EOS),
+                         ("kl_estimator", losses.KL_KINDS), ("data.name", builders.DATASET_NAMES)):
+        for value in choices + ("bogus",):
+            config = config_lib.ml_collections.ConfigDict(base.to_dict())
+            node, leaf = (config.data, "name") if key == "data.name" else (config, key)
+            node[leaf] = value
+            if key == "data.name" and value in ("text_folder", "jsonl_sft", "preferences_jsonl"):
+                config.data.path = "some/file"
+            if key == "data.name" and value == "preferences":
+                config.data.records_name = "preferences"
+            if value == "bogus":
+                with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}='bogus'"):
+                    registry.validate(config)
+            else:
+                registry.validate(config)
+
+
+def test_stages_do_not_check_again():
+    """A stage's rules are its check_config, run by registry.validate before config.json is
+    written; no stage keeps a second copy (a `_check_config`) that could disagree."""
+    for module in set(registry.STAGES.values()):
+        source = open(os.path.join(ROOT, *module.split(".")) + ".py").read()
+        assert "_check_config" not in source, module
 
 
 def test_config_json_of_a_run_without_checkpoint_is_replaced(tmp_path):
@@ -155,13 +177,13 @@ def damage(path, mode):
 def test_damaged_checkpoint_stops_a_hand_off_in_one_line(tmp_path, capsys, mode):
     run = str(tmp_path / "sft")
     pretrain.save_random_run(run, micro_model())
-    largest = max(glob.glob(os.path.join(run, "checkpoints", "1", "state", "ocdbt.process_0", "d", "*")),
+    largest = max(glob.glob(os.path.join(run, "handoff", "params", "0", "state", "ocdbt.process_0", "d", "*")),
                   key=os.path.getsize)
     damage(largest, mode)
-    with pytest.raises(run_lib.DamagedCheckpoint, match=os.path.join(run, "checkpoints", "1")):
+    with pytest.raises(run_lib.DamagedCheckpoint, match=os.path.join(run, "handoff", "params", "0")):
         runs.load_policy(run)
     err = cli_error(capsys, "sample", f"--workdir={run}", "--prompt=hi", "--num=1", "--max_new_tokens=2")
-    assert "checkpoint error" in err and os.path.join("checkpoints", "1") in err
+    assert "checkpoint error" in err and os.path.join("handoff", "params", "0") in err
 
 
 def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, capsys):
@@ -184,7 +206,7 @@ def test_checksum_mismatch_is_caught(tmp_path):
     """What Orbax cannot see (bytes changed inside a valid file) shows as a checksum mismatch."""
     run = str(tmp_path / "sft")
     pretrain.save_random_run(run, micro_model())
-    manifest_path = os.path.join(run, "checkpoints", "1", run_lib.MANIFEST)
+    manifest_path = os.path.join(run, "handoff", "params", "0", run_lib.MANIFEST)
     manifest = json.load(open(manifest_path))
     name = sorted(manifest["arrays"])[0]
     manifest["arrays"][name]["crc32"] ^= 1

@@ -227,7 +227,7 @@ def test_dpo_with_lora_learns_and_hands_off_merged_params(setup, tmp_path):
     registry.run_stage(config, workdir)
     rows = run_lib.read_metrics(workdir)
     assert rows[-1]["eval/rewards/accuracies"] > 0.8
-    _, state = runs.load_run(workdir)
+    _, state = registry.load_run(workdir)
     assert set(state["params"]) == {"lora"}  # no second copy of the weights in the run
     _, _, merged = runs.load_policy(workdir)
     _, _, sft = runs.load_policy(setup["sft"])

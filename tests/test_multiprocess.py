@@ -40,8 +40,8 @@ def train_in_this_process(workdir, data_dir, *overrides, stage="pretrain"):
 
 
 def assert_same_params(a_workdir, b_workdir, exact=False, params=lambda state: state["params"]):
-    _, a = runs.load_run(a_workdir)
-    _, b = runs.load_run(b_workdir)
+    _, a = registry.load_run(a_workdir)
+    _, b = registry.load_run(b_workdir)
     a, b = params(a), params(b)
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
         x, y, name = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)

@@ -2,6 +2,7 @@
 final scores, the checkpoint target, learning on a toy reward (ppo, rloo, grpo), resume ==
 uninterrupted, and seeds in one program == separate runs. Tiny models only."""
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -213,8 +214,11 @@ def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
 
 
 def test_num_seeds_must_be_positive(sft_run, tmp_path):
+    from rlhf_jax.stages import registry
+
     with pytest.raises(config_lib.ConfigError, match="num_seeds=0"):
-        ppo.train(make_config(sft_run, num_seeds=0), str(tmp_path))
+        registry.run_stage(make_config(sft_run, num_seeds=0), str(tmp_path))
+    assert not os.listdir(tmp_path)  # refused before anything was written
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +253,10 @@ def test_lora_policy_learns_a_toy_reward(lora_sft_run, tmp_path, loss):
 
 def test_lora_with_a_separate_value_model_is_refused(sft_run):
     from configs import lora as lora_configs
-    from rlhf_jax.runtime import validation
+    from rlhf_jax.stages import registry
 
     with pytest.raises(config_lib.ConfigError, match="value_model"):
-        validation.validate(make_config(sft_run, lora=lora_configs.rank(8), value_model="sft"))
+        registry.validate(make_config(sft_run, lora=lora_configs.rank(8), value_model="sft"))
 
 
 def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):

@@ -191,7 +191,7 @@ def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path, capsys):
     registry.run_stage(config, sft)
     rows = run_lib.read_metrics(sft)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    _, state = runs.load_run(sft)
+    _, state = registry.load_run(sft)
     assert set(state["params"]) == {"lora"}
     _, _, merged = runs.load_policy(sft)
     _, _, base = runs.load_policy(pre)

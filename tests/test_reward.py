@@ -238,7 +238,7 @@ def test_lora_reward_model_learns_and_loads_merged(tmp_path):
     config.lock()
     registry.run_stage(config, workdir)
     assert run_lib.read_metrics(workdir)[-1]["eval/accuracy"] > 0.9
-    _, state = runs.load_run(workdir)
+    _, state = registry.load_run(workdir)
     assert set(state["params"]) == {"lora", "scalar_head"}
     _, graphdef, params, _ = runs.load_reward_model(workdir)
     tokens, mask = sampling.encode_prompt_responses(ByteTokenizer(), ["Review 1:"] * 2,

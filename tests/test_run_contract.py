@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax.apps import cli
 from rlhf_jax.runtime import config as config_lib
 from rlhf_jax.runtime import run as run_lib
-from rlhf_jax.stages import snack
+from rlhf_jax.stages import registry, snack
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "experiments", "snack_bandit.py")
@@ -131,8 +131,9 @@ def test_eight_devices_equal_one_device(tmp_path):
 
 def test_runs_not_divisible_by_devices_is_a_clear_error(tmp_path):
     config = config_lib.load_config(EXPERIMENT, [("num_seeds", "3")])
-    with pytest.raises(ValueError, match="3 runs cannot be split over the 8 devices"):
-        snack.train(config, str(tmp_path / "x"))
+    with pytest.raises(config_lib.ConfigError, match="3 runs cannot be split over the 8 devices"):
+        registry.run_stage(config, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------- plots and sweeps

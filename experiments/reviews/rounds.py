@@ -61,6 +61,9 @@ def get_config(variant: str = ""):
     c.pairs.batch_size = 32
     c.pairs.noise_temperature = 0.1  # simulated: P(a) = sigmoid((gold(a) - gold(b)) / T)
     c.pairs.gold = VADER
+    # Where each round's labelled pairs are written (a TFDS preference dataset in <round>/tfds) and
+    # read back by that round's reward and DPO stages.
+    c.pairs.dataset = datasets.preferences("preferences")
     c.data_dir = "~/.cache/rlhf_jax/datasets"
 
     # The stages trained each round; init_from / reference_from / reward_model / data are wired

@@ -23,12 +23,20 @@ add --debug (anywhere) to see the traceback as well.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import traceback
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import distributed
-from rlhf_jax.stages import registry
+from rlhf_jax.apps import serve
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.drivers import compare, pipeline, rounds
+from rlhf_jax.models import evaluation, hf_export
+from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib, distributed, plotting
+from rlhf_jax.stages import registry, runs
+
 
 def cmd_train(args, overrides):
     config = config_lib.load_config(args.config, overrides)
@@ -68,16 +76,12 @@ def sweep_runs(module, base_overrides):
 
 
 def cmd_sweep(args, overrides):
-    from rlhf_jax.runtime import plotting
-
-    from rlhf_jax.runtime import validation
-
     module = config_lib.load_config_module(args.config)
     planned = [(name, config_lib.load_config(args.config, run_overrides))
                for name, run_overrides in sweep_runs(module, overrides)]
     for name, config in planned:  # Every run's values, before the first one trains.
         try:
-            validation.validate(config)
+            registry.validate(config)
         except config_lib.ConfigError as e:
             raise config_lib.ConfigError(f"sweep run {name}: {e}") from e
     workdirs = []
@@ -93,23 +97,17 @@ def cmd_sweep(args, overrides):
 
 
 def cmd_plot(args, _overrides):
-    from rlhf_jax.runtime import plotting
-
     out = plotting.plot_runs(args.workdirs, args.metric, args.out, group_mean=args.group_mean)
     print(f"wrote {out}")
 
 
 def cmd_label(args, _overrides):
-    from rlhf_jax.people import labelers
-
     n = labelers.label_in_terminal(args.data, annotator=args.annotator, answers_per_pair=args.answers_per_pair)
     print(f"{n} new answers saved in {os.path.join(args.data, 'labels.sqlite')}")
 
 
 def cmd_labels(args, _overrides):
     """Per-annotator counts and agreement of a label store; optional exports."""
-    from rlhf_jax.people import labelers
-
     store = labelers.open_store(args.data, args.answers_per_pair)
     stats = store.stats()
     print(f"{stats.num_pairs} pairs, {stats.num_complete} with {args.answers_per_pair} non-skip answers")
@@ -129,36 +127,22 @@ def cmd_labels(args, _overrides):
 
 
 def cmd_serve(args, _overrides):
-    from rlhf_jax.apps import serve
-
     serve.serve(args)
 
 
 def cmd_rounds(args, overrides):
-    from rlhf_jax.drivers import rounds
-
     rounds.run_rounds(args.config, overrides, args.workdir)
 
 
 def cmd_pipeline(args, overrides):
-    from rlhf_jax.drivers import pipeline
-
     pipeline.run_pipeline(args.config, overrides, args.workdir)
 
 
 def cmd_compare(args, overrides):
-    from rlhf_jax.drivers import compare
-
     compare.run_comparison(args.config, overrides, args.workdir)
 
 
 def cmd_best_of_n(args, _overrides):
-    from rlhf_jax.models import evaluation
-    from rlhf_jax.people import labelers
-    from rlhf_jax.stages import runs
-    from rlhf_jax.data import builders, loaders
-    from rlhf_jax.models.tokenizer import make_tokenizer
-
     run_config = config_lib.read_resolved_config(args.policy)
     tokenizer = make_tokenizer(run_config.get("tokenizer"))
     _, graphdef, params = runs.load_policy(args.policy)
@@ -185,10 +169,6 @@ def check_flags(args, **rules):
 
 
 def cmd_sample(args, overrides):
-    import math
-
-    from rlhf_jax.stages import runs
-
     check_flags(args, num=(lambda n: n >= 1, "an integer >= 1"),
                 max_new_tokens=(lambda n: n >= 1, "an integer >= 1"),
                 temperature=(lambda t: math.isfinite(t) and t > 0, "a finite number > 0"))
@@ -198,16 +178,10 @@ def cmd_sample(args, overrides):
 
 
 def cmd_score(args, overrides):
-    from rlhf_jax.stages import runs
-
     print(f"{runs.score_from_run(args.workdir, args.prompt, args.response):.4f}")
 
 
 def cmd_export(args, _overrides):
-    from rlhf_jax.runtime import config as config_lib
-    from rlhf_jax.models import hf_export
-    from rlhf_jax.stages import runs
-
     model_config, _, params = runs.load_policy(args.workdir, args.seed_index)
     tokenizer = config_lib.read_resolved_config(args.workdir).get("tokenizer") or {}
     try:
@@ -256,7 +230,6 @@ def build_parser():
     p.add_argument("--export_tfds", default="", help="write the preference dataset (majority vote) here")
     p.set_defaults(fn=cmd_labels)
     p = sub.add_parser("serve", help="the labelling web app (queue, chat-and-compare, stats)")
-    from rlhf_jax.apps import serve
 
     serve.add_arguments(p)
     p.set_defaults(fn=cmd_serve)
@@ -309,8 +282,6 @@ def main(argv=None):
         args.fn(args, overrides)
     except config_lib.UserError as e:
         if debug:
-            import traceback
-
             traceback.print_exc()
         # One line: the message itself is one line; what it quotes from elsewhere may not be.
         print(f"rlhf-jax: {e.kind}: {' '.join(str(e).split())}", file=sys.stderr)

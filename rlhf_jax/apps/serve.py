@@ -56,6 +56,7 @@ from typing import Callable, Optional
 
 from rlhf_jax.people import label_store
 from rlhf_jax.runtime.config import ConfigError, DataError
+from rlhf_jax.stages import runs
 
 try:  # The web stack is an optional extra (pip install -e '.[serve]'); `rlhf-jax --help` works without it.
     from starlette.applications import Starlette
@@ -594,8 +595,6 @@ def serve(args) -> None:
         tokens = read_tokens(args.tokens)
     sampler = None
     if args.policy:
-        from rlhf_jax.stages import runs
-
         sampler = runs.PolicySampler(args.policy)
     app = make_app(args.data, host=args.host, tokens=tokens, answers_per_pair=args.answers_per_pair,
                    sampler=sampler, policy=args.policy,

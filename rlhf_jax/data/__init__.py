@@ -6,8 +6,8 @@
     batch = batches[step]                                           # pure function of (seed, step)
 """
 
-from rlhf_jax.data.builders import (load_dataset, load_imdb_reviews, load_preferences,
-                                    write_preferences)
-from rlhf_jax.data.loaders import (pretrain_batches, preference_batches, prompt_batches,
-                                   prompt_texts, sft_batches, unigram_entropy)
+from rlhf_jax.data.builders import load_dataset, load_imdb_reviews, load_preferences, write_preferences
+from rlhf_jax.data.loaders import (
+    preference_batches, pretrain_batches, prompt_batches, prompt_texts, sft_batches, unigram_entropy
+)
 from rlhf_jax.data.reviews import generate_reviews, review_splits, sft_examples

@@ -49,8 +49,10 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.runtime.config import DataError
 from rlhf_jax.data import reviews as reviews_lib
+from rlhf_jax.runtime import checks, distributed
+from rlhf_jax.runtime.config import DataError
+from rlhf_jax.runtime.jsonl import decode_utf8, read_jsonl
 
 VERSION = tfds.core.Version("1.0.0")
 DATASET_NAMES = ("reviews", "reviews_sft", "text_folder", "jsonl_sft", "preferences_jsonl",
@@ -130,34 +132,6 @@ def _indexed(examples: list[dict]):
     """(key, example) pairs as GeneratorBasedBuilder._generate_examples yields them."""
     for i, example in enumerate(examples):
         yield i, example
-
-
-def decode_utf8(data: bytes, path: str, lineno: int = 1) -> str:
-    """`data` as text; DataError naming the file and line of the first byte that is not UTF-8.
-    `lineno` is the line `data` starts on."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = lineno + data.count(b"\n", 0, e.start)
-        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); "
-                        "expected UTF-8 text") from None
-
-
-def read_jsonl(path: str) -> list[tuple[str, object]]:
-    """[(where, row)] for every non-blank line of a JSONL file; `where` is '<path> line <n>'
-    (1-based) for error messages. Bad JSON or bytes that are not UTF-8 raise DataError naming
-    the file and line."""
-    rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = decode_utf8(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path} line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-    return rows
 
 
 def check_record(row, fields, optional, where: str) -> dict:
@@ -338,7 +312,7 @@ class JsonlSftBuilder(_Builder, skip_registration=True):
 
     def _read(self, path):
         fields = {"prompt": (str,), "response": (str,)}
-        rows = [check_record(row, fields, {}, where) for where, row in read_jsonl(path)]
+        rows = [check_record(row, fields, {}, where) for where, row in read_jsonl(path, with_where=True)]
         return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
 
     def _split_generators(self, dl_manager):
@@ -375,7 +349,7 @@ class PreferencesBuilder(_Builder, skip_registration=True):
                      "Pairwise preferences: prompt, chosen, rejected.")
 
     def _read(self, path):
-        return [preference_example(row, where) for where, row in read_jsonl(path)]
+        return [preference_example(row, where) for where, row in read_jsonl(path, with_where=True)]
 
     def _split_generators(self, dl_manager):
         if self.records is not None:
@@ -431,8 +405,6 @@ def load_dataset(config, data_dir: str) -> dict[str, Source]:
 
     In a run of several processes process 0 prepares it while the others wait (two writers of
     one TFDS folder would race); then every process opens it."""
-    from rlhf_jax.runtime import distributed
-
     if distributed.is_main_process():
         sources = _load_dataset(config, data_dir)
         distributed.barrier(f"dataset {config.get('name')} prepared")
@@ -526,3 +498,21 @@ def load_imdb_reviews(data_dir: str) -> dict[str, Source]:
     sources = builder.as_data_source()
     return {"train": Source(sources["train"], _imdb_example),
             "validation": Source(sources["test"], _imdb_example)}
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_dataset_config(c, key: str = "data"):
+    """A dataset config (configs/datasets.py)."""
+    data = c.get(key)
+    if data is checks.MISSING:
+        return
+    if data is None or not c.get(key + ".name"):
+        c.fail(key, data, f"expected a dataset config (configs/datasets.py) with a name in {DATASET_NAMES}")
+    c.choice(key + ".name", DATASET_NAMES)
+    c.number(key + ".validation_fraction", 0.0, 1.0, high_open=True)
+    if c.get(key + ".name") in ("text_folder", "jsonl_sft", "preferences_jsonl") and not c.get(key + ".path"):
+        c.fail(key + ".path", c.get(key + ".path"), f"dataset {c.get(key + '.name')!r} reads a file: set its path")
+    if c.get(key + ".name") == "preferences" and not c.get(key + ".records_name"):
+        c.fail(key + ".records_name", c.get(key + ".records_name"), "expected the name given to write_preferences")

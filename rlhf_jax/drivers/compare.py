@@ -24,13 +24,13 @@ import time
 
 import numpy as np
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.models import evaluation
-from rlhf_jax.people import labelers
-from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
+from rlhf_jax.models import evaluation
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib, run as run_lib
+from rlhf_jax.runtime.plotting import plt  # (plotting selects the Agg backend first)
+from rlhf_jax.stages import registry, runs
 
 
 def method_config(config, name: str, method, value: float):
@@ -55,11 +55,9 @@ def run_methods(config, workdir: str) -> list[tuple[str, float, str]]:
     for name, method in config.methods.items():
         for value in method.knob_values:
             run_dir = os.path.join(workdir, name, f"{method.knob.split('.')[-1]}={value}")
-            if not run_lib.is_finished(run_dir):
-                print(f"=== {name} {method.knob}={value} -> {run_dir}", file=sys.stderr, flush=True)
-                t0 = time.time()
-                registry.run_stage(method_config(config, name, method, value), run_dir)
-                print(f"=== {name} {method.knob}={value}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+            if not run_lib.is_finished(run_dir):  # (the method's config is built, and checked, once it must run)
+                registry.run_stage_once(method_config(config, name, method, value), run_dir,
+                                        f"{name} {method.knob}={value}", allow_config_change=False)
             done.append((name, float(value), run_dir))
     return done
 
@@ -171,9 +169,6 @@ def write_outputs(config, workdir: str, rows: list[dict]):
 
 
 def plot_frontier(summary: list[dict], out: str, knobs: dict) -> str:
-    from rlhf_jax.runtime import plotting  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for method in dict.fromkeys(s["method"] for s in summary):
         points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["kl"])

@@ -16,14 +16,13 @@ trained policy judged by rlhf_jax.models.evaluation on held-out prompts, and the
 from __future__ import annotations
 
 import os
-import sys
-import time
 
-from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.models import evaluation
+from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib, plotting, run as run_lib
 from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import run as run_lib
-
-POLICY_STAGES = ("ppo", "dpo")  # the stage whose policy the report compares with SFT
 
 
 def wire_stages(config, workdir: str) -> dict:
@@ -47,23 +46,14 @@ def wire_stages(config, workdir: str) -> dict:
 
 
 def run_pipeline(spec: str, overrides, workdir: str):
-    from rlhf_jax.runtime import validation
-
     config = config_lib.load_config(spec, overrides)
     stages = wire_stages(config, workdir)
     for name in config.stages:  # Every stage's values, before hours go into the first stage.
-        validation.validate(stages[name], prefix=f"{name}.")
+        registry.validate(stages[name], prefix=f"{name}.")
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_resolved_config(config, workdir, allow_change=True)
     for name in config.stages:
-        stage_dir = os.path.join(workdir, name)
-        if run_lib.is_finished(stage_dir):
-            print(f"=== {name}: finished earlier, skipped ({stage_dir})", file=sys.stderr, flush=True)
-            continue
-        print(f"=== {name} -> {stage_dir}", file=sys.stderr, flush=True)
-        t0 = time.time()
-        registry.run_stage(stages[name], stage_dir, allow_config_change=True)
-        print(f"=== {name}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        registry.run_stage_once(stages[name], os.path.join(workdir, name), name)
     write_report(config, workdir)
 
 
@@ -75,12 +65,7 @@ def write_report(config, workdir: str):
     """curves.png of the policy stage's headline metrics; report.md: the SFT and the trained
     policy judged by the shared evaluation (rlhf_jax.models.evaluation: gold score, KL to SFT, reward
     model score of samples on held-out prompts) and their responses side by side."""
-    from rlhf_jax.models import evaluation
-    from rlhf_jax.people import labelers
-    from rlhf_jax.runtime import plotting
-    from rlhf_jax.models.tokenizer import make_tokenizer
-
-    final = [name for name in config.stages if name in POLICY_STAGES][-1]
+    final = [name for name in config.stages if name in runs.RL_STAGES][-1]
     final_dir = os.path.join(workdir, final)
     rows = run_lib.read_metrics(final_dir)
     metrics = [m for m in CURVES[final] if any(m in r for r in rows)]
@@ -140,7 +125,6 @@ def held_out_prompts(config) -> list[str]:
     """`report_prompts`, or the first `num_report_prompts` prompts of SFT's validation split."""
     if config.report_prompts:
         return list(config.report_prompts)
-    from rlhf_jax.data import builders, loaders
 
     source = builders.load_dataset(config.sft.data, config.sft.data_dir)["validation"]
     return loaders.prompt_texts(source, range(min(config.num_report_prompts, len(source))))

@@ -34,10 +34,13 @@ from typing import Optional
 
 import numpy as np
 
-from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.data import builders, loaders
+from rlhf_jax.models import evaluation
+from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import label_store, labelers
-from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime import config as config_lib, run as run_lib
+from rlhf_jax.runtime.plotting import plt  # (plotting selects the Agg backend first)
+from rlhf_jax.stages import preferences, registry, runs
 
 STORE_DIR = "labels"
 ROUND_FILE = "round.json"
@@ -83,18 +86,8 @@ def base_policy(config, workdir: str) -> str:
             stage.model = config.pretrain.model
             if init_from:
                 stage.init_from = init_from
-        run_stage_once(stage, stage_dir, f"base {name}")
+        registry.run_stage_once(stage, stage_dir, f"base {name}")
     return sft_dir
-
-
-def run_stage_once(stage_config, stage_dir: str, what: str) -> None:
-    if run_lib.is_finished(stage_dir):
-        print(f"=== {what}: finished earlier ({stage_dir})", file=sys.stderr, flush=True)
-        return
-    print(f"=== {what} -> {stage_dir}", file=sys.stderr, flush=True)
-    t0 = time.time()
-    registry.run_stage(stage_config, stage_dir, allow_config_change=True)
-    print(f"=== {what}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- 1. pairs
@@ -102,8 +95,6 @@ def run_stage_once(stage_config, stage_dir: str, what: str) -> None:
 
 def fresh_prompts(config, split: str, num: int, r: int) -> list[dict]:
     """Round r's block of `num` prompts of a fixed shuffle of `split`: no two rounds share one."""
-    from rlhf_jax.data import builders, loaders
-
     pcfg = config.pairs
     source = builders.load_dataset(pcfg.prompts, config.data_dir)[split]
     order = np.random.default_rng(config.seed).permutation(len(source))
@@ -117,9 +108,6 @@ def fresh_prompts(config, split: str, num: int, r: int) -> list[dict]:
 
 def sample_round_pairs(config, policy_dir: str, r: int) -> list[dict]:
     """Round r's pairs from the policy in `policy_dir` (deterministic in seed and round)."""
-    from rlhf_jax.stages import preferences
-    from rlhf_jax.models.tokenizer import make_tokenizer
-
     pcfg = config.pairs
     run_config = config_lib.read_resolved_config(policy_dir)
     tokenizer = make_tokenizer(run_config.get("tokenizer"))
@@ -179,9 +167,6 @@ def wait_for_people(config, store: label_store.LabelStore, r: int, workdir: str)
 
 def reward_accuracy(reward_dir: str, records: list[dict]) -> Optional[float]:
     """Fraction of preference records whose chosen response the reward model scores higher."""
-    from rlhf_jax.models import evaluation
-    from rlhf_jax.models.tokenizer import make_tokenizer
-
     if not records:
         return None
     run_config = config_lib.read_resolved_config(reward_dir)
@@ -194,8 +179,6 @@ def reward_accuracy(reward_dir: str, records: list[dict]) -> Optional[float]:
 
 
 def held_out_prompts(config) -> list[str]:
-    from rlhf_jax.data import builders, loaders
-
     source = builders.load_dataset(config.pairs.prompts, config.data_dir)[config.pairs.validation_split]
     # The last prompts of the split: the rounds' validation pairs take blocks from a shuffle of the
     # whole split, so an overlap is possible but the report's prompts are the same every round.
@@ -205,9 +188,6 @@ def held_out_prompts(config) -> list[str]:
 
 def make_judge(config, sft_dir: str):
     """judge(policy_dir) -> gold, KL to SFT (rlhf_jax.models.evaluation, the pipeline's evaluation)."""
-    from rlhf_jax.models import evaluation
-    from rlhf_jax.models.tokenizer import make_tokenizer
-
     run_config = config_lib.read_resolved_config(sft_dir)
     tokenizer = make_tokenizer(run_config.get("tokenizer"))
     _, graphdef, params = runs.load_policy(sft_dir)
@@ -228,8 +208,6 @@ def make_judge(config, sft_dir: str):
 
 def wire_round(config, r: int, workdir: str, sft_dir: str, policy_dir: str):
     """(reward config, policy config) of round r, their init / reference / data paths filled in."""
-    from configs import datasets
-
     here = round_dir(workdir, r)
     tfds_dir = os.path.join(here, "tfds")
     model = config_lib.read_resolved_config(sft_dir).model  # every round trains the SFT run's model
@@ -239,7 +217,7 @@ def wire_round(config, r: int, workdir: str, sft_dir: str, policy_dir: str):
         reward.init_from = sft_dir
         # Continue from the previous round's reward model: it trains on all labels so far either way.
         reward.continue_from = os.path.join(round_dir(workdir, r - 1), "reward") if r > 0 and config.continue_reward else ""
-        reward.data = datasets.preferences("preferences")
+        reward.data = config.pairs.dataset.copy_and_resolve_references()
         reward.data_dir = tfds_dir
         reward.preferences.enabled = False
         # Rewards are normalised on samples of the policy PPO will start from this round.
@@ -254,7 +232,7 @@ def wire_round(config, r: int, workdir: str, sft_dir: str, policy_dir: str):
             policy.reward_model = os.path.join(here, "reward")
             policy.reward_function = ""
         else:
-            policy.data = datasets.preferences("preferences")
+            policy.data = config.pairs.dataset.copy_and_resolve_references()
             policy.data_dir = tfds_dir
             policy.preferences.enabled = False
     return reward, policy
@@ -269,6 +247,10 @@ def check_config(config) -> None:
         raise config_lib.ConfigError(f"reference={config.reference!r}: expected 'sft' or 'previous'")
     if config.labeler not in (SIMULATED, "web"):
         raise config_lib.ConfigError(f"labeler={config.labeler!r}: expected 'simulated' or 'web'")
+    if "dataset" not in config.pairs:
+        raise config_lib.ConfigError("config.pairs.dataset is missing: the preference dataset each round writes and its "
+                                     "stages read (since 2026-12-02 the experiment file sets it: "
+                                     "datasets.preferences('preferences'))")
     if config.pairs.num_prompts < 1 or config.pairs.samples_per_prompt < 2:
         raise config_lib.ConfigError("pairs.num_prompts must be >= 1 and pairs.samples_per_prompt >= 2")
 
@@ -282,8 +264,6 @@ def run_rounds(spec: str, overrides, workdir: str) -> list[RoundResult]:
 
 
 def run_rounds_from_config(config, workdir: str) -> list[RoundResult]:
-    from rlhf_jax.runtime import validation
-
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_resolved_config(config, workdir, allow_change=True)
@@ -310,8 +290,8 @@ def run_rounds_from_config(config, workdir: str) -> list[RoundResult]:
             policy_dir = result.policy
             continue
         reward_config, policy_config = wire_round(config, r, workdir, sft_dir, policy_dir)
-        validation.validate(reward_config, prefix="reward.")
-        validation.validate(policy_config, prefix=f"{config.policy_stage}.")
+        registry.validate(reward_config, prefix="reward.")
+        registry.validate(policy_config, prefix=f"{config.policy_stage}.")
 
         # 1. pairs from the current policy (once: the marker says they are all in the store).
         pairs_marker = os.path.join(here, "pairs.done")
@@ -335,12 +315,12 @@ def run_rounds_from_config(config, workdir: str) -> list[RoundResult]:
         if not run_lib.is_finished(reward_dir):
             store.export_preferences(os.path.join(here, "tfds"), records=all_records)
         # (DPO does not use it, but the report's distribution-shift number needs a reward model.)
-        run_stage_once(reward_config, reward_dir, f"round {r} reward")
+        registry.run_stage_once(reward_config, reward_dir, f"round {r} reward")
         held_out_new = [rec for rec in new_records if rec["metadata"]["split"] == "validation"]
         rm_after = reward_accuracy(reward_dir, held_out_new or new_records)
         # 5. the policy, continued from the current one.
         next_policy = os.path.join(here, config.policy_stage)
-        run_stage_once(policy_config, next_policy, f"round {r} {config.policy_stage}")
+        registry.run_stage_once(policy_config, next_policy, f"round {r} {config.policy_stage}")
         # 6. judged on the held-out prompts.
         judge = judge or make_judge(config, sft_dir)
         m = judge(next_policy)
@@ -364,10 +344,6 @@ def run_rounds_from_config(config, workdir: str) -> list[RoundResult]:
 def write_report(workdir: str, results: list[RoundResult]) -> None:
     """rounds.md: one row per round (and the SFT policy); rounds.png: gold, KL and the reward model's
     accuracy on each round's new pairs before / after training on them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     with open(os.path.join(workdir, "sft_eval.json")) as f:
         sft = json.load(f)

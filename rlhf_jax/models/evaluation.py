@@ -24,8 +24,7 @@ import math
 import jax
 import numpy as np
 
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.models import sampling
+from rlhf_jax.models import model as model_lib, sampling
 
 
 def make_scorer(graphdef, tokenizer, seq_len: int, batch_size: int = 64):

@@ -21,6 +21,7 @@ import shutil
 
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
@@ -46,8 +47,6 @@ def export_hf(config, params, out_dir: str, tokenizer_path: str | None = None) -
 
     config: the model config; params: the policy's params (`init_params` structure, layers stacked,
     any head: only the language model is written)."""
-    from safetensors.numpy import save_file
-
     arch = hf_architecture(config)
     flat = {tuple(path): np.asarray(leaf[...], np.float32) for path, leaf in nnx.to_flat_state(params)}
     tensors, hf_config = (_gpt2(flat, config) if arch == "gpt2" else _llama(flat, config))

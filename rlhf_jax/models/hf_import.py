@@ -24,9 +24,9 @@ import os
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
-from configs import models
-from rlhf_jax.models import model
+from rlhf_jax.models import model, presets
 
 
 def load_hf_checkpoint(path: str):
@@ -74,8 +74,6 @@ def _architecture(hf_config, path):
 
 
 def _read_safetensors(path):
-    from safetensors.numpy import load_file
-
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
@@ -105,7 +103,7 @@ def _gpt2_config(hf, path):
         raise NotImplementedError(f"{path}/config.json: activation_function={hf['activation_function']!r} "
                                   "is not supported (gelu_new)")
     d = hf["n_embd"]
-    config = models.tiny()
+    config = presets.tiny()
     config.update(dict(vocab_size=hf["vocab_size"], max_len=hf["n_positions"], d_model=d, num_layers=hf["n_layer"],
                        num_heads=hf["n_head"], num_kv_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
                        positions="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -166,7 +164,7 @@ def _llama_config(hf, path):
     if attention_bias or mlp_bias:
         raise NotImplementedError(f"{path}/config.json: attention_bias={attention_bias}, mlp_bias={mlp_bias}: "
                                   "biases are not supported for Llama checkpoints")
-    config = models.llama_tiny()
+    config = presets.llama_tiny()
     config.update(dict(vocab_size=hf["vocab_size"], max_len=hf.get("max_position_embeddings", 2048), d_model=d,
                        num_layers=hf["num_hidden_layers"], num_heads=heads,
                        num_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.runtime import checks
+
 TARGETS = {"q": ("attn", "query"), "k": ("attn", "key"), "v": ("attn", "value"), "o": ("attn", "out"),
            "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
 
@@ -105,3 +107,18 @@ def combine_restored(trainable, base, lora_config):
     it started from may sit on different devices, so both are fetched and merged on the default
     device (once per hand-off; a vmapped merge for a leading seed axis is the caller's)."""
     return combine(jax.device_get(trainable), jax.device_get(base), lora_config)
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_lora_config(c):
+    """config.lora (configs/lora.py); the stages add what LoRA needs of them (params to adapt)."""
+    c.integer("lora.rank", 0)
+    if not c.get("lora.rank"):
+        return
+    c.positive("lora.alpha")
+    targets = c.get("lora.targets")
+    names = [t.strip() for t in str(targets).split(",") if t.strip()] if targets is not checks.MISSING else []
+    if targets is not checks.MISSING and (not names or not set(names) <= set(TARGETS)):
+        c.fail("lora.targets", targets, f"expected a comma-separated subset of {','.join(TARGETS)}")

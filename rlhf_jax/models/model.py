@@ -34,6 +34,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.runtime import checks
+
 HEADS = ("lm", "scalar", "lm_and_scalar")
 _MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax, never NaN
 
@@ -419,3 +421,39 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
     mlp = (3 if config.mlp == "swiglu" else 2) * d * config.d_ff
     n = config.num_layers * (attn + mlp) + d * config.vocab_size
     return 6.0 * n + 12.0 * config.num_layers * config.num_heads * hd * t
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_model_config(c):
+    """The decoder-only transformer (rlhf_jax.models.model; configs/models.py)."""
+    for key in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+        c.integer("model." + key, 1)
+    d_model, heads, kv_heads = c.get("model.d_model"), c.get("model.num_heads"), c.get("model.num_kv_heads")
+    if d_model % heads:
+        c.fail("model.num_heads", heads, f"expected a divisor of model.d_model={d_model}")
+    if heads % kv_heads:
+        c.fail("model.num_kv_heads", kv_heads, f"expected a divisor of model.num_heads={heads}")
+    c.choice("model.positions", ("learned", "rope"))
+    if c.get("model.positions") == "rope" and (d_model // heads) % 2:
+        c.fail("model.num_heads", heads, f"RoPE needs an even head_dim (d_model / num_heads = {d_model // heads})")
+    c.choice("model.norm", ("layernorm", "rmsnorm"))
+    c.choice("model.mlp", ("gelu", "swiglu"))
+    c.choice("model.dtype", ("float32", "bfloat16"))
+    c.choice("model.attention_impl", ATTENTION_IMPLS)
+    c.choice("model.param_dtype", ("float32",))
+    c.choice("model.dropout", (0.0,))
+    c.positive("model.norm_eps")
+    c.positive("model.init_std")
+    c.positive("model.rope_theta")
+    c.choice("tokenizer.kind", ("byte", "hf"))
+    if c.get("tokenizer.kind") == "hf" and not c.get("tokenizer.path"):
+        c.fail("tokenizer.path", c.get("tokenizer.path"), "tokenizer.kind='hf' needs the folder holding tokenizer.json")
+
+
+def check_sequence_config(c):
+    c.integer("seq_len", 2)
+    seq_len, max_len = c.get("seq_len"), c.get("model.max_len")
+    if seq_len is not checks.MISSING and max_len is not checks.MISSING and seq_len > max_len:
+        c.fail("seq_len", seq_len, f"expected at most model.max_len={max_len}")

@@ -211,3 +211,16 @@ def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng,
                    max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                    temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     return decode_responses(tokenizer, np.asarray(out["response"]), np.asarray(out["response_mask"]))
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_sampling_config(c, group: str):
+    """Fields of one sampling setup (preferences, normalize, ppo)."""
+    g = group + "." if group else ""
+    for key in ("batch_size", "max_prompt_len", "max_new_tokens", "num_prompts"):
+        c.integer(g + key, 1)
+    c.positive(g + "temperature")
+    c.integer(g + "top_k", 0)
+    c.number(g + "top_p", 0.0, 1.0, low_open=True)

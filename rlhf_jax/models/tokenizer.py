@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from tokenizers import Tokenizer
+
 
 @dataclass(frozen=True)
 class ByteTokenizer:
@@ -34,8 +36,6 @@ class HFTokenizer:
     """A Hugging Face `tokenizer.json`, read with the `tokenizers` package (no network)."""
 
     def __init__(self, path: str, pad_token: str | None = None, eos_token: str | None = None):
-        from tokenizers import Tokenizer
-
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise FileNotFoundError(f"no tokenizer.json at {file!r}")

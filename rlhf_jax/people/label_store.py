@@ -45,9 +45,12 @@ import json
 import os
 import random
 import sqlite3
+import time
 from typing import Iterable, Optional
 
+from rlhf_jax.data import builders
 from rlhf_jax.runtime.config import DataError
+from rlhf_jax.runtime.jsonl import read_jsonl
 
 STORE_FILE = "labels.sqlite"
 PAIRS_FILE = "pairs.jsonl"
@@ -469,7 +472,7 @@ class LabelStore:
         on every start: known pairs and already imported answers are skipped. In labels.jsonl
         `choice` 0 / 1 / null is response_a / response_b / skipped, shown in the order a, b."""
         pairs_path = os.path.join(data_dir, PAIRS_FILE)
-        n_pairs = self.add_pairs(read_jsonl(pairs_path, torn_tail_ok=False), source=PAIRS_FILE) \
+        n_pairs = self.add_pairs(read_jsonl(pairs_path), source=PAIRS_FILE) \
             if os.path.exists(pairs_path) else 0
         labels_path = os.path.join(data_dir, LABELS_FILE)
         n_answers = 0
@@ -538,8 +541,6 @@ class LabelStore:
         """Write the preferences (self.preferences(), or `records`) as the TFDS dataset the reward
         and DPO stages read (config.data = datasets.preferences(name), data_dir = tfds_dir),
         split by each pair's split; returns {split: source}."""
-        from rlhf_jax.data import builders
-
         records = self.preferences(source) if records is None else records
         if not records:
             raise DataError(f"{self.path}: no labelled pairs to export (every pair is unanswered, skipped, "
@@ -587,8 +588,6 @@ def _check_annotator(annotator) -> None:
 
 
 def _time_seconds(now_seconds: Optional[float]) -> float:
-    import time
-
     return time.time() if now_seconds is None else float(now_seconds)
 
 
@@ -616,32 +615,6 @@ def fleiss_kappa(ratings: list[list[str]]) -> Optional[float]:
     return (sum(p_items) / len(p_items) - p_e) / (1.0 - p_e)
 
 
-def read_jsonl(path: str, torn_tail_ok: bool = True) -> list:
-    """Records of a JSONL file. A truncated (unparseable) last line is ignored when `torn_tail_ok`
-    (an answer file appended to while a kill may come); otherwise, and for any other bad line, a
-    DataError names the file and line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        lines = data.decode("utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} line {line}: not valid UTF-8") from None
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            last = not any(rest.strip() for rest in lines[i + 1:])
-            if last and torn_tail_ok:
-                continue  # A write cut short by a kill.
-            what = "is cut short (the file is incomplete)" if last else "is not valid JSON"
-            raise DataError(f"{path} line {i + 1} {what}: {line[:80]!r}; expected one JSON object per line")
-    return records
 
 
 def open_data_dir(data_dir: str, answers_per_pair: int = 1, **kwargs) -> LabelStore:

@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import math
 import os
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from rlhf_jax.people import label_store
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime.config import DataError, UserError
+from rlhf_jax.runtime.jsonl import read_jsonl
 
 PAIRS_FILE = label_store.PAIRS_FILE
+load_function = config_lib.load_function  # (lives with the config values that name functions)
 LABELS_FILE = label_store.LABELS_FILE  # the terminal labeler's old answer file; imported, no longer written
 
 ScoreFn = Callable[[str, str], float]
@@ -61,8 +65,6 @@ __all__ = [
 
 @functools.lru_cache(maxsize=1)
 def _vader_analyzer():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     return SentimentIntensityAnalyzer()
 
 
@@ -113,41 +115,6 @@ def simulated_annotator(gold_fn: ScoreFn, temperature: float, rng: np.random.Gen
     return label
 
 
-def load_function(import_path: str) -> Callable:
-    """Import ``"package.module:function"`` (``"package.module.function"`` also accepted).
-
-    Raises ``ValueError`` for a malformed path, ``ImportError`` when the module cannot be
-    imported, ``AttributeError`` when it has no such attribute and ``TypeError`` when the
-    attribute is not callable; each message names ``import_path``.
-    """
-    if not isinstance(import_path, str) or not import_path.strip():
-        raise ValueError(f"expected 'package.module:function', got {import_path!r}")
-    import_path = import_path.strip()
-    if ":" in import_path:
-        module_name, _, attr = import_path.partition(":")
-    else:
-        module_name, _, attr = import_path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"expected 'package.module:function', got {import_path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(
-            f"cannot import module {module_name!r} of {import_path!r}: {e}"
-        ) from e
-    obj = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise AttributeError(
-                f"module {module_name!r} has no attribute {attr!r} (from {import_path!r})"
-            ) from None
-    if not callable(obj):
-        raise TypeError(f"{import_path!r} is not callable (it is a {type(obj).__name__})")
-    return obj
-
-
 def function_labeler(fn: ScoreFn | str) -> Labeler:
     """Deterministic labeler preferring the response with the higher ``fn(prompt, response)``.
 
@@ -194,14 +161,11 @@ def _preference(pair: dict, choice: int, extra: dict) -> dict:
 
 def read_pairs(data_dir: str) -> list[dict]:
     """The pairs of ``<data_dir>/pairs.jsonl`` (first occurrence of each id)."""
-    from rlhf_jax.runtime.config import DataError
-
     pairs, seen = [], set()
     path = os.path.join(data_dir, PAIRS_FILE)
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist: --data must be the folder holding the pairs to label")
-    # pairs.jsonl is written whole (write_pairs): a torn last line means a damaged file, not a kill.
-    for p in label_store.read_jsonl(path, torn_tail_ok=False):
+    for p in read_jsonl(path):
         missing = {"id", "prompt", "response_a", "response_b"} - set(p) if isinstance(p, dict) else ["a JSON object"]
         if missing:
             raise DataError(f"{path}: pair {str(p)[:80]} lacks {sorted(missing)}")
@@ -233,8 +197,6 @@ def write_pairs(data_dir: str, pairs: Iterable[dict]) -> str:
 def open_store(data_dir: str, answers_per_pair: int = 1) -> "label_store.LabelStore":
     """The label store of a labelling folder, with its pairs.jsonl (and an old labels.jsonl)
     imported. A folder with neither pairs.jsonl nor a store is an error naming pairs.jsonl."""
-    from rlhf_jax.runtime.config import DataError
-
     if not os.path.exists(os.path.join(data_dir, label_store.STORE_FILE)):
         path = os.path.join(data_dir, PAIRS_FILE)
         if not os.path.isfile(path):
@@ -345,7 +307,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data", required=True, help="directory holding pairs.jsonl / labels.sqlite")
     parser.add_argument("--annotator", default="human", help="your name, recorded with each answer")
     args = parser.parse_args(argv)
-    from rlhf_jax.runtime.config import UserError
 
     try:
         n = label_in_terminal(args.data, annotator=args.annotator)

@@ -9,6 +9,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "results")
 
@@ -41,8 +42,6 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
 def matmul_peak_flops(dtype, n=None, repeats=5) -> float:
     """The machine's measured matmul FLOP/s: the best of a few n x n jnp.dot's (the denominator of
     every "fraction of peak")."""
-    import jax.numpy as jnp
-
     n = n or (8192 if jax.default_backend() == "gpu" else 2048)
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -185,9 +186,16 @@ def write_resolved_config(config, workdir: str, allow_change: bool = False, writ
                 "two experiments. Use a new --workdir, or pass --allow_config_change to resume anyway.")
     if not write:  # (the other processes of a multi-process run: process 0 writes)
         return
+    write_json_atomic(path, resolved)
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write JSON so that a reader sees the old file or the whole new one, never a torn one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(resolved, f, indent=2, sort_keys=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -209,3 +217,40 @@ def read_resolved_config(workdir: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{workdir} has no config.json: is it a run directory?")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def load_function(import_path: str) :
+    """Import ``"package.module:function"`` (``"package.module.function"`` also accepted).
+
+    Raises ``ValueError`` for a malformed path, ``ImportError`` when the module cannot be
+    imported, ``AttributeError`` when it has no such attribute and ``TypeError`` when the
+    attribute is not callable; each message names ``import_path``.
+    """
+    if not isinstance(import_path, str) or not import_path.strip():
+        raise ValueError(f"expected 'package.module:function', got {import_path!r}")
+    import_path = import_path.strip()
+    if ":" in import_path:
+        module_name, _, attr = import_path.partition(":")
+    else:
+        module_name, _, attr = import_path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"expected 'package.module:function', got {import_path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(
+            f"cannot import module {module_name!r} of {import_path!r}: {e}"
+        ) from e
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(
+                f"module {module_name!r} has no attribute {attr!r} (from {import_path!r})"
+            ) from None
+    if not callable(obj):
+        raise TypeError(f"{import_path!r} is not callable (it is a {type(obj).__name__})")
+    return obj
+
+

@@ -30,6 +30,10 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from rlhf_jax.runtime import config as config_lib
 
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR_ADDRESS"
@@ -64,8 +68,6 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
 
     Call before anything touches a JAX device (the device list is fixed once a backend starts).
     """
-    import jax
-
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR, "")
     num_processes = num_processes or int(os.environ.get(ENV_NUM_PROCESSES, "0") or 0)
     if process_id < 0:
@@ -121,29 +123,19 @@ def _wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> No
 
 def is_main_process() -> bool:
     """Process 0 writes what a run writes once (metrics, TensorBoard, config.json, DONE, reports)."""
-    import jax
-
     return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
     """Every process reaches this point before any goes on (no-op on one process)."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on at least one (one small collective)."""
-    import jax
-    import numpy as np
-
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 

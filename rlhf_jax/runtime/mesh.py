@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from rlhf_jax.runtime import checks
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -149,8 +152,38 @@ def host_copy(tree):
             return x
         if x.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(get, tree)
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def mesh_devices(c) -> int | None:
+    """Check config.mesh against the devices there are; returns how many the mesh spans."""
+    data, fsdp = c.get("mesh.data"), c.get("mesh.fsdp")
+    if data is checks.MISSING or fsdp is checks.MISSING:
+        return None
+    n = jax.device_count()
+    for key, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+        if not isinstance(size, int) or isinstance(size, bool) or not (size == -1 or size >= 1):
+            c.fail(key, size, "expected -1 (all remaining devices) or an integer >= 1")
+    if data == -1 and fsdp == -1:
+        c.fail("mesh.fsdp", fsdp, "at most one of mesh.data and mesh.fsdp may be -1")
+    if data > 0 and fsdp > 0:
+        if data * fsdp > n:
+            c.fail("mesh.data", data, f"mesh.data x mesh.fsdp = {data * fsdp} is more than the {n} devices there are")
+        return data * fsdp
+    key, size = ("mesh.fsdp", fsdp) if data == -1 else ("mesh.data", data)
+    if n % size:
+        c.fail(key, size, f"expected a divisor of the {n} devices there are (the other axis takes the rest)")
+    return n
+
+
+def check_batch_split(c):
+    """The batch is split over every device of the mesh."""
+    devices, batch_size = mesh_devices(c), c.get("batch_size")
+    if devices and batch_size is not checks.MISSING and batch_size % devices:
+        c.fail("batch_size", batch_size, f"expected a multiple of the {devices} devices of the mesh")

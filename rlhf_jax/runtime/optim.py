@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime import mesh as mesh_lib, run as run_lib
 
 
 def learning_rate_schedule(config, learning_rate=None):
@@ -126,3 +125,22 @@ def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, None, frozen_shardings),
                      out_shardings=(state_shardings, None), donate_argnums=0)
     return lambda state, batch, rng: jitted(state, batch, rng, frozen)
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_optimizer_config(c):
+    """rlhf_jax.runtime.optim.make_optimizer's fields."""
+    c.choice("optimizer.name", ("sgd", "adam", "adamw"))
+    c.positive("optimizer.learning_rate")
+    c.choice("optimizer.schedule", ("constant", "linear", "cosine"))
+    c.integer("optimizer.warmup_steps", 0)
+    c.integer("optimizer.decay_steps", 0)
+    c.number("optimizer.b1", 0.0, 1.0, high_open=True)
+    c.number("optimizer.b2", 0.0, 1.0, high_open=True)
+    c.positive("optimizer.eps")
+    c.number("optimizer.weight_decay", 0.0)
+    c.number("optimizer.grad_clip_norm", 0.0)
+    c.choice("optimizer.on_nonfinite", ("stop", "skip"))
+    c.integer("optimizer.max_consecutive_skips", 0)

@@ -22,8 +22,8 @@ import json
 import math
 import os
 import re
-import sys
 import signal
+import sys
 import threading
 import time
 import zlib
@@ -31,10 +31,12 @@ import zlib
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tensorboardX import SummaryWriter
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import distributed
-
+from rlhf_jax.runtime import config as config_lib, distributed
+from rlhf_jax.runtime.jsonl import read_jsonl
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -69,8 +71,6 @@ class MetricsWriter:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -80,8 +80,6 @@ class MetricsWriter:
         if not self.active:
             return
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
         self._tb.add_text(tag, text, step)
 
@@ -109,18 +107,8 @@ def _to_python(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All rows of `<workdir>/metrics.jsonl`; a torn last line (killed mid-write) is skipped."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """All rows of `<workdir>/metrics.jsonl` (a last row cut short by a kill is left out)."""
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -145,9 +133,10 @@ class Diverged(config_lib.UserError):
     kind = "run diverged"
 
 
-def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, max_to_keep: int = 2, subfolder: str = "checkpoints") -> ocp.CheckpointManager:
+    """Orbax's manager of `<workdir>/<subfolder>` (the train state's checkpoints, or a hand-off's)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subfolder)), options=options)
 
 
 def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
@@ -159,8 +148,6 @@ def _host_array(x) -> np.ndarray:
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -310,8 +297,6 @@ def _with_sharding(x):
     processes or another machine does not have."""
     x = ocp.utils.to_shape_dtype_struct(x)
     if getattr(x, "sharding", None) is None:
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
         everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
         x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=everywhere)
     return x
@@ -617,3 +602,14 @@ def _mean_metrics(rows: list[dict]) -> dict:
         vals = np.stack([np.asarray(r[k], dtype=np.float64) for r in rows])
         out[k] = vals.mean(axis=0)
     return out
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_loop_config(c):
+    """The loop's fields (rlhf_jax.runtime.run.train_loop)."""
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "num_seeds"):
+        c.integer(key, 1)
+    c.integer("eval_every", 0)
+    c.positive("progress_every_s")

@@ -33,18 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.models import evaluation, lora
-from rlhf_jax.people import labelers
 from rlhf_jax import losses
-from rlhf_jax.stages import preferences, runs
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models import evaluation, lora, model as model_lib
 from rlhf_jax.models.tokenizer import make_tokenizer
-
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer, make_train_step
+from rlhf_jax.stages import preferences, runs
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -139,19 +135,7 @@ def _prompt_split(config):
 # ----------------------------------------------------------------------------- the stage
 
 
-def _check_config(config):
-    if config.loss.kind not in losses.DPO_KINDS:
-        raise config_lib.ConfigError(f"loss.kind={config.loss.kind!r}: expected one of {losses.DPO_KINDS}")
-    if not config.loss.beta > 0:
-        raise config_lib.ConfigError(f"loss.beta={config.loss.beta}: expected > 0")
-    if config.num_seeds < 1:
-        raise config_lib.ConfigError(f"num_seeds={config.num_seeds}: expected >= 1")
-    if not config.init_from:
-        raise config_lib.ConfigError("init_from: the SFT run the policy and the reference start from")
-
-
 def train(config, workdir: str):
-    _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     model_config, graphdef, init_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
     ref_params = runs.load_reference(config, init_params, "dpo")
@@ -224,16 +208,21 @@ def train(config, workdir: str):
                                policy_of)
 
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(run_lib.seeds_of(config)))
-    return run_lib.train_loop(
+    state = run_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, batch_fn=batch_fn, num_steps=config.num_steps,
         rng=seed_keys if num_seeds > 1 else seed_keys[0], log_every=config.log_every,
         checkpoint_every=config.checkpoint_every, eval_fn=eval_fn, eval_every=config.eval_every,
         progress_every_s=config.get("progress_every_s", 10.0),
         headline=("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "eval/gold",
                   "eval/kl"))
+    policy = state["params"]
+    if base is not None:  # the hand-off is merged: adapters folded into the reference (their base)
+        policy = jax.vmap(merged, (0, None))(policy, base) if num_seeds > 1 else merged(policy, base)
+    runs.write_policy(workdir, config, policy, members=num_seeds)
+    return state
 
 
-# ----------------------------------------------------------------------------- hand-off (registry interface)
+# ----------------------------------------------------------------------------- the checkpointed state (registry interface)
 
 
 def abstract_state(config):
@@ -245,12 +234,20 @@ def abstract_state(config):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
 
 
-def policy_params(config, state):
-    """(graphdef, params) of the policy (a leading seed axis with num_seeds > 1); with LoRA the
-    adapters merged into the SFT run's weights (reloaded from init_from)."""
-    graphdef, params = model_lib.abstract_params(config.model, "lm")[0], state["params"]
-    if lora.enabled(config.get("lora")):
-        base = runs.load_matching_policy(config.init_from, config.model, "dpo")[2]
-        merge = lambda trainable: lora.combine_restored(trainable, base, config.lora)
-        params = jax.vmap(merge)(params) if config.get("num_seeds", 1) > 1 else merge(params)
-    return graphdef, params
+# ----------------------------------------------------------------------------- config checks (registry.validate runs them)
+
+
+def check_config(c):
+    """DPO's fields; beta / loss kind / label_smoothing at the top level or in config.loss."""
+    run_lib.check_loop_config(c), check_optimizer_config(c), mesh_lib.check_batch_split(c)
+    model_lib.check_model_config(c), model_lib.check_sequence_config(c)
+    runs.check_init_from(c, required=True)
+    lora.check_lora_config(c)
+    for group in ("", "loss."):
+        c.positive(group + "beta")
+        c.number(group + "label_smoothing", 0.0, 0.5, high_open=True)
+        c.choice(group + "kind", losses.DPO_KINDS)
+    if isinstance(c.get("loss"), str):
+        c.choice("loss", losses.DPO_KINDS)
+    if not c.get("preferences.enabled"):
+        builders.check_dataset_config(c)

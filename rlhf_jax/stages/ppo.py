@@ -53,18 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from tensorboardX import SummaryWriter
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import distributed
-from rlhf_jax.models import lora, sampling
 from rlhf_jax import losses
-from rlhf_jax.stages import runs
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.models import lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib, distributed, mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer
+from rlhf_jax.stages import runs
 
 LOSSES = ("ppo", "reinforce", "reinforce_baseline", "rloo", "grpo")
 VALUE_MODELS = ("policy", "reward_model", "sft")
@@ -471,31 +469,6 @@ def state_shardings_of(mesh, state, num_seeds: int):
     return mesh_lib.stacked(mesh_lib.param_shardings(mesh, one_seed))
 
 
-def _check_config(config):
-    if config.num_seeds < 1:
-        raise config_lib.ConfigError(f"num_seeds={config.num_seeds}: expected >= 1")
-    if config.loss not in LOSSES:
-        raise config_lib.ConfigError(f"loss={config.loss!r}: expected one of {LOSSES}")
-    if config.value_model not in VALUE_MODELS:
-        raise config_lib.ConfigError(f"value_model={config.value_model!r}: expected one of {VALUE_MODELS}")
-    if config.missing_eos not in MISSING_EOS:
-        raise config_lib.ConfigError(f"missing_eos={config.missing_eos!r}: expected one of {MISSING_EOS}")
-    if config.kl_estimator not in losses.KL_KINDS:
-        raise config_lib.ConfigError(f"kl_estimator={config.kl_estimator!r}: expected one of {losses.KL_KINDS}")
-    if bool(config.reward_model) == bool(config.reward_function):
-        raise config_lib.ConfigError("set exactly one of reward_model (a reward run) and reward_function")
-    if config.loss in ("rloo", "grpo") and config.samples_per_prompt < 2:
-        raise config_lib.ConfigError(f"loss={config.loss!r} needs samples_per_prompt >= 2")
-    if config.value_model == "reward_model" and not config.reward_model and config.loss == "ppo":
-        raise config_lib.ConfigError("value_model='reward_model' needs a reward_model run")
-    if not config.init_from:
-        raise config_lib.ConfigError("init_from: the SFT run the policy and reference start from")
-    if lora.enabled(config.get("lora")) and config.loss == "ppo" and config.value_model != "policy":
-        raise config_lib.ConfigError(f"lora.rank={config.lora.rank} with value_model={config.value_model!r}: a "
-                                     "separate value model would be a second full copy; use value_model='policy' "
-                                     "(a value head on the LoRA policy)")
-
-
 def init_models(config, tokenizer, optimizer):
     """Load the SFT policy (the reference is the same params, kept frozen) and the reward model,
     and make each seed's value function.
@@ -543,14 +516,6 @@ def init_models(config, tokenizer, optimizer):
     return models, state, {"ref": reference, "reward": reward_params}
 
 
-def labelers_load(path):
-    if not path:
-        return None
-    from rlhf_jax.people import labelers
-
-    return labelers.load_function(path)
-
-
 def prompt_source(config):
     """The prompts: `config.prompts` if given, else the 'prompt' field of config.data's split."""
     if config.prompts:
@@ -580,7 +545,6 @@ class Setup:
 
 def build(config) -> Setup:
     """The models, the initial state, the jitted functions and the prompt batches of a PPO run."""
-    _check_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     tokenizer = make_tokenizer(config.tokenizer)
     optimizer = make_optimizer(config.optimizer)
@@ -607,8 +571,9 @@ def build(config) -> Setup:
                  rollout=make_rollout(models, mesh, state_shardings, frozen_shardings),
                  final_scores=jax.jit(functools.partial(final_scores, models)),
                  update=make_update(models, optimizer, mesh, state_shardings, frozen_shardings),
-                 reward_function=labelers_load(config.reward_function),
-                 gold_function=labelers_load(config.gold_function), batch_fn=batch_fn,
+                 reward_function=labelers.load_function(config.reward_function) if config.reward_function else None,
+                 gold_function=labelers.load_function(config.gold_function) if config.gold_function else None,
+                 batch_fn=batch_fn,
                  rng=seed_keys if config.num_seeds > 1 else seed_keys[0])
 
 
@@ -685,8 +650,6 @@ def train(config, workdir: str):
     # (train_loop's is not handed to a step; TensorBoard reads every event file in tb/).
     tensorboard = None
     if config.sample_every and distributed.is_main_process():
-        from tensorboardX import SummaryWriter
-
         tensorboard = SummaryWriter(os.path.join(workdir, "tb"), filename_suffix=".samples")
 
     def step_fn(state, batch, rng):
@@ -699,7 +662,7 @@ def train(config, workdir: str):
         return state, metrics
 
     try:
-        return run_lib.train_loop(
+        state = run_lib.train_loop(
             workdir=workdir, state=setup.state, step_fn=step_fn, batch_fn=setup.batch_fn,
             num_steps=config.num_steps, rng=setup.rng, log_every=config.log_every,
             checkpoint_every=config.checkpoint_every, progress_every_s=config.get("progress_every_s", 10.0),
@@ -708,9 +671,17 @@ def train(config, workdir: str):
     finally:
         if tensorboard is not None:
             tensorboard.close()
+    # The hand-off is merged: with LoRA the adapters folded into the reference (their base).
+    merge = jax.jit(lambda trainable, ref: lora.combine(trainable, ref, config.get("lora")))
+    policy = state.params["policy"]
+    if lora.enabled(config.get("lora")):
+        ref = setup.frozen["ref"]
+        policy = jax.vmap(merge, (0, None))(policy, ref) if config.num_seeds > 1 else merge(policy, ref)
+    runs.write_policy(workdir, config, policy, members=config.num_seeds)
+    return state
 
 
-# ----------------------------------------------------------------------------- hand-off (registry interface)
+# ----------------------------------------------------------------------------- the checkpointed state (registry interface)
 
 
 def abstract_state(config):
@@ -734,12 +705,44 @@ def abstract_state(config):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(lead + tuple(x.shape), x.dtype), state)
 
 
-def policy_params(config, state):
-    """(graphdef, policy params) of a restored state (with a leading seed axis if num_seeds > 1);
-    with LoRA the adapters merged into the SFT run's weights (reloaded from init_from)."""
-    graphdef, params = model_lib.abstract_params(config.model, "lm")[0], state.params["policy"]
-    if lora.enabled(config.get("lora")):
-        base = runs.load_matching_policy(config.init_from, config.model, "ppo")[2]
-        merge = lambda trainable: lora.combine_restored(trainable, base, config.lora)
-        params = jax.vmap(merge)(params) if config.get("num_seeds", 1) > 1 else merge(params)
-    return graphdef, params
+# ----------------------------------------------------------------------------- config checks (registry.validate runs them)
+
+
+def check_config(c):
+    """PPO's fields, and the checks that combine them."""
+    run_lib.check_loop_config(c), check_optimizer_config(c), model_lib.check_model_config(c)
+    mesh_lib.mesh_devices(c)
+    sampling.check_sampling_config(c, "")
+    c.choice("loss", LOSSES)
+    c.choice("value_model", VALUE_MODELS)
+    c.choice("missing_eos", MISSING_EOS)
+    c.choice("kl_estimator", losses.KL_KINDS)
+    c.integer("samples_per_prompt", 1)
+    if c.get("loss") in ("rloo", "grpo"):
+        c.integer("samples_per_prompt", 2)
+    for key in ("ppo_epochs", "num_minibatches"):
+        c.integer(key, 1)
+    for key in ("kl_coef", "vf_coef", "entropy_coef", "value_clip"):
+        c.number(key, 0.0)
+    c.positive("clip_eps")
+    c.positive("kl_target")
+    c.positive("kl_horizon")
+    c.number("gamma", 0.0, 1.0)
+    c.number("lam", 0.0, 1.0)
+    c.number("baseline_decay", 0.0, 1.0)
+    c.integer("sample_every", 0)
+    c.integer("num_sample_rows", 0)
+    if bool(c.get("reward_model")) == bool(c.get("reward_function")):
+        c.fail("reward_function", c.get("reward_function"),
+               "set exactly one of reward_model (a reward run) and reward_function")
+    if c.get("loss") == "ppo" and c.get("value_model") == "reward_model" and not c.get("reward_model"):
+        c.fail("value_model", "reward_model", "needs a reward_model run")
+    c.function_path("reward_function")
+    c.function_path("gold_function")
+    runs.check_init_from(c, required=True)
+    lora.check_lora_config(c)
+    if c.get("lora.rank") and c.get("loss") == "ppo" and c.get("value_model") != "policy":
+        c.fail("value_model", c.get("value_model"), "with LoRA expected 'policy' (a value head on the LoRA policy; "
+               "a separate value model would be a second full copy of the weights)")
+    if not c.get("prompts"):
+        builders.check_dataset_config(c)

@@ -45,18 +45,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.people import labelers
-from rlhf_jax.stages import runs
-from rlhf_jax.models import sampling
 from rlhf_jax.data import builders, loaders
+from rlhf_jax.models import sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime.jsonl import read_jsonl
+from rlhf_jax.stages import runs
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "preferences.json"
 TFDS_DIR = "tfds"
 RECORDS_NAME = "preferences"
 LABELERS = ("simulated", "function", "human")
+PAIRINGS = ("all", "disjoint")
 
 
 class LabelsNeeded(RuntimeError):
@@ -97,23 +99,10 @@ def sample_responses(graphdef, params, tokenizer, source, *, num_prompts, sample
                      for j, (i, p) in enumerate(zip(batch["index"][:keep], prompts))]
 
 
-def _read_jsonl(path):
-    """Rows of a JSONL file we append to; a line cut short by a kill is dropped."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-    return rows
-
-
 def _sample_split(out_dir, split, num_prompts, pcfg, policy, prompt_source, tokenizer):
     """Sample (or resume sampling) one split's prompts into samples.jsonl; return its rows."""
     path = os.path.join(out_dir, SAMPLES_FILE)
-    every_row = _read_jsonl(path)
+    every_row = read_jsonl(path)
     rows = [r for r in every_row if r["split"] == split]
     # Keep the calls complete from the first on; a call cut short by a kill is redone whole.
     per_call = min(pcfg.batch_size, num_prompts, len(prompt_source))
@@ -348,3 +337,24 @@ def make_preferences(config, out_dir: str) -> dict:
     print(f"preferences: {summary['num_pairs']} pairs in {tfds_dir} (labels agree with gold on "
           f"{summary['label_gold_agreement']})", file=sys.stderr, flush=True)
     return sources
+
+
+# ----------------------------------------------------------------------------- config checks (registry.validate runs them)
+
+
+def check_preferences_config(c):
+    """config.preferences: sample, pair and label (make_preferences), or read config.data."""
+    if not c.get("preferences.enabled"):
+        builders.check_dataset_config(c)
+        return
+    sampling.check_sampling_config(c, "preferences")
+    c.integer("preferences.num_validation_prompts", 0)
+    c.integer("preferences.samples_per_prompt", 2)
+    c.choice("preferences.pairing", PAIRINGS)
+    c.choice("preferences.labeler", LABELERS)
+    c.number("preferences.noise_temperature", 0.0)
+    c.integer("preferences.min_labels", 0)
+    builders.check_dataset_config(c, "preferences.prompts")
+    labeler = c.get("preferences.labeler")
+    c.function_path("preferences.gold", required=labeler == "simulated")
+    c.function_path("preferences.function", required=labeler == "function")

@@ -22,51 +22,27 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import distributed
-from rlhf_jax.models import lora, sampling
 from rlhf_jax import losses
-from rlhf_jax.stages import runs
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models import hf_import, lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
-
+from rlhf_jax.runtime import distributed, mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer, make_train_step
+from rlhf_jax.stages import runs
 
 # ----------------------------------------------------------------------------- state
 
 
-def save_random_run(workdir: str, model_config, seed: int = 0):
-    """A finished 'SFT run' of randomly initialised params in the layout runs.load_policy reads
-    (config.json and a checkpoint of {params, opt_state}): a stand-in policy for tests and
-    benchmarks of the later stages. Returns the params."""
-    import ml_collections
-
-    from configs import optimizers
-
-    config = ml_collections.ConfigDict(dict(stage="sft", model=model_config, optimizer=optimizers.adam(1e-3),
-                                            tokenizer=dict(kind="byte", path="")))
-    config_lib.write_resolved_config(config, workdir)
-    _, params = model_lib.init_params(model_config, "lm", seed)
-    manager = run_lib.checkpoint_manager(workdir)
-    run_lib.save_checkpoint(manager, 1, {"params": params, "opt_state": make_optimizer(config.optimizer).init(params)})
-    manager.wait_until_finished()
-    manager.close()
-    return params
+# A finished random-init 'SFT run' for tests and benchmarks (lives with the hand-off it writes).
+save_random_run = runs.save_random_run
 
 
 def init_params_for(config):
     """Random init, or an earlier run's params (`init_from`), or a Hugging Face folder
     (`init_from_hf`). Returns (model_config, graphdef, params)."""
-    if config.init_from and config.init_from_hf:
-        raise config_lib.ConfigError("set at most one of init_from and init_from_hf")
     if config.init_from:
         return runs.load_matching_policy(config.init_from, config.model, config.stage)
     if config.init_from_hf:
-        from rlhf_jax.models import hf_import
-
         model_config, params = hf_import.load_hf_checkpoint(config.init_from_hf)
         graphdef, _ = model_lib.abstract_params(model_config)
         return model_config, graphdef, params
@@ -144,16 +120,18 @@ def train(config, workdir: str):
             with open(os.path.join(workdir, "samples.txt"), "a") as f:
                 f.write(f"--- step {step}\n{table}\n")
 
-    return run_lib.train_loop(
+    state = run_lib.train_loop(
         workdir=workdir, state=state, step_fn=step_fn, rng=jax.random.key(config.seed),
         batch_fn=lambda step: mesh_lib.shard_batch(train_batches[step], mesh),
         num_steps=config.num_steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every,
         eval_fn=eval_fn, eval_every=config.eval_every, log_fn=log_samples,
         progress_every_s=config.get("progress_every_s", 10.0),
         headline=("loss", "accuracy", "eval/loss", "grad_norm"))
+    runs.write_policy(workdir, config, policy_of(state))  # merged: later stages never see the LoRA split
+    return state
 
 
-# ----------------------------------------------------------------------------- hand-off (registry interface)
+# ----------------------------------------------------------------------------- the checkpointed state (registry interface)
 
 
 def abstract_state(config):
@@ -161,8 +139,19 @@ def abstract_state(config):
     return runs.supervised_abstract_state(config, "lm")[1]
 
 
-def policy_params(config, state):
-    """(graphdef, params) of the language model in a restored state (LoRA: merged with the base
-    it started from)."""
-    base = init_params_for(config)[2] if lora.enabled(config.get("lora")) else None
-    return model_lib.abstract_params(config.model, "lm")[0], lora.combine_restored(state["params"], base, config.get("lora"))
+# ----------------------------------------------------------------------------- config checks (registry.validate runs them)
+
+
+def check_config(c):
+    """pretrain and sft: every field train() reads."""
+    run_lib.check_loop_config(c), check_optimizer_config(c), mesh_lib.check_batch_split(c)
+    model_lib.check_model_config(c), model_lib.check_sequence_config(c)
+    builders.check_dataset_config(c)
+    runs.check_init_from(c)
+    lora.check_lora_config(c)
+    if c.get("lora.rank") and not (c.get("init_from") or c.get("init_from_hf")):
+        c.fail("lora.rank", c.get("lora.rank"), "LoRA adapts existing weights: set init_from or init_from_hf "
+               "(or lora.rank=0 to train every param)")
+    c.integer("eval_batches", 1)
+    c.integer("sample_every", 0)
+    c.integer("sample_tokens", 1)

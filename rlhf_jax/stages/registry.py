@@ -2,24 +2,27 @@
 
 Every stage module has the same small interface, and nothing else is assumed about it:
 
-    train(config, workdir)            run the stage in `workdir` (resuming if it was interrupted);
-                                      returns the final train state
-    abstract_state(config)            ShapeDtypeStructs of the train state its checkpoints hold,
-                                      from the config alone (the Orbax restore target)
-    policy_params(config, state)      (graphdef, params) of the stage's language-model policy
-                                      (head 'lm') in a restored state; stages without one
-                                      raise NoPolicy
+    train(config, workdir)      run the stage in `workdir` (resuming if it was interrupted),
+                                write its hand-off (rlhf_jax.stages.runs) and return the final state
+    abstract_state(config)      ShapeDtypeStructs of the train state its checkpoints hold, from
+                                the config alone (the Orbax restore target)
+    check_config(c)             its config's rules (rlhf_jax.runtime.checks.Checks): composed of
+                                the rules written beside the code that reads each field
 
-Stage modules never import each other: a stage that starts from another run's policy or
-reward model loads it through `rlhf_jax.stages.runs`, which finds the run's module here. Adding a stage
-is its file plus one line in STAGES.
+Stage modules never import each other or this module: a later stage reads an earlier run's
+hand-off through `rlhf_jax.stages.runs`, which reads files only. Adding a stage is its file plus
+one line in STAGES.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import time
 
-from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.runtime import checks, config as config_lib, distributed, run as run_lib
+from rlhf_jax.stages import runs
 
 STAGES = {
     "snack": "rlhf_jax.stages.snack",
@@ -29,19 +32,20 @@ STAGES = {
     "ppo": "rlhf_jax.stages.ppo",
     "dpo": "rlhf_jax.stages.dpo",
 }
-
-# Stages whose runs hold a language-model policy (what `rlhf-jax sample` and the evaluation read).
-POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo")
-
-
-class NoPolicy(config_lib.ConfigError):
-    """The run is of a stage that has no language-model policy (a reward model, the snack learner)."""
+POLICY_STAGES = runs.POLICY_STAGES  # (kept here for code that read it from the registry)
+NoPolicy = runs.NoPolicy
 
 
-def stage_module(stage: str):
+def stage_module(stage: str, prefix: str = ""):
     if stage not in STAGES:
-        raise config_lib.ConfigError(f"config.stage={stage!r}: expected one of {sorted(STAGES)}")
+        raise config_lib.ConfigError(f"config.{prefix}stage={stage!r}: expected one of {', '.join(map(repr, STAGES))}")
     return importlib.import_module(STAGES[stage])
+
+
+def validate(config, prefix: str = "") -> None:
+    """Raise config.ConfigError naming the first bad value of `config` (the rules of its stage).
+    `prefix` names the keys as a composing config has them (the pipeline's 'sft.')."""
+    stage_module(config.get("stage"), prefix).check_config(checks.Checks(config, prefix))
 
 
 def run_stage(config, workdir: str, allow_config_change: bool = False):
@@ -50,11 +54,7 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
 
     Nothing is written before the checks pass: a bad value, or a changed config that does not
     fit the workdir's checkpoint, leaves the workdir as it was."""
-    from rlhf_jax.runtime import distributed
-    from rlhf_jax.runtime import run as run_lib
-    from rlhf_jax.runtime import validation
-
-    validation.validate(config)
+    validate(config)
     module = stage_module(config.stage)
     if allow_config_change:
         run_lib.check_workdir_fits(workdir, module.abstract_state(config))
@@ -67,3 +67,22 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
         raise run_lib.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
     run_lib.mark_finished(workdir, f"{config.get('num_steps', '')}")
     return state
+
+
+def run_stage_once(config, workdir: str, what: str, allow_config_change: bool = True) -> None:
+    """What every driver does per stage: run it unless its workdir is finished (DONE), saying so."""
+    if run_lib.is_finished(workdir):
+        print(f"=== {what}: finished earlier, skipped ({workdir})", file=sys.stderr, flush=True)
+        return
+    print(f"=== {what} -> {workdir}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    run_stage(config, workdir, allow_config_change=allow_config_change)
+    print(f"=== {what}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+
+
+def load_run(workdir: str, step: int | None = None):
+    """(config, train state) of the last (or given) checkpoint of a run of any stage: for
+    inspecting a run's whole state (optimizer included); later stages read the hand-off instead."""
+    config = config_lib.read_resolved_config(workdir)
+    target = stage_module(config.stage).abstract_state(config)
+    return config, run_lib.load_state(os.path.join(workdir), target, step)

@@ -38,18 +38,14 @@ import sys
 import jax
 import numpy as np
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import distributed
-from rlhf_jax.models import evaluation, lora
-from rlhf_jax.people import labelers
 from rlhf_jax import losses
-from rlhf_jax.stages import preferences, registry, runs
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models import evaluation, lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib, distributed, mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer, make_train_step
+from rlhf_jax.stages import preferences, runs
 
 NORMALIZATION_FILE = runs.NORMALIZATION_FILE
 NORMALIZATION_SAMPLES_FILE = "normalization_samples.jsonl"
@@ -178,8 +174,6 @@ def init_reward_params(config):
     """The SFT run's params with a fresh scalar head, or with `continue_from` an earlier reward run's
     params (head included: rounds retrain on more labels without starting over).
     Returns (model_config, graphdef, params)."""
-    if not config.init_from:
-        raise config_lib.ConfigError("reward: config.init_from must name the SFT run's workdir")
     if config.get("continue_from"):
         model_config, graphdef, params, _ = runs.load_reward_model(config.continue_from)
         changed = config_lib.differing_keys(model_config, config.model)
@@ -226,12 +220,21 @@ def train(config, workdir: str):
         headline=("loss", "accuracy", "eval/accuracy", "eval/spearman"))
 
     distributed.barrier("reward: trained")  # (every process decides from the same files)
-    if config.normalize.enabled and not os.path.exists(os.path.join(workdir, NORMALIZATION_FILE)):
-        normalize_on_policy_samples(config, workdir, score, state["params"], tokenizer)
+    normalization = None
+    if config.normalize.enabled:
+        path = os.path.join(workdir, NORMALIZATION_FILE)
+        if os.path.exists(path):  # (fitted before an interruption: the samples are not drawn twice)
+            with open(path) as f:
+                normalization = json.load(f)
+        else:
+            normalization = normalize_on_policy_samples(config, workdir, score, state["params"], tokenizer)
+    adapters = state["params"] if base is not None else None  # (PPO can hold these on its own trunk)
+    full = state["params"] if base is None else merged(state["params"], base)
+    runs.write_reward_model(workdir, config, full, normalization, adapters=adapters)
     return state
 
 
-# ----------------------------------------------------------------------------- hand-off (registry interface)
+# ----------------------------------------------------------------------------- the checkpointed state (registry interface)
 
 
 def abstract_state(config):
@@ -239,5 +242,19 @@ def abstract_state(config):
     return runs.supervised_abstract_state(config, "scalar")[1]
 
 
-def policy_params(config, state):
-    raise registry.NoPolicy("a reward run holds a reward model (scalar head), not a language-model policy")
+# ----------------------------------------------------------------------------- config checks (registry.validate runs them)
+
+
+def check_config(c):
+    """The reward stage's fields (and config.preferences when it makes its own pairs)."""
+    run_lib.check_loop_config(c), check_optimizer_config(c), mesh_lib.check_batch_split(c)
+    model_lib.check_model_config(c), model_lib.check_sequence_config(c)
+    runs.check_init_from(c, required=True)
+    lora.check_lora_config(c)
+    preferences.check_preferences_config(c)
+    c.number("loss.center_coef", 0.0)
+    c.integer("eval_max_pairs", 0)
+    c.function_path("eval_gold")
+    if c.get("normalize.enabled"):
+        sampling.check_sampling_config(c, "normalize")
+        c.integer("normalize.samples_per_prompt", 1)

@@ -1,60 +1,182 @@
-"""Finished runs as inputs to later stages: their state, their policy, their reward model.
+"""The hand-off: what a finished stage leaves for later stages, and the loaders that read it.
 
-    config, state = load_run(workdir)                          # any stage, via rlhf_jax.stages.registry
-    model_config, graphdef, params = load_policy(workdir)      # pretrain, sft, ppo, dpo (head 'lm')
-    model_config, graphdef, params, norm = load_reward_model(workdir)   # reward runs
+A stage that produces a policy or a reward model writes, as the last thing before DONE,
 
-Every loader rebuilds the Orbax restore target from the run's own config.json (the stage module's
-`abstract_state`), so each array comes back with its true structure. A run of the wrong stage
-is a one-line error naming the run's stage and the stages the caller accepts.
+    <run>/handoff/handoff.json    what the folder holds (written last: its presence means complete)
+        {"format": 1, "kind": "policy" | "reward_model", "stage": "sft", "step": 400,
+         "members": P,              runs trained together in one program (seeds), P >= 1
+         "model": {...},            the model config the params fit (rlhf_jax.models.presets' fields)
+         "tokenizer": {...},        the run's tokenizer config
+         "seq_len": 256,            reward models: the window they were trained to score
+         "normalization": {"mean", "std"} | null,   reward models: fitted on policy samples
+         "lora": {...} | null, "base": "<realpath>"} reward models trained with LoRA: adapters kept
+                                    too, with the run their base is
+    <run>/handoff/params/<step>/  Orbax checkpoint {"params": [P, ...]}: the merged params
+                                  (LoRA adapters folded in; head 'lm' or 'scalar'), one slice per
+                                  member, verified against its manifest.json like any checkpoint
+    <run>/handoff/lora/<step>/    LoRA reward models: {"params": [P, ...]} of {'lora', 'scalar_head'}
+
+The loaders below read this layout and nothing else of the run: they never import a stage
+module, and a run of any stage, today's or a future one, hands off the same way.
+
+    model_config, graphdef, params = load_policy(workdir[, seed_index])
+    model_config, graphdef, params, norm = load_reward_model(workdir)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import jax
+import ml_collections
 import numpy as np
-from flax import nnx
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.models import lora
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.stages import registry
-from rlhf_jax.runtime import run as run_lib
-from rlhf_jax.models import sampling
-from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.models import lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.runtime import config as config_lib, distributed, run as run_lib
+from rlhf_jax.runtime.optim import make_optimizer
 
+HANDOFF_DIR = "handoff"
+HANDOFF_FILE = "handoff.json"
+FORMAT = 1
 NORMALIZATION_FILE = "reward_normalization.json"
+# The stages whose runs hand off a language-model policy (what `sample`, `export` and the
+# drivers read); the one definition (the pipeline's report takes its last RL stage from it).
+POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo")
+RL_STAGES = ("ppo", "dpo")
 
 
-def load_run(workdir: str, step: int | None = None):
-    """(config, train state) of the last (or given) checkpoint of a run of any stage."""
-    config = config_lib.read_resolved_config(workdir)
-    target = registry.stage_module(config.stage).abstract_state(config)
-    return config, run_lib.load_state(workdir, target, step)
+class NoPolicy(config_lib.ConfigError):
+    """The run hands off no language-model policy (a reward model, the snack learner)."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def stack_members(params, members: int):
+    """Params of a run with `members` runs trained together: already [P, ...] when P > 1, a
+    leading axis of 1 added otherwise (the hand-off always has the member axis)."""
+    return params if members > 1 else jax.tree.map(lambda x: x[None], params)
+
+
+def _to_dict(config) -> dict | None:
+    return None if config is None else json.loads(config.to_json_best_effort())
+
+
+def _write(workdir: str, info: dict, trees: dict) -> None:
+    """Save each tree under handoff/<name>/<step>/ (collective), then handoff.json (process 0)."""
+    folder = os.path.join(workdir, HANDOFF_DIR)
+    if distributed.is_main_process() and os.path.exists(folder):  # a rerun writes it anew
+        shutil.rmtree(folder)
+    distributed.barrier("hand-off cleared")
+    for name, tree in trees.items():
+        manager = run_lib.checkpoint_manager(folder, max_to_keep=1, subfolder=name)
+        try:
+            run_lib.save_checkpoint(manager, info["step"], {"params": tree})
+        finally:
+            manager.close()
+    if distributed.is_main_process():
+        config_lib.write_json_atomic(os.path.join(folder, HANDOFF_FILE), {"format": FORMAT, **info})
+    distributed.barrier("hand-off written")
+
+
+def write_policy(workdir: str, config, params, *, members: int = 1, step: int | None = None) -> None:
+    """Hand off a policy: `params` merged (no LoRA split), [P, ...] when members > 1."""
+    info = dict(kind="policy", stage=config.get("stage"), step=int(step if step is not None else config.num_steps),
+                members=int(members), model=_to_dict(config.model), tokenizer=_to_dict(config.get("tokenizer")),
+                seq_len=config.get("seq_len"), normalization=None, lora=None, base=None)
+    _write(workdir, info, {"params": stack_members(params, members)})
+
+
+def write_reward_model(workdir: str, config, params, normalization: dict | None, adapters=None) -> None:
+    """Hand off a reward model: merged params (head 'scalar'), and with LoRA its adapters too."""
+    norm = None if normalization is None else {"mean": float(normalization["mean"]), "std": float(normalization["std"])}
+    with_lora = adapters is not None
+    info = dict(kind="reward_model", stage=config.get("stage"), step=int(config.num_steps), members=1,
+                model=_to_dict(config.model), tokenizer=_to_dict(config.get("tokenizer")), seq_len=config.get("seq_len"),
+                normalization=norm, lora=_to_dict(config.lora) if with_lora else None,
+                base=os.path.realpath(config.init_from) if with_lora else None)
+    trees = {"params": stack_members(params, 1)}
+    if with_lora:
+        trees["lora"] = stack_members(adapters, 1)
+    _write(workdir, info, trees)
+
+
+def save_random_run(workdir: str, model_config, seed: int = 0):
+    """A finished 'SFT run' of randomly initialised params (config.json, the hand-off, DONE): a
+    stand-in policy for tests and benchmarks of the later stages. Returns the params."""
+    config = ml_collections.ConfigDict(dict(stage="sft", model=model_config, num_steps=0,
+                                            tokenizer=dict(kind="byte", path="")))
+    config_lib.write_resolved_config(config, workdir)
+    _, params = model_lib.init_params(model_config, "lm", seed)
+    write_policy(workdir, config, params)
+    run_lib.mark_finished(workdir, "random init")
+    return params
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_handoff(workdir: str) -> dict:
+    """handoff.json of a run; a clear error saying why a run has none."""
+    path = os.path.join(workdir, HANDOFF_DIR, HANDOFF_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, ValueError) as e:
+            raise run_lib.DamagedCheckpoint(f"{path}: cannot be read ({e})") from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise run_lib.DamagedCheckpoint(f"{path}: expected a hand-off of format {FORMAT}")
+        return info
+    if not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"{workdir}: no such run directory")
+    stage = config_lib.read_resolved_config(workdir).get("stage")
+    if stage not in POLICY_STAGES + ("reward",):
+        raise NoPolicy(f"{workdir} is a {stage!r} run, which hands off no language-model policy or reward model")
+    if not run_lib.is_finished(workdir):
+        manager_steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) \
+            if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+        last = f"its last checkpoint is step {manager_steps[-1]}" if manager_steps else "it has no checkpoint"
+        raise config_lib.CheckpointError(f"{workdir}: the {stage} run has not finished ({last}; no "
+                                         f"{HANDOFF_DIR}/{HANDOFF_FILE}): run its command again to finish it")
+    raise config_lib.CheckpointError(
+        f"{workdir}: finished before runs wrote {HANDOFF_DIR}/ (2026-12-02): run its `rlhf-jax train` command "
+        "again on this workdir; it writes the hand-off from the last checkpoint without training")
+
+
+def _restore(workdir: str, info: dict, name: str, abstract, members: int):
+    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct((members,) + tuple(x.shape), x.dtype), abstract)}
+    manager = run_lib.checkpoint_manager(os.path.join(workdir, HANDOFF_DIR), subfolder=name)
+    try:
+        found = run_lib.restore_checkpoint(manager, target, info["step"])
+    finally:
+        manager.close()
+    if found is None:
+        raise run_lib.DamagedCheckpoint(f"{os.path.join(workdir, HANDOFF_DIR, name)}: holds no step {info['step']}")
+    return found[1]["params"]
+
+
+def _member(tree, index: int):
+    return jax.tree.map(lambda x: x[index], tree)
 
 
 def load_policy(workdir: str, seed_index: int = 0):
-    """The language-model policy of a finished run: (model_config, graphdef, params).
-
-    A run that trained several seeds in one program (`num_seeds` > 1) gives seed `seed_index`'s.
-    """
-    config = config_lib.read_resolved_config(workdir)
-    if config.get("stage") not in registry.POLICY_STAGES:
-        raise registry.NoPolicy(f"{workdir} is a {config.get('stage')!r} run, which has no language-model "
-                                f"policy; this needs a run of stage {' / '.join(registry.POLICY_STAGES)}")
-    num_seeds = config.get("num_seeds", 1)
-    if not 0 <= seed_index < num_seeds:  # (JAX would clamp an index out of range, silently)
-        raise ValueError(f"seed_index={seed_index}: {workdir} trained num_seeds={num_seeds}")
-    config, state = load_run(workdir)
-    graphdef, params = registry.stage_module(config.stage).policy_params(config, state)
-    if num_seeds > 1:
-        params = jax.tree.map(lambda x: x[seed_index], params)
-    return config.model, graphdef, params
+    """The language-model policy a run handed off: (model_config, graphdef, params).
+    A run that trained several seeds in one program gives seed `seed_index`'s."""
+    info = read_handoff(workdir)
+    if info["kind"] != "policy":
+        raise NoPolicy(f"{workdir} is a {info['stage']!r} run, which hands off a {info['kind']}, not a language-model "
+                       f"policy; this needs a run of stage {' / '.join(POLICY_STAGES)}")
+    if not 0 <= seed_index < info["members"]:  # (JAX would clamp an index out of range, silently)
+        raise ValueError(f"seed_index={seed_index}: {workdir} trained num_seeds={info['members']}")
+    model_config = ml_collections.ConfigDict(info["model"])
+    graphdef, abstract = model_lib.abstract_params(model_config, "lm")
+    params = _member(_restore(workdir, info, "params", abstract, info["members"]), seed_index)
+    return model_config, graphdef, params
 
 
 def load_matching_policy(workdir: str, model_config, stage: str):
@@ -64,7 +186,7 @@ def load_matching_policy(workdir: str, model_config, stage: str):
     changed = config_lib.differing_keys(run_model, model_config)
     if changed:
         raise config_lib.ConfigError(
-            f"{stage}: config.model differs from the model of {workdir} (its config.json) in {changed}; "
+            f"{stage}: config.model differs from the model of {workdir} (its hand-off) in {changed}; "
             "set --config.model.* to match")
     return run_model, graphdef, params
 
@@ -92,35 +214,33 @@ def supervised_abstract_state(config, head: str = "lm"):
     return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
+def reward_model_info(workdir: str) -> dict:
+    """handoff.json of a reward run (kind checked): model, tokenizer, seq_len, normalization, lora."""
+    info = read_handoff(workdir)
+    if info["kind"] != "reward_model":
+        raise config_lib.ConfigError(f"{workdir} is a {info['stage']!r} run; a reward model is a 'reward' run "
+                                     "(rlhf-jax train --config=experiments/reviews/reward.py)")
+    return info
+
+
 def load_reward_model(workdir: str, merge_lora: bool = True):
-    """A finished reward run: (model_config, graphdef, params, normalization {'mean', 'std'}).
+    """A reward run's hand-off: (model_config, graphdef, params, normalization {'mean', 'std'}).
 
     normalization is {'mean': 0.0, 'std': 1.0} when the run fitted none. Score with
     model.reward_scores(graphdef, params, tokens, mask), then (r - mean) / std.
-    A LoRA reward run's params are its adapters merged into the trunk of the SFT run it started
-    from; with merge_lora=False they stay {'lora', 'scalar_head'} (the caller holds that trunk).
-    """
-    config = config_lib.read_resolved_config(workdir)
-    if config.get("stage") != "reward":
-        raise config_lib.ConfigError(f"{workdir} is a {config.get('stage')!r} run; a reward model is a "
-                                     "'reward' run (rlhf-jax train --config=experiments/reviews/reward.py)")
-    graphdef, target = supervised_abstract_state(config, head="scalar")
-    params = run_lib.load_state(workdir, target)["params"]
-    if lora.enabled(config.get("lora")) and merge_lora:  # adapters + head on the trunk of its SFT run
-        _, _, policy = load_policy(config.init_from)
-        trunk = nnx.State({k: v for k, v in policy.items() if k != "unembed"})
-        params = lora.combine_restored(params, trunk, config.lora)
-    return config.model, graphdef, params, read_normalization(workdir)
-
-
-def read_normalization(workdir: str) -> dict:
-    normalization = {"mean": 0.0, "std": 1.0}
-    path = os.path.join(workdir, NORMALIZATION_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        normalization = {"mean": float(saved["mean"]), "std": float(saved["std"])}
-    return normalization
+    With merge_lora=False a LoRA reward run gives {'lora', 'scalar_head'} only (the caller holds
+    the trunk: the run its base names, info['base'])."""
+    info = reward_model_info(workdir)
+    model_config = ml_collections.ConfigDict(info["model"])
+    graphdef, abstract = model_lib.abstract_params(model_config, "scalar")
+    if info.get("lora") and not merge_lora:
+        lora_config = ml_collections.ConfigDict(info["lora"])
+        adapters = jax.eval_shape(lambda p: lora.split(p, lora_config, 0, ("scalar_head",))[0], abstract)
+        params = _member(_restore(workdir, info, "lora", adapters, 1), 0)
+    else:
+        params = _member(_restore(workdir, info, "params", abstract, 1), 0)
+    normalization = info.get("normalization") or {"mean": 0.0, "std": 1.0}
+    return model_config, graphdef, params, normalization
 
 
 class PolicySampler:
@@ -133,10 +253,10 @@ class PolicySampler:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        run_config = config_lib.read_resolved_config(workdir)
-        _, self.graphdef, self.params = load_policy(workdir)
-        self.tokenizer = make_tokenizer(run_config.get("tokenizer"))
-        self.stage = run_config.get("stage")
+        info = read_handoff(workdir)
+        self.model_config, self.graphdef, self.params = load_policy(workdir)
+        self.tokenizer = make_tokenizer(ml_collections.ConfigDict(info["tokenizer"]) if info.get("tokenizer") else None)
+        self.stage = info["stage"]
 
     def __call__(self, prompt: str, num: int, temperature: float = 1.0, max_new_tokens: int = 128,
                  greedy: bool = False, seed: int = 0) -> list[str]:
@@ -154,9 +274,19 @@ def sample_from_run(workdir, prompt, num, temperature=1.0, max_new_tokens=128, g
 
 def score_from_run(workdir: str, prompt: str, response: str) -> float:
     """`rlhf-jax score`: the normalised reward of prompt + response under a reward run."""
-    run_config = config_lib.read_resolved_config(workdir)
-    tokenizer = make_tokenizer(run_config.get("tokenizer"))
+    info = reward_model_info(workdir)
+    tokenizer = make_tokenizer(ml_collections.ConfigDict(info["tokenizer"]) if info.get("tokenizer") else None)
     _, graphdef, params, normalization = load_reward_model(workdir)
-    tokens, mask = sampling.encode_prompt_responses(tokenizer, [prompt], [response], int(run_config.seq_len))
+    tokens, mask = sampling.encode_prompt_responses(tokenizer, [prompt], [response], int(info["seq_len"]))
     raw = jax.jit(model_lib.reward_scores, static_argnums=0)(graphdef, params, tokens, mask)
     return float((np.asarray(raw, np.float64)[0] - normalization["mean"]) / normalization["std"])
+
+
+# ----------------------------------------------------------------------------- config checks (stages.registry.validate runs them)
+
+
+def check_init_from(c, required: bool = False):
+    if c.get("init_from") and c.get("init_from_hf"):
+        c.fail("init_from_hf", c.get("init_from_hf"), "set at most one of init_from and init_from_hf")
+    if required and not c.get("init_from"):
+        c.fail("init_from", c.get("init_from"), f"expected the workdir of the run this {c.get('stage')} stage starts from")

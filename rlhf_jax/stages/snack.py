@@ -17,16 +17,13 @@ style), and the run axis is sharded across the devices of the mesh.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.stages import registry
-from rlhf_jax.runtime import run as run_lib
-from rlhf_jax.runtime.optim import make_optimizer
-
+from rlhf_jax.runtime import checks, mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer
 
 # ----------------------------------------------------------------------------- the policy
 
@@ -166,14 +163,6 @@ def make_train_chunk(config, mesh):
 
 def train(config, workdir: str):
     mesh = mesh_lib.make_mesh(config.mesh)
-    num_runs = len(learning_rates_of(config)) * config.num_seeds
-    devices = mesh_lib.batch_size_per_mesh(mesh)
-    if num_runs % devices:
-        raise ValueError(f"num_seeds x learning rates = {num_runs} runs cannot be split over the "
-                         f"{devices} devices of the mesh: make it a multiple of {devices}")
-    if config.checkpoint_every % config.log_every or config.num_steps % config.log_every:
-        raise ValueError(f"checkpoint_every ({config.checkpoint_every}) and num_steps ({config.num_steps}) "
-                         f"must be multiples of log_every ({config.log_every})")
     learners = jax.device_put(init_learners(config), mesh_lib.batch_sharding(mesh))
     learners = run_lib.train_loop(
         workdir=workdir, state=learners, step_fn=make_train_chunk(config, mesh), batch_fn=None,
@@ -184,7 +173,7 @@ def train(config, workdir: str):
     return learners
 
 
-# ----------------------------------------------------------------------------- hand-off (registry interface)
+# ----------------------------------------------------------------------------- the checkpointed state (registry interface)
 
 
 def abstract_state(config):
@@ -192,19 +181,27 @@ def abstract_state(config):
     return jax.eval_shape(lambda: init_learners(config))
 
 
-def policy_params(config, state):
-    raise registry.NoPolicy("a snack run holds snack-place learners, not a language-model policy")
+# ----------------------------------------------------------------------------- config checks (registry.validate runs them)
 
 
-def numpy_reference_train(num_runs, num_steps, weight=20.0, bias=0.0, learning_rate=1.0, seed=0):
-    """The same algorithm written plainly in NumPy (bias only, SGD): the benchmark's baseline."""
-    rng = np.random.default_rng(seed)
-    b = np.full(num_runs, bias)
-    for _ in range(num_steps):
-        hunger, u = rng.uniform(size=num_runs), rng.uniform(size=num_runs)
-        p = 1.0 / (1.0 + np.exp(-(weight * hunger + b)))
-        chose_b = u >= 1.0 - p
-        reward = np.where(chose_b == (hunger > 0.5), 1.0, -1.0)
-        derivative = np.where(chose_b, -(1.0 - p), p)  # d(-log p(chosen))/d bias
-        b = b - learning_rate * derivative * reward
-    return b
+def check_config(c):
+    """The snack learner: `log_every` updates per jitted call, so it divides the run and checkpoints."""
+    run_lib.check_loop_config(c), check_optimizer_config(c)
+    log_every = c.get("log_every")
+    for key in ("num_steps", "checkpoint_every"):
+        if c.get(key) % log_every:
+            c.fail(key, c.get(key), f"expected a multiple of log_every={log_every}")
+    rates = c.get("learning_rates")
+    for i, rate in enumerate(rates if rates is not checks.MISSING else ()):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            c.fail("learning_rates", tuple(rates), f"expected finite numbers > 0 (item {i} is {rate!r})")
+    c.choice("model.kind", ("linear", "mlp"))
+    if c.get("model.kind") == "linear":
+        c.choice("model.trainable", ("bias", "all"))
+    else:
+        c.integer("model.hidden", 1)
+    devices = mesh_lib.mesh_devices(c)
+    num_runs = max(len(rates) if rates is not checks.MISSING else 0, 1) * c.get("num_seeds")
+    if devices and num_runs % devices:
+        c.fail("num_seeds", c.get("num_seeds"), f"num_seeds x learning rates = {num_runs} runs cannot be split "
+               f"over the {devices} devices of the mesh: expected a multiple of {devices}")
