@@ -23,13 +23,11 @@ def measure(size, layers, batch, seq, new_tokens):
     import jax.numpy as jnp
     import numpy as np
 
-    from configs import mesh as mesh_configs
-    from configs import models, optimizers
+    from configs import mesh as mesh_configs, models, optimizers
+    from rlhf_jax.models import model as model_lib, sampling
     from rlhf_jax.runtime import mesh as mesh_lib
-    from rlhf_jax.models import model as model_lib
-    from rlhf_jax.stages import pretrain
-    from rlhf_jax.models import sampling
     from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+    from rlhf_jax.stages import pretrain
 
     config = getattr(models, size)()
     config.num_layers = layers

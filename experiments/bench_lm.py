@@ -26,14 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import mesh as mesh_configs
-from configs import models, optimizers
-from rlhf_jax.runtime import benchmarking
-from rlhf_jax.models import sampling
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.stages import pretrain
+from configs import mesh as mesh_configs, models, optimizers
+from rlhf_jax.models import model as model_lib, sampling
+from rlhf_jax.runtime import benchmarking, mesh as mesh_lib
 from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.stages import pretrain
 
 
 def ours_train(config, batch, seq, steps):

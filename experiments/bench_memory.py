@@ -29,9 +29,7 @@ def measure(size: str, layers: int, rank: int) -> dict:
     import jax
     import numpy as np
 
-    from configs import lora as lora_configs
-    from configs import models, optimizers
-    from configs import ppo as ppo_configs
+    from configs import lora as lora_configs, models, optimizers, ppo as ppo_configs
     from rlhf_jax.models import model as model_lib
     from rlhf_jax.stages import ppo, pretrain
 

@@ -71,25 +71,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 import argparse
+import functools
 import logging
 import statistics
 import tempfile
 import time
 import warnings
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import models, optimizers
-from configs import ppo as ppo_configs
-from rlhf_jax.runtime import benchmarking
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.stages import ppo, pretrain
-from rlhf_jax.models import sampling
+from configs import models, optimizers, ppo as ppo_configs
+from rlhf_jax.models import model as model_lib, sampling
 from rlhf_jax.models.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import benchmarking
+from rlhf_jax.stages import ppo, pretrain
 
 LEARNING_RATE = 1e-5
 KL_COEF = 0.05

@@ -24,13 +24,12 @@ import argparse
 import tempfile
 import time
 
+import bench_ppo
 import jax
 import numpy as np
 
-import bench_ppo
-from rlhf_jax.runtime import benchmarking
+from rlhf_jax.runtime import benchmarking, run as run_lib
 from rlhf_jax.stages import ppo
-from rlhf_jax.runtime import run as run_lib
 
 
 def timed(fn, n):

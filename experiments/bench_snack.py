@@ -18,7 +18,6 @@ import time
 import jax
 
 from rlhf_jax.runtime import benchmarking, config as config_lib
-
 from rlhf_jax.stages import snack
 
 

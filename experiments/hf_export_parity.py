@@ -13,10 +13,9 @@ import tempfile
 import numpy as np
 
 from configs import models
+from rlhf_jax.models import hf_export, model as M
 from rlhf_jax.runtime import benchmarking
-from rlhf_jax.models import hf_export
 from rlhf_jax.stages import runs
-from rlhf_jax.models import model as M
 
 
 def main():

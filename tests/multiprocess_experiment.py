@@ -1,8 +1,7 @@
 """The tiny runs tests/test_multiprocess.py launches as 1 or 2 processes (a config file, since
 `rlhf-jax launch` starts fresh processes). `:pretrain` (default), `:reward`, `:ppo` or `:dpo`."""
 
-from configs import datasets, models, optimizers
-from configs import ppo as ppo_configs
+from configs import datasets, models, optimizers, ppo as ppo_configs
 from configs.dpo import dpo_stage
 from configs.reward import reward_stage
 from configs.stages import language_model_stage

@@ -17,11 +17,9 @@ import pytest
 
 from configs import models
 from rlhf_jax.apps import cli
-from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import config as config_lib
 from rlhf_jax.people import labelers
-from rlhf_jax.stages import pretrain, snack
-from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib, metrics as metrics_lib, run as run_lib
+from rlhf_jax.stages import pretrain, registry, runs, snack
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SNACK = os.path.join(ROOT, "experiments", "snack_bandit.py")
@@ -180,7 +178,7 @@ def test_damaged_checkpoint_stops_a_hand_off_in_one_line(tmp_path, capsys, mode)
     largest = max(glob.glob(os.path.join(run, "handoff", "params", "0", "state", "ocdbt.process_0", "d", "*")),
                   key=os.path.getsize)
     damage(largest, mode)
-    with pytest.raises(run_lib.DamagedCheckpoint, match=os.path.join(run, "handoff", "params", "0")):
+    with pytest.raises(checkpoints.DamagedCheckpoint, match=os.path.join(run, "handoff", "params", "0")):
         runs.load_policy(run)
     err = cli_error(capsys, "sample", f"--workdir={run}", "--prompt=hi", "--num=1", "--max_new_tokens=2")
     assert "checkpoint error" in err and os.path.join("handoff", "params", "0") in err
@@ -198,20 +196,20 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, capsys):
     assert "checkpoints/200: cannot be read" in err and "from step 100" in err
     assert os.listdir(os.path.join(damaged, "damaged_checkpoints"))
     target = jax.device_get(snack.init_learners(snack_config()))
-    np.testing.assert_array_equal(run_lib.load_state(damaged, target)["params"]["bias"],
-                                  run_lib.load_state(straight, target)["params"]["bias"])
+    np.testing.assert_array_equal(checkpoints.load_state(damaged, target)["params"]["bias"],
+                                  checkpoints.load_state(straight, target)["params"]["bias"])
 
 
 def test_checksum_mismatch_is_caught(tmp_path):
     """What Orbax cannot see (bytes changed inside a valid file) shows as a checksum mismatch."""
     run = str(tmp_path / "sft")
     pretrain.save_random_run(run, micro_model())
-    manifest_path = os.path.join(run, "handoff", "params", "0", run_lib.MANIFEST)
+    manifest_path = os.path.join(run, "handoff", "params", "0", checkpoints.MANIFEST)
     manifest = json.load(open(manifest_path))
     name = sorted(manifest["arrays"])[0]
     manifest["arrays"][name]["crc32"] ^= 1
     json.dump(manifest, open(manifest_path, "w"))
-    with pytest.raises(run_lib.DamagedCheckpoint, match="does not match its checksum"):
+    with pytest.raises(checkpoints.DamagedCheckpoint, match="does not match its checksum"):
         runs.load_policy(run)
 
 
@@ -223,12 +221,12 @@ def test_non_finite_state_never_replaces_a_finite_checkpoint(tmp_path):
         w = state["w"] + 1.0
         return {"w": jnp.where(w >= 4, jnp.nan, w)}, {"w": w.mean()}
 
-    with pytest.raises(run_lib.Diverged, match=r"step 4: .*NaN or inf.*\['w'\].*step 3 stays the latest"):
+    with pytest.raises(checkpoints.Diverged, match=r"step 4: .*NaN or inf.*\['w'\].*step 3 stays the latest"):
         run_lib.train_loop(workdir=str(tmp_path), state={"w": jnp.zeros(3)}, step_fn=step_fn, batch_fn=None,
                            num_steps=10, rng=jax.random.key(0), log_every=1, checkpoint_every=1)
-    manager = run_lib.checkpoint_manager(str(tmp_path))
+    manager = checkpoints.checkpoint_manager(str(tmp_path))
     assert manager.all_steps() == [2, 3]
-    step, state = run_lib.restore_checkpoint(manager, {"w": jnp.zeros(3)})
+    step, state = checkpoints.restore_checkpoint(manager, {"w": jnp.zeros(3)})
     manager.close()
     assert step == 3 and np.isfinite(state["w"]).all()
 
@@ -261,10 +259,10 @@ def test_done_is_written_after_the_stage_returns(tmp_path, monkeypatch):
     monkeypatch.setattr(snack, "train", dies_after_the_loop)
     with pytest.raises(KeyboardInterrupt):
         registry.run_stage(snack_config(num_steps=100), str(tmp_path))
-    assert not run_lib.is_finished(str(tmp_path))
+    assert not checkpoints.is_finished(str(tmp_path))
     monkeypatch.setattr(snack, "train", real)
     registry.run_stage(snack_config(num_steps=100), str(tmp_path))
-    assert run_lib.is_finished(str(tmp_path)) and not os.path.exists(tmp_path / "DONE.tmp")
+    assert checkpoints.is_finished(str(tmp_path)) and not os.path.exists(tmp_path / "DONE.tmp")
 
 
 # ----------------------------------------------------------------------------- 6. data errors
@@ -383,9 +381,9 @@ def test_tensorboard_is_flushed_at_checkpoints_and_on_sigterm(tmp_path):
     termed = str(tmp_path / "termed")
     proc = snack_process(termed, "--config.num_steps=100000000", "--config.checkpoint_every=100000000")
     deadline = time.time() + 60
-    while time.time() < deadline and len(run_lib.read_metrics(termed)) < 20:
+    while time.time() < deadline and len(metrics_lib.read_metrics(termed)) < 20:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait() == -signal.SIGTERM
-    logged = [r["step"] for r in run_lib.read_metrics(termed)]
+    logged = [r["step"] for r in metrics_lib.read_metrics(termed)]
     assert tensorboard_steps(termed)[-1] == logged[-1]

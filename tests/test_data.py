@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from configs import datasets
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.data import builders, loaders, reviews
-from rlhf_jax.data import load_dataset, load_preferences, write_preferences
+from rlhf_jax.data import builders, load_dataset, load_preferences, loaders, reviews, write_preferences
 from rlhf_jax.models.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import config as config_lib
 
 TOK = ByteTokenizer()
 

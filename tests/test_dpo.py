@@ -8,15 +8,13 @@ import pytest
 
 from configs import datasets, models
 from configs.dpo import dpo_stage
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.stages import dpo, registry, runs
 from rlhf_jax import losses
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models import model as model_lib
 from rlhf_jax.models.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import checkpoints, config as config_lib, mesh as mesh_lib, metrics as metrics_lib
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.stages import dpo, registry, runs
 
 
 def micro_model():
@@ -141,7 +139,7 @@ def test_dpo_learns_the_marker_and_resumes_exactly(setup, tmp_path, monkeypatch)
     config = tiny_config(setup, num_steps=8)
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     registry.run_stage(config, straight)
-    rows = run_lib.read_metrics(straight)
+    rows = metrics_lib.read_metrics(straight)
     assert rows[-1]["eval/rewards/accuracies"] > 0.8  # starts at chance (the policy is the reference)
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
     assert {"eval/gold", "eval/kl", "eval/loss"} <= set(rows[-1])
@@ -162,13 +160,13 @@ def test_dpo_learns_the_marker_and_resumes_exactly(setup, tmp_path, monkeypatch)
                   lambda *a, **k: CrashAt(real(*a, **k)) if k.get("shuffle", True) and a[3] == 8 else real(*a, **k))
         with pytest.raises(RuntimeError, match="simulated crash"):
             registry.run_stage(config, crashed)
-    assert not run_lib.is_finished(crashed)
+    assert not checkpoints.is_finished(crashed)
     registry.run_stage(config, crashed)
     _, _, a = runs.load_policy(straight)
     _, _, b = runs.load_policy(crashed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert run_lib.read_metrics(crashed) == rows
+    assert metrics_lib.read_metrics(crashed) == rows
 
 
 def test_ref_logps_per_batch_equal_precomputed(setup, tmp_path):
@@ -176,7 +174,7 @@ def test_ref_logps_per_batch_equal_precomputed(setup, tmp_path):
     a, b = str(tmp_path / "pre"), str(tmp_path / "per_batch")
     registry.run_stage(tiny_config(setup, precompute_ref_logps=True, **common), a)
     registry.run_stage(tiny_config(setup, precompute_ref_logps=False, **common), b)
-    for x, y in zip(run_lib.read_metrics(a), run_lib.read_metrics(b)):
+    for x, y in zip(metrics_lib.read_metrics(a), metrics_lib.read_metrics(b)):
         assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
 
 
@@ -190,8 +188,8 @@ def test_seeds_in_one_program_equal_separate_runs(setup, tmp_path):
         _, _, vmapped = runs.load_policy(str(tmp_path / "both"), seed_index=seed)
         for x, y in zip(jax.tree.leaves(alone), jax.tree.leaves(vmapped)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
-        separate.append(run_lib.read_metrics(str(tmp_path / f"seed{seed}")))
-    both = run_lib.read_metrics(str(tmp_path / "both"))
+        separate.append(metrics_lib.read_metrics(str(tmp_path / f"seed{seed}")))
+    both = metrics_lib.read_metrics(str(tmp_path / "both"))
     for row, *singles in zip(both, *separate):
         for name in ("loss", "rewards/margins"):
             values = np.array([r[name] for r in singles])
@@ -225,7 +223,7 @@ def test_dpo_with_lora_learns_and_hands_off_merged_params(setup, tmp_path):
     config = tiny_config(setup, num_steps=8, lora=lora_configs.rank(4, alpha=8.0), **{"optimizer.learning_rate": 1e-2})
     workdir = str(tmp_path / "lora")
     registry.run_stage(config, workdir)
-    rows = run_lib.read_metrics(workdir)
+    rows = metrics_lib.read_metrics(workdir)
     assert rows[-1]["eval/rewards/accuracies"] > 0.8
     _, state = registry.load_run(workdir)
     assert set(state["params"]) == {"lora"}  # no second copy of the weights in the run

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 from configs import models
-from rlhf_jax.models import evaluation
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.models import sampling
+from rlhf_jax.models import evaluation, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import ByteTokenizer
 
 

@@ -27,11 +27,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import optimizers
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.stages import registry
-from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib, mesh as mesh_lib, metrics as metrics_lib, run as run_lib
 from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.stages import registry
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -67,13 +65,13 @@ def least_squares_run(workdir, nan_steps=(), on_nonfinite="stop", num_steps=8, m
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(run_lib.Diverged, match=r"step 5: metric grad_norm is nan .*'loss'.*step 3 stays the latest"):
+    with pytest.raises(checkpoints.Diverged, match=r"step 5: metric grad_norm is nan .*'loss'.*step 3 stays the latest"):
         least_squares_run(str(tmp_path), nan_steps=(4,))  # (batch 4 is step 5's: steps count from 1)
-    rows = run_lib.read_metrics(str(tmp_path))
+    rows = metrics_lib.read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["nonfinite"] == ["grad_norm", "loss"] and np.isnan(rows[-1]["loss"])
     assert all("nonfinite" not in r for r in rows[:-1])
-    manager = run_lib.checkpoint_manager(str(tmp_path))
+    manager = checkpoints.checkpoint_manager(str(tmp_path))
     assert manager.all_steps() == [3]  # nothing saved after the NaN
     manager.close()
 
@@ -81,7 +79,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_skip_keeps_the_params_and_counts_the_skipped_updates(tmp_path):
     clean = least_squares_run(str(tmp_path / "clean"), num_steps=4)
     skipped = least_squares_run(str(tmp_path / "skipped"), nan_steps=(4, 5), on_nonfinite="skip", num_steps=6)
-    rows = {r["step"]: r for r in run_lib.read_metrics(str(tmp_path / "skipped"))}
+    rows = {r["step"]: r for r in metrics_lib.read_metrics(str(tmp_path / "skipped"))}
     assert [rows[s]["nonfinite/skipped_updates"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 2]
     assert set(rows[5]) == {"step", "nonfinite/skipped_updates"}  # no NaN logged as a curve value
     # Steps 5 and 6 changed nothing: the params are those after step 4 of a clean run.
@@ -90,7 +88,7 @@ def test_skip_keeps_the_params_and_counts_the_skipped_updates(tmp_path):
 
 
 def test_skip_gives_up_after_max_consecutive_skips(tmp_path):
-    with pytest.raises(run_lib.Diverged, match=r"step 4: metric"):
+    with pytest.raises(checkpoints.Diverged, match=r"step 4: metric"):
         least_squares_run(str(tmp_path), nan_steps=(1, 2, 3), on_nonfinite="skip", max_consecutive_skips=2)
 
 
@@ -99,11 +97,11 @@ def test_diverged_stage_names_stage_step_and_metric(tmp_path):
 
     config = micro_config("pretrain", tmp_path / "data", num_steps=6, checkpoint_every=3, eval_every=3, log_every=1)
     config.optimizer.learning_rate = 1e30  # adam moves every weight by ~1e30: inf logits, NaN loss
-    with pytest.raises(run_lib.Diverged) as e:
+    with pytest.raises(checkpoints.Diverged) as e:
         registry.run_stage(config, str(tmp_path / "run"), allow_config_change=True)
     assert str(e.value).startswith("stage pretrain (")
     assert re.search(r"\): step [23]: metric (loss|grad_norm|accuracy) is nan", str(e.value))  # (warm-up: step 1 moves little)
-    assert not run_lib.is_finished(str(tmp_path / "run"))
+    assert not checkpoints.is_finished(str(tmp_path / "run"))
 
 
 # ----------------------------------------------------------------------------- full disk
@@ -130,7 +128,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     resumed = least_squares_run(workdir)
     straight = least_squares_run(str(tmp_path / "straight"))
     np.testing.assert_array_equal(np.asarray(resumed["params"]["w"]), np.asarray(straight["params"]["w"]))
-    assert run_lib.read_metrics(workdir) == run_lib.read_metrics(str(tmp_path / "straight"))
+    assert metrics_lib.read_metrics(workdir) == metrics_lib.read_metrics(str(tmp_path / "straight"))
 
 
 # ----------------------------------------------------------------------------- SIGTERM
@@ -145,18 +143,18 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
                "--config.num_steps=100000000", "--config.checkpoint_every=100000000"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
-    while time.time() < deadline and len(run_lib.read_metrics(workdir)) < 5:
+    while time.time() < deadline and len(metrics_lib.read_metrics(workdir)) < 5:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM
-    last_logged = run_lib.read_metrics(workdir)[-1]["step"]
-    manager = run_lib.checkpoint_manager(workdir)
+    last_logged = metrics_lib.read_metrics(workdir)[-1]["step"]
+    manager = checkpoints.checkpoint_manager(workdir)
     assert manager.all_steps() == [last_logged]  # (no checkpoint step was reached otherwise)
     manager.close()
-    assert not run_lib.is_finished(workdir)
+    assert not checkpoints.is_finished(workdir)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(r["step"] > last_logged for r in run_lib.read_metrics(workdir)):
+    while time.time() < deadline and not any(r["step"] > last_logged for r in metrics_lib.read_metrics(workdir)):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

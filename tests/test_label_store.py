@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from rlhf_jax.people import label_store as LS
-from rlhf_jax.runtime.config import DataError
 from rlhf_jax.data import builders, loaders
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.people import label_store as LS
+from rlhf_jax.runtime.config import DataError
 
 
 def pairs(n, split="train"):

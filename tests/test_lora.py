@@ -8,10 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import lora as lora_configs
-from configs import models
-from rlhf_jax.models import lora
-from rlhf_jax.models import model as M
+from configs import lora as lora_configs, models
+from rlhf_jax.models import lora, model as M
 
 
 def micro(**overrides):

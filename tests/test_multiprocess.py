@@ -12,10 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import distributed
+from rlhf_jax.runtime import checkpoints, config as config_lib, distributed, metrics as metrics_lib
 from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import run as run_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")
@@ -58,7 +56,7 @@ def assert_same_params(a_workdir, b_workdir, exact=False, params=lambda state: s
 
 
 def assert_same_metrics(a_workdir, b_workdir):
-    a, b = run_lib.read_metrics(a_workdir), run_lib.read_metrics(b_workdir)
+    a, b = metrics_lib.read_metrics(a_workdir), metrics_lib.read_metrics(b_workdir)
     assert [r["step"] for r in a] == [r["step"] for r in b] and a
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
@@ -84,7 +82,7 @@ def test_two_processes_equal_one_process(pretrain_runs):
     one, two = pretrain_runs["one"], pretrain_runs["two"]
     assert_same_metrics(one, two)
     assert_same_params(one, two)
-    assert run_lib.is_finished(two)
+    assert checkpoints.is_finished(two)
     # One progress line per step shown, not one per process; one "done".
     assert pretrain_runs["two_stderr"].count("step 6/6") == 1
 
@@ -97,13 +95,13 @@ def test_killed_process_stops_the_launch_and_the_rerun_resumes(pretrain_runs):
                   env={"RLHF_JAX_FAULT_AFTER_STEP": "4", "RLHF_JAX_FAULT_PROCESS": "1"})
     assert proc.returncode != 0
     assert "process 1 of 2 was killed by SIGKILL" in proc.stderr and "resume" in proc.stderr
-    assert not run_lib.is_finished(killed)
+    assert not checkpoints.is_finished(killed)
 
     proc = launch(killed, pretrain_runs["data"], 2, 4)  # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr and "from step 3" in proc.stderr
     assert_same_params(killed, pretrain_runs["two"], exact=True)
-    assert run_lib.read_metrics(killed) == run_lib.read_metrics(pretrain_runs["two"])
+    assert metrics_lib.read_metrics(killed) == metrics_lib.read_metrics(pretrain_runs["two"])
 
 
 @pytest.mark.slow

@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 
 from rlhf_jax.drivers import pipeline
-
-from rlhf_jax.stages import runs
-
 from rlhf_jax.models import sampling
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.models.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import metrics as metrics_lib
+from rlhf_jax.stages import runs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PIPELINE = os.path.join(ROOT, "experiments", "reviews", "pipeline.py")
@@ -42,7 +40,7 @@ def pipeline_run(tmp_path_factory):
 
 
 def eval_rows(workdir):
-    return [r for r in run_lib.read_metrics(workdir) if "eval/loss" in r]
+    return [r for r in metrics_lib.read_metrics(workdir) if "eval/loss" in r]
 
 
 @pytest.mark.slow
@@ -81,7 +79,7 @@ def test_reward_model_ranks_like_the_gold_scorer(pipeline_run):
 @pytest.mark.slow
 def test_ppo_raises_reward_and_gold_score(pipeline_run):
     workdir, _ = pipeline_run
-    rows = run_lib.read_metrics(os.path.join(workdir, "ppo"))
+    rows = metrics_lib.read_metrics(os.path.join(workdir, "ppo"))
     first, last = rows[0], rows[-1]
     for key in ("objective/scores", "objective/gold_scores", "objective/kl", "objective/entropy",
                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
@@ -123,7 +121,7 @@ def test_dpo_variant_trains_on_its_own_pairs_and_raises_the_gold_score(pipeline_
     stage_overrides = [(k, v) for k, v in overrides if k.split(".")[0] in ("pretrain", "sft")]
     pipeline.run_pipeline(PIPELINE + ":dpo", stage_overrides + DPO_SCALED_DOWN + [
         ("dpo.data_dir", data), ("dpo.eval_prompts.data_dir", data)], workdir)
-    rows = [r for r in run_lib.read_metrics(os.path.join(workdir, "dpo")) if "eval/rewards/accuracies" in r]
+    rows = [r for r in metrics_lib.read_metrics(os.path.join(workdir, "dpo")) if "eval/rewards/accuracies" in r]
     # 256 training pairs, 3 epochs: the training pairs are fitted (held-out pair accuracy on 64
     # pairs is noise at this size: 0.41-0.44 seen; 0.63 with the full 1021 pairs), and the samples
     # move toward what the annotator prefers (below).

@@ -9,14 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import models as model_configs
-from configs import optimizers
-from configs import ppo as ppo_configs
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.stages import ppo, pretrain, runs
-from rlhf_jax.runtime import run as run_lib
+from configs import models as model_configs, optimizers, ppo as ppo_configs
 from rlhf_jax.models.tokenizer import make_tokenizer
+from rlhf_jax.runtime import checkpoints, config as config_lib, mesh as mesh_lib, metrics as metrics_lib
+from rlhf_jax.stages import ppo, pretrain, runs
 
 PROMPTS = ("The hotel", "I loved", "A film", "My phone", "The cafe was", "Our room", "Service", "Food")
 
@@ -155,7 +151,7 @@ def test_abstract_state_describes_the_built_state(sft_run, overrides):
 
 
 def _scores(workdir):
-    rows = run_lib.read_metrics(workdir)
+    rows = metrics_lib.read_metrics(workdir)
     return np.asarray([r["objective/scores"] for r in rows])
 
 
@@ -176,7 +172,7 @@ def test_resume_repeats_an_uninterrupted_run(sft_run, tmp_path):
     ppo.train(make_config(sft_run, num_steps=2, adaptive_kl=True), parts)  # "interrupted" at step 2
     ppo.train(make_config(sft_run, num_steps=4, adaptive_kl=True), parts)
     target = ppo.abstract_state(make_config(sft_run, num_steps=4))
-    sa, sb = run_lib.load_state(whole, target), run_lib.load_state(parts, target)
+    sa, sb = checkpoints.load_state(whole, target), checkpoints.load_state(parts, target)
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert float(sa.kl_coef) != 0.05  # the adaptive coefficient moved and was checkpointed
@@ -199,8 +195,8 @@ def test_seeds_in_one_program_equal_separate_runs(sft_run, tmp_path):
         _, _, vmapped = runs.load_policy(str(tmp_path / "both"), seed_index=seed)
         for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(vmapped)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    both = run_lib.read_metrics(str(tmp_path / "both"))
-    separate = [run_lib.read_metrics(str(tmp_path / f"seed{seed}")) for seed in (0, 1)]
+    both = metrics_lib.read_metrics(str(tmp_path / "both"))
+    separate = [metrics_lib.read_metrics(str(tmp_path / f"seed{seed}")) for seed in (0, 1)]
     assert len(both) == 2
     for row, *singles in zip(both, *separate):
         for name in ("objective/scores", "objective/gold_scores", "objective/kl", "loss/value_avg"):
@@ -262,11 +258,8 @@ def test_lora_with_a_separate_value_model_is_refused(sft_run):
 def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):
     """A LoRA reward run started from PPO's own SFT run: PPO holds its adapters and head only
     (the trunk is the reference's weights), and scores exactly as the merged reward model does."""
-    from configs import lora as lora_configs
-    from configs import reward as reward_configs
-    from rlhf_jax.models import lora
-    from rlhf_jax.models import model as model_lib
-    from rlhf_jax.runtime import run as run_lib
+    from configs import lora as lora_configs, reward as reward_configs
+    from rlhf_jax.models import lora, model as model_lib
     from rlhf_jax.runtime.optim import make_optimizer
 
     sft_run, model = lora_sft_run
@@ -279,8 +272,8 @@ def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):
     trainable, _ = lora.split(scalar, rcfg.lora, 0, heads=("scalar_head",))
     noise = lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape)  # b != 0: a real merge
     trainable["lora"] = jax.tree.map(noise, trainable["lora"])
-    manager = run_lib.checkpoint_manager(reward_dir)
-    run_lib.save_checkpoint(manager, 1, {"params": trainable, "opt_state": make_optimizer(rcfg.optimizer).init(trainable)})
+    manager = checkpoints.checkpoint_manager(reward_dir)
+    checkpoints.save_checkpoint(manager, 1, {"params": trainable, "opt_state": make_optimizer(rcfg.optimizer).init(trainable)})
     manager.close()
 
     config = make_config(sft_run, model=model, reward_function="", reward_model=reward_dir, loss="rloo",

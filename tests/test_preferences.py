@@ -5,13 +5,12 @@ import json
 import os
 
 import pytest
-
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.people import labelers
-from rlhf_jax.stages import preferences
-from rlhf_jax.data import loaders
-
 from test_reward import fake_sft_run, tiny_reward_config
+
+from rlhf_jax.data import loaders
+from rlhf_jax.people import labelers
+from rlhf_jax.runtime import config as config_lib
+from rlhf_jax.stages import preferences
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,12 @@ import pytest
 from configs import datasets, mesh as mesh_configs, models, optimizers
 from configs.stages import language_model_stage
 from rlhf_jax.apps import cli
-from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.stages import pretrain
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.models import model as model_lib
 from rlhf_jax.models.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import checkpoints, mesh as mesh_lib, metrics as metrics_lib
+from rlhf_jax.runtime.optim import make_optimizer, make_train_step
+from rlhf_jax.stages import pretrain, registry, runs
 
 
 def micro_model():
@@ -133,13 +131,13 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
         m.setattr(loaders, "pretrain_batches", lambda *a, **k: CrashAt(real(*a, **k), 6) if k.get("shuffle", True) else real(*a, **k))
         with pytest.raises(RuntimeError, match="simulated crash at step 6"):
             registry.run_stage(config, crashed)
-    assert not run_lib.is_finished(crashed)
+    assert not checkpoints.is_finished(crashed)
     registry.run_stage(config, crashed)  # Same command again: resumes from step 4.
     _, _, a = runs.load_policy(straight)
     _, _, b = runs.load_policy(crashed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert run_lib.read_metrics(crashed) == run_lib.read_metrics(straight)
+    assert metrics_lib.read_metrics(crashed) == metrics_lib.read_metrics(straight)
 
 
 def test_sft_starts_from_the_pretrain_checkpoint(tmp_path):
@@ -189,7 +187,7 @@ def test_sft_with_lora_trains_adapters_and_exports_merged(tmp_path, capsys):
     config = micro_config("sft", tmp_path / "data", num_steps=8, init_from=pre, lora=lora_configs.rank(4))
     config.optimizer.learning_rate = 1e-2
     registry.run_stage(config, sft)
-    rows = run_lib.read_metrics(sft)
+    rows = metrics_lib.read_metrics(sft)
     assert rows[-1]["loss"] < rows[0]["loss"]
     _, state = registry.load_run(sft)
     assert set(state["params"]) == {"lora"}

@@ -14,16 +14,12 @@ from configs import datasets, models
 from configs.reward import reward_stage
 from configs.stages import language_model_stage
 from rlhf_jax.apps import cli
-from rlhf_jax.stages import registry, runs
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import mesh as mesh_lib
-from rlhf_jax.models import model as model_lib
-from rlhf_jax.stages import pretrain, reward
-from rlhf_jax.models import sampling
-from rlhf_jax.runtime import run as run_lib
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.models import model as model_lib, sampling
 from rlhf_jax.models.tokenizer import ByteTokenizer
+from rlhf_jax.runtime import checkpoints, config as config_lib, mesh as mesh_lib, metrics as metrics_lib
+from rlhf_jax.runtime.optim import make_optimizer
+from rlhf_jax.stages import pretrain, registry, reward, runs
 
 
 def micro_model():
@@ -41,8 +37,8 @@ def fake_sft_run(workdir, data_dir, seed=0):
     config_lib.write_resolved_config(config, str(workdir))
     graphdef, params = model_lib.init_params(config.model, "lm", seed)
     optimizer = make_optimizer(config.optimizer)
-    manager = run_lib.checkpoint_manager(str(workdir))
-    run_lib.save_checkpoint(manager, 1, {"params": params, "opt_state": optimizer.init(params)})
+    manager = checkpoints.checkpoint_manager(str(workdir))
+    checkpoints.save_checkpoint(manager, 1, {"params": params, "opt_state": optimizer.init(params)})
     manager.wait_until_finished()
     manager.close()
     open(os.path.join(str(workdir), "DONE"), "w").write("1\n")
@@ -179,7 +175,7 @@ def test_learns_a_marker_word_normalises_and_scores(tmp_path, capsys):
     config.lock()
     registry.run_stage(config, workdir)
 
-    rows = run_lib.read_metrics(workdir)
+    rows = metrics_lib.read_metrics(workdir)
     last = rows[-1]
     assert last["step"] == 40 and last["eval/accuracy"] > 0.9, last
     assert last["eval/spearman"] > 0.5, last
@@ -237,7 +233,7 @@ def test_lora_reward_model_learns_and_loads_merged(tmp_path):
     config.optimizer.learning_rate = 1e-2
     config.lock()
     registry.run_stage(config, workdir)
-    assert run_lib.read_metrics(workdir)[-1]["eval/accuracy"] > 0.9
+    assert metrics_lib.read_metrics(workdir)[-1]["eval/accuracy"] > 0.9
     _, state = registry.load_run(workdir)
     assert set(state["params"]) == {"lora", "scalar_head"}
     _, graphdef, params, _ = runs.load_reward_model(workdir)

@@ -6,15 +6,12 @@ import json
 import os
 
 import pytest
-
-from configs import datasets, optimizers
-from configs import ppo as ppo_configs
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.people import label_store
-from rlhf_jax.drivers import rounds
-from rlhf_jax.runtime import run as run_lib
-
 from test_reward import fake_sft_run, micro_model, tiny_reward_config
+
+from configs import datasets, optimizers, ppo as ppo_configs
+from rlhf_jax.drivers import rounds
+from rlhf_jax.people import label_store
+from rlhf_jax.runtime import checkpoints, config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +72,7 @@ def test_two_rounds_of_ppo_with_simulated_labels_and_resume(sft, tmp_path):
     assert ppo1.reward_model == os.path.join(rounds.round_dir(workdir, 1), "reward")
     reward1 = config_lib.read_resolved_config(os.path.join(rounds.round_dir(workdir, 1), "reward"))
     assert reward1.continue_from == os.path.join(rounds.round_dir(workdir, 0), "reward")
-    assert run_lib.is_finished(results[1].policy)
+    assert checkpoints.is_finished(results[1].policy)
     table = open(os.path.join(workdir, "rounds.md")).read()
     assert "| SFT |" in table and "| 1 |" in table and os.path.getsize(os.path.join(workdir, "rounds.png")) > 0
 

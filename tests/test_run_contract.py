@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.apps import cli
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib, metrics as metrics_lib
 from rlhf_jax.stages import registry, snack
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -75,7 +74,7 @@ def run_cli(workdir, *overrides, env=None):
 def final_bias(workdir):
     config = config_lib.read_resolved_config(workdir)
     target = jax.device_get(snack.init_learners(config))
-    return np.asarray(run_lib.load_state(workdir, target)["params"]["bias"])
+    return np.asarray(checkpoints.load_state(workdir, target)["params"]["bias"])
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -86,16 +85,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc = run_cli(killed, env={"RLHF_JAX_FAULT_AFTER_STEP": "250"})
     assert proc.returncode == -9, proc.stderr
     assert not os.path.exists(os.path.join(killed, "DONE"))
-    assert max(r["step"] for r in run_lib.read_metrics(killed)) == 250
+    assert max(r["step"] for r in metrics_lib.read_metrics(killed)) == 250
 
     proc = run_cli(killed)
     assert proc.returncode == 0, proc.stderr
     assert "resuming" in proc.stderr and "from step 200" in proc.stderr
     np.testing.assert_array_equal(final_bias(killed), final_bias(straight))
     # metrics.jsonl holds each step once, as if never interrupted.
-    steps = [r["step"] for r in run_lib.read_metrics(killed)]
+    steps = [r["step"] for r in metrics_lib.read_metrics(killed)]
     assert steps == list(range(10, 401, 10))
-    assert run_lib.read_metrics(killed) == run_lib.read_metrics(straight)
+    assert metrics_lib.read_metrics(killed) == metrics_lib.read_metrics(straight)
 
 
 def test_workdir_outputs_and_changed_config_refused(tmp_path):
@@ -103,7 +102,7 @@ def test_workdir_outputs_and_changed_config_refused(tmp_path):
     assert run_cli(workdir).returncode == 0
     assert json.load(open(os.path.join(workdir, "config.json")))["num_steps"] == 400
     assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
-    assert all("step" in r for r in run_lib.read_metrics(workdir))
+    assert all("step" in r for r in metrics_lib.read_metrics(workdir))
     proc = run_cli(workdir, "--config.optimizer.learning_rate=0.5")
     assert proc.returncode == 2 and "optimizer.learning_rate" in proc.stderr
 
@@ -118,7 +117,7 @@ def test_eight_devices_equal_one_device(tmp_path):
         config = config_lib.load_config(EXPERIMENT, [("mesh.data", data), ("num_seeds", "16"), ("num_steps", "300")])
         learners = snack.train(config, str(tmp_path / name))
         results[name] = learners
-        results[name + "_rows"] = run_lib.read_metrics(str(tmp_path / name))
+        results[name + "_rows"] = metrics_lib.read_metrics(str(tmp_path / name))
     assert len(results["eight"]["params"]["bias"].sharding.device_set) == 8
     assert len(results["one"]["params"]["bias"].sharding.device_set) == 1
     np.testing.assert_allclose(np.asarray(results["eight"]["params"]["bias"]),
@@ -169,10 +168,10 @@ def test_sweep_runs_every_override_group(tmp_path):
 def test_checkpoint_of_the_unstacked_layer_layout_is_named(tmp_path):
     """A checkpoint saved before layers were stacked (blocks/0/..., blocks/1/...) is refused with a
     message naming the layout, before Orbax is asked to restore it."""
-    manager = run_lib.checkpoint_manager(str(tmp_path))
+    manager = checkpoints.checkpoint_manager(str(tmp_path))
     old = {"params": {"blocks": [{"w": np.zeros((3,), np.float32)}, {"w": np.ones((3,), np.float32)}]}}
-    run_lib.save_checkpoint(manager, 1, old)
+    checkpoints.save_checkpoint(manager, 1, old)
     new = {"params": {"blocks": {"w": np.zeros((2, 3), np.float32)}}}
     with pytest.raises(config_lib.CheckpointError, match="unstacked layer layout"):
-        run_lib.restore_checkpoint(manager, new)
+        checkpoints.restore_checkpoint(manager, new)
     manager.close()

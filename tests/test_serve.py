@@ -16,9 +16,9 @@ import pytest
 starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from rlhf_jax.people import label_store as LS  # noqa: E402
-from rlhf_jax.people import labelers  # noqa: E402
 from rlhf_jax.apps import serve
+from rlhf_jax.people import labelers  # noqa: E402
+from rlhf_jax.people import label_store as LS  # noqa: E402
 from rlhf_jax.runtime.config import ConfigError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,8 +17,7 @@ import time
 
 import pytest
 
-from rlhf_jax.people import label_store as LS
-from rlhf_jax.people import labelers
+from rlhf_jax.people import label_store as LS, labelers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "<script>alert('owned')</script> & <b>bold?</b>"

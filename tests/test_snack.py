@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from configs import optimizers, snack_models
-from rlhf_jax.runtime import config as config_lib
-from rlhf_jax.runtime import run as run_lib
+from rlhf_jax.runtime import config as config_lib, metrics as metrics_lib
 from rlhf_jax.stages import snack
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "snack_bandit.py")
@@ -82,7 +81,7 @@ def test_default_run_converges_as_the_articles_say(tmp_path):
     config = config_lib.load_config(EXPERIMENT)
     config_lib.write_resolved_config(config, workdir)
     snack.train(config, workdir)
-    rows = run_lib.read_metrics(workdir)
+    rows = metrics_lib.read_metrics(workdir)
     assert [r["step"] for r in rows] == list(range(10, 1001, 10))
     for key in ("bias", "p_b_hunger_0", "p_b_hunger_1", "reward_mean"):
         assert all(key in r for r in rows)
@@ -102,7 +101,7 @@ def test_variants_learn_the_decision(tmp_path, variant, overrides):
     config = config_lib.load_config(f"{EXPERIMENT}:{variant}", overrides + [("num_steps", "2000"), ("num_seeds", "8")])
     workdir = str(tmp_path / variant)
     snack.train(config, workdir)
-    last = run_lib.read_metrics(workdir)[-1]
+    last = metrics_lib.read_metrics(workdir)[-1]
     assert last["p_b_hunger_0"] < 0.05 and last["p_b_hunger_1"] > 0.95
     assert last["reward_mean"] > 0.7
 
@@ -113,7 +112,7 @@ def test_learning_rate_sweep_in_one_program(tmp_path):
     workdir = str(tmp_path / "lrs")
     learners = snack.train(config, workdir)
     assert learners["params"]["bias"].shape == (8,)
-    last = run_lib.read_metrics(workdir)[-1]
+    last = metrics_lib.read_metrics(workdir)[-1]
     # The small learning rate has barely moved the bias in 200 steps; the large one is near -10.
     assert last["bias/lr=0.01"] > -2.5
     assert last["bias/lr=1"] < -7.0

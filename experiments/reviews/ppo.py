@@ -26,8 +26,7 @@ gold 0.17 -> 0.61, KL 0.7 -> 12. With beta 0 (200 iterations): RM score rises th
 pipeline default (adaptive beta, 100 iterations): RM -0.14 -> 1.82, gold 0.18 -> 0.61, KL 7.3.
 """
 
-from configs import models
-from configs import ppo as ppo_configs
+from configs import models, ppo as ppo_configs
 
 VADER = "rlhf_jax.people.labelers:vader_gold_score"
 

@@ -28,7 +28,7 @@ from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import evaluation
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
-from rlhf_jax.runtime import config as config_lib, run as run_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib
 from rlhf_jax.runtime.plotting import plt  # (plotting selects the Agg backend first)
 from rlhf_jax.stages import registry, runs
 
@@ -55,7 +55,7 @@ def run_methods(config, workdir: str) -> list[tuple[str, float, str]]:
     for name, method in config.methods.items():
         for value in method.knob_values:
             run_dir = os.path.join(workdir, name, f"{method.knob.split('.')[-1]}={value}")
-            if not run_lib.is_finished(run_dir):  # (the method's config is built, and checked, once it must run)
+            if not checkpoints.is_finished(run_dir):  # (the method's config is built, and checked, once it must run)
                 registry.run_stage_once(method_config(config, name, method, value), run_dir,
                                         f"{name} {method.knob}={value}", allow_config_change=False)
             done.append((name, float(value), run_dir))

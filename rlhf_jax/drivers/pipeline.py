@@ -21,7 +21,7 @@ from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import evaluation
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
-from rlhf_jax.runtime import config as config_lib, plotting, run as run_lib
+from rlhf_jax.runtime import config as config_lib, metrics as metrics_lib, plotting
 from rlhf_jax.stages import registry, runs
 
 
@@ -67,7 +67,7 @@ def write_report(config, workdir: str):
     model score of samples on held-out prompts) and their responses side by side."""
     final = [name for name in config.stages if name in runs.RL_STAGES][-1]
     final_dir = os.path.join(workdir, final)
-    rows = run_lib.read_metrics(final_dir)
+    rows = metrics_lib.read_metrics(final_dir)
     metrics = [m for m in CURVES[final] if any(m in r for r in rows)]
     curves = plotting.plot_runs([final_dir], metrics, os.path.join(workdir, "curves.png"), labels=[final])
 

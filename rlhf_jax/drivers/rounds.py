@@ -38,7 +38,7 @@ from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import evaluation
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import label_store, labelers
-from rlhf_jax.runtime import config as config_lib, run as run_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib
 from rlhf_jax.runtime.plotting import plt  # (plotting selects the Agg backend first)
 from rlhf_jax.stages import preferences, registry, runs
 
@@ -312,7 +312,7 @@ def run_rounds_from_config(config, workdir: str) -> list[RoundResult]:
         # 4. the reward model on every label so far.
         reward_dir = os.path.join(here, "reward")
         all_records = store.preferences()
-        if not run_lib.is_finished(reward_dir):
+        if not checkpoints.is_finished(reward_dir):
             store.export_preferences(os.path.join(here, "tfds"), records=all_records)
         # (DPO does not use it, but the report's distribution-shift number needs a reward model.)
         registry.run_stage_once(reward_config, reward_dir, f"round {r} reward")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.runtime import mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime import mesh as mesh_lib, metrics as metrics_lib
 
 
 def learning_rate_schedule(config, learning_rate=None):
@@ -119,7 +119,7 @@ def make_train_step(loss_fn, optimizer, mesh, state_shardings, num_seeds: int = 
 
         def step(state, batch, rng, frozen):
             state, metrics = per_seed(state, batch, rng, frozen)
-            return state, run_lib.seed_summary(metrics)
+            return state, metrics_lib.seed_summary(metrics)
 
     frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, None, frozen_shardings),

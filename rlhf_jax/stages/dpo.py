@@ -38,7 +38,7 @@ from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import evaluation, lora, model as model_lib
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
-from rlhf_jax.runtime import mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime import mesh as mesh_lib, metrics as metrics_lib, run as run_lib
 from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer, make_train_step
 from rlhf_jax.stages import preferences, runs
 
@@ -120,7 +120,7 @@ def make_eval_fn(config, graphdef, ref_params, tokenizer, held_out, held_out_ref
         if config.num_seeds == 1:
             return eval_one(state["params"])
         per_seed = [eval_one(jax.tree.map(lambda x: x[i], state["params"])) for i in range(config.num_seeds)]
-        return run_lib.seed_summary({k: np.asarray([m[k] for m in per_seed]) for k in per_seed[0]})
+        return metrics_lib.seed_summary({k: np.asarray([m[k] for m in per_seed]) for k in per_seed[0]})
 
     return eval_fn
 

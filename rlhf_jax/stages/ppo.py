@@ -60,7 +60,7 @@ from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
-from rlhf_jax.runtime import config as config_lib, distributed, mesh as mesh_lib, run as run_lib
+from rlhf_jax.runtime import config as config_lib, distributed, mesh as mesh_lib, metrics as metrics_lib, run as run_lib
 from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer
 from rlhf_jax.stages import runs
 
@@ -452,7 +452,7 @@ def make_update(models, optimizer, mesh, state_shardings, frozen_shardings):
 
         def fn(state, samples, scores, rng, ref):
             state, metrics = per_seed(state, samples, scores, rng, ref)
-            return state, run_lib.seed_summary(metrics)
+            return state, metrics_lib.seed_summary(metrics)
 
     return jax.jit(fn, in_shardings=(state_shardings, batch, batch, None, frozen_shardings["ref"]),
                    out_shardings=(state_shardings, None), donate_argnums=0)
@@ -631,7 +631,7 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
         gold = _host_scores(setup.gold_function, prompts, responses)
         gold = mesh_lib.host_copy(mesh_lib.from_local_block(gold.reshape(response.shape[:-1]), like=samples.has_eos))
         per_seed = np.asarray(gold, np.float32).reshape(c.num_seeds, -1).mean(axis=1)
-        metrics.update(run_lib.seed_summary({"objective/gold_scores": per_seed}) if seeded
+        metrics.update(metrics_lib.seed_summary({"objective/gold_scores": per_seed}) if seeded
                        else {"objective/gold_scores": float(per_seed[0])})
     table = None
     if want_table:

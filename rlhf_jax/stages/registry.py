@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from rlhf_jax.runtime import checks, config as config_lib, distributed, run as run_lib
+from rlhf_jax.runtime import checkpoints, checks, config as config_lib, distributed
 from rlhf_jax.stages import runs
 
 STAGES = {
@@ -57,21 +57,21 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
     validate(config)
     module = stage_module(config.stage)
     if allow_config_change:
-        run_lib.check_workdir_fits(workdir, module.abstract_state(config))
+        checkpoints.check_workdir_fits(workdir, module.abstract_state(config))
     # Every process checks a resumed workdir's config; process 0 alone writes it.
     config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
                                      write=distributed.is_main_process())
     try:
         state = module.train(config, workdir)
-    except run_lib.Diverged as e:  # The loop knows the step and metric; name the stage too.
-        raise run_lib.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
-    run_lib.mark_finished(workdir, f"{config.get('num_steps', '')}")
+    except checkpoints.Diverged as e:  # The loop knows the step and metric; name the stage too.
+        raise checkpoints.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
+    checkpoints.mark_finished(workdir, f"{config.get('num_steps', '')}")
     return state
 
 
 def run_stage_once(config, workdir: str, what: str, allow_config_change: bool = True) -> None:
     """What every driver does per stage: run it unless its workdir is finished (DONE), saying so."""
-    if run_lib.is_finished(workdir):
+    if checkpoints.is_finished(workdir):
         print(f"=== {what}: finished earlier, skipped ({workdir})", file=sys.stderr, flush=True)
         return
     print(f"=== {what} -> {workdir}", file=sys.stderr, flush=True)
@@ -85,4 +85,4 @@ def load_run(workdir: str, step: int | None = None):
     inspecting a run's whole state (optimizer included); later stages read the hand-off instead."""
     config = config_lib.read_resolved_config(workdir)
     target = stage_module(config.stage).abstract_state(config)
-    return config, run_lib.load_state(os.path.join(workdir), target, step)
+    return config, checkpoints.load_state(os.path.join(workdir), target, step)

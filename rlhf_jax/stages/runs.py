@@ -36,7 +36,7 @@ import numpy as np
 
 from rlhf_jax.models import lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
-from rlhf_jax.runtime import config as config_lib, distributed, run as run_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib, distributed
 from rlhf_jax.runtime.optim import make_optimizer
 
 HANDOFF_DIR = "handoff"
@@ -73,9 +73,9 @@ def _write(workdir: str, info: dict, trees: dict) -> None:
         shutil.rmtree(folder)
     distributed.barrier("hand-off cleared")
     for name, tree in trees.items():
-        manager = run_lib.checkpoint_manager(folder, max_to_keep=1, subfolder=name)
+        manager = checkpoints.checkpoint_manager(folder, max_to_keep=1, subfolder=name)
         try:
-            run_lib.save_checkpoint(manager, info["step"], {"params": tree})
+            checkpoints.save_checkpoint(manager, info["step"], {"params": tree})
         finally:
             manager.close()
     if distributed.is_main_process():
@@ -113,7 +113,7 @@ def save_random_run(workdir: str, model_config, seed: int = 0):
     config_lib.write_resolved_config(config, workdir)
     _, params = model_lib.init_params(model_config, "lm", seed)
     write_policy(workdir, config, params)
-    run_lib.mark_finished(workdir, "random init")
+    checkpoints.mark_finished(workdir, "random init")
     return params
 
 
@@ -128,16 +128,16 @@ def read_handoff(workdir: str) -> dict:
             with open(path, encoding="utf-8") as f:
                 info = json.load(f)
         except (OSError, ValueError) as e:
-            raise run_lib.DamagedCheckpoint(f"{path}: cannot be read ({e})") from None
+            raise checkpoints.DamagedCheckpoint(f"{path}: cannot be read ({e})") from None
         if not isinstance(info, dict) or info.get("format") != FORMAT:
-            raise run_lib.DamagedCheckpoint(f"{path}: expected a hand-off of format {FORMAT}")
+            raise checkpoints.DamagedCheckpoint(f"{path}: expected a hand-off of format {FORMAT}")
         return info
     if not os.path.isdir(workdir):
         raise config_lib.ConfigError(f"{workdir}: no such run directory")
     stage = config_lib.read_resolved_config(workdir).get("stage")
     if stage not in POLICY_STAGES + ("reward",):
         raise NoPolicy(f"{workdir} is a {stage!r} run, which hands off no language-model policy or reward model")
-    if not run_lib.is_finished(workdir):
+    if not checkpoints.is_finished(workdir):
         manager_steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) \
             if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
         last = f"its last checkpoint is step {manager_steps[-1]}" if manager_steps else "it has no checkpoint"
@@ -150,13 +150,13 @@ def read_handoff(workdir: str) -> dict:
 
 def _restore(workdir: str, info: dict, name: str, abstract, members: int):
     target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct((members,) + tuple(x.shape), x.dtype), abstract)}
-    manager = run_lib.checkpoint_manager(os.path.join(workdir, HANDOFF_DIR), subfolder=name)
+    manager = checkpoints.checkpoint_manager(os.path.join(workdir, HANDOFF_DIR), subfolder=name)
     try:
-        found = run_lib.restore_checkpoint(manager, target, info["step"])
+        found = checkpoints.restore_checkpoint(manager, target, info["step"])
     finally:
         manager.close()
     if found is None:
-        raise run_lib.DamagedCheckpoint(f"{os.path.join(workdir, HANDOFF_DIR, name)}: holds no step {info['step']}")
+        raise checkpoints.DamagedCheckpoint(f"{os.path.join(workdir, HANDOFF_DIR, name)}: holds no step {info['step']}")
     return found[1]["params"]
 
 
