@@ -724,10 +724,12 @@ def policy_loss(
     * ``clip``: PPO's clipped surrogate (Schulman et al. 2017) as used by GRPO (Shao et al.
       2024); ``clip_high > clip_low`` is DAPO's clip-higher (Yu et al. 2025).
     * ``gspo``: GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one
-      length-normalised importance ratio per sequence, clipped per sequence; the gradient
-      flows through ``s_i`` (so every token of sequence ``i`` gets the same gradient, the
-      paper's Eq. for GSPO; its GSPO-token variant has the same value). The sequence's term
-      is counted on each of its tokens by the aggregation.
+      length-normalised importance ratio per sequence, clipped per sequence. The gradient
+      flows through ``s_i``, as in the paper's GSPO objective, so within a sequence every
+      token gets the same gradient ``d s_i / d logp_t = s_i / |y_i|`` times the term's
+      factor. (The paper's GSPO-token variant has the same value and, with one advantage per
+      sequence, the same gradient.) The sequence's term is counted on each of its tokens by
+      the aggregation, so ``token_mean`` weights sequences by length.
     * ``cispo``: CISPO (MiniMax 2025, "MiniMax-M1"): REINFORCE weighted by the clipped,
       constant importance ratio; no token's gradient is ever switched off, the gradient w.r.t.
       ``logp_t`` is ``-clip(r_t) A_t`` times the aggregation weight.
