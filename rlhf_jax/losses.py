@@ -42,6 +42,11 @@ __all__ = [
     "baseline_advantages",
     "rloo_advantages",
     "grpo_advantages",
+    "reinforce_pp_advantages",
+    "overlong_penalty",
+    "policy_loss",
+    "POLICY_LOSS_KINDS",
+    "POLICY_LOSS_AGGREGATIONS",
     "adaptive_kl_coef",
     "KL_KINDS",
 ]
@@ -581,21 +586,245 @@ def rloo_advantages(scores):
     return scores - others
 
 
-def grpo_advantages(scores, eps: float = 1e-4, ddof: int = 1):
-    """GRPO group-normalised advantages (Shao et al. 2024): ``(s - mean_g) / (std_g + eps)``.
+def grpo_advantages(scores, eps: float = 1e-4, ddof: int = 1, *, scale: bool = True):
+    """GRPO group-relative advantages (Shao et al. 2024, "DeepSeekMath").
 
-    ``ddof=1`` (sample std) matches TRL's ``GRPOTrainer`` (``torch.std``); a group whose
-    scores are all equal gets advantage 0.
+    ``scale=True`` (GRPO): ``(s - mean_g) / (std_g + eps)``. ``ddof=1`` (sample std) matches
+    TRL's ``GRPOTrainer`` (``torch.std``); a group whose scores are all equal gets advantage 0.
+
+    ``scale=False`` (Dr. GRPO; Liu et al. 2025, "Understanding R1-Zero-Like Training: A
+    Critical Perspective"): ``s - mean_g``, centred but not divided by the group's std (the
+    division up-weights prompts that are nearly always or nearly never solved). ``eps`` and
+    ``ddof`` are then unused.
 
     Args:
       scores: [P, K] scores, ``K`` samples per prompt.
     Returns:
-      [P, K] advantages.
+      [P, K] float32 advantages.
     """
     scores = jnp.asarray(scores).astype(jnp.float32)
     mean = jnp.mean(scores, axis=-1, keepdims=True)
+    if not scale:
+        return scores - mean
     std = jnp.std(scores, axis=-1, keepdims=True, ddof=ddof)
     return (scores - mean) / (std + eps)
+
+
+def reinforce_pp_advantages(token_rewards, mask):
+    """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for
+    Aligning Large Language Models"): the reward-to-go of each token, whitened over the batch.
+
+    With ``gamma = 1`` and ``t'`` running over the real tokens of the sequence::
+
+        G_t = sum_{t' >= t} r_t'
+        A_t = (G_t - mean(G)) / sqrt(var(G) + 1e-8)
+
+    where ``mean`` and ``var`` (unbiased, ``ddof=1``) are taken over every real token of the
+    batch (``whiten``): a global baseline instead of a critic or a per-prompt group. Rewards
+    at masked positions are never read (NaN there is fine); the result is 0 there.
+
+    Args:
+      token_rewards: [B, T] per-token rewards, e.g. ``per_token_rewards(score, kl, mask, c)``.
+      mask: [B, T] true at real response tokens.
+    Returns:
+      [B, T] float32 advantages, 0 at masked positions.
+    """
+    mask = _bool(mask)
+    rewards = jnp.where(mask, token_rewards, 0).astype(jnp.float32)
+    # Reverse cumulative sum along time: G_t = sum_{t' >= t} r_t'.
+    returns = jnp.flip(jnp.cumsum(jnp.flip(rewards, axis=-1), axis=-1), axis=-1)
+    return whiten(returns, mask, shift_mean=True, unbiased=True)
+
+
+def overlong_penalty(lengths, *, max_len, cache_len):
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", Eq. 13), added to the score.
+
+    With ``L`` a response's length in tokens, ``L_max = max_len`` and ``L_cache = cache_len``::
+
+        R(L) = 0                                  L <= L_max - L_cache
+             = ((L_max - L_cache) - L) / L_cache  L_max - L_cache < L <= L_max
+             = -1                                 L > L_max
+
+    so the penalty falls linearly from 0 to -1 over the last ``cache_len`` tokens.
+    ``cache_len = 0`` is the hard cut (0 up to ``max_len``, -1 beyond).
+
+    Args:
+      lengths: [B] response lengths (integers or floats).
+      max_len: ``L_max``, a positive Python number.
+      cache_len: ``L_cache``, a Python number in ``[0, max_len]``.
+    Returns:
+      [B] float32 penalties in [-1, 0].
+    """
+    if not max_len > 0:
+        raise ValueError(f"overlong_penalty: max_len must be > 0, got {max_len!r}")
+    if not 0 <= cache_len <= max_len:
+        raise ValueError(
+            f"overlong_penalty: cache_len must lie in [0, max_len={max_len}], got {cache_len!r}")
+    lengths = jnp.asarray(lengths).astype(jnp.float32)
+    start = float(max_len - cache_len)
+    ramp = (start - lengths) / max(float(cache_len), 1.0)
+    return jnp.where(lengths <= start, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO-family policy objectives
+# --------------------------------------------------------------------------------------------
+
+
+POLICY_LOSS_KINDS = ("clip", "gspo", "cispo")
+POLICY_LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_policy_loss_args(kind, clip_low, clip_high, aggregation, max_len):
+    if kind not in POLICY_LOSS_KINDS:
+        raise ValueError(f"policy_loss: unknown kind {kind!r}; "
+                         f"kind must be one of {', '.join(POLICY_LOSS_KINDS)}")
+    if aggregation not in POLICY_LOSS_AGGREGATIONS:
+        raise ValueError(f"policy_loss: unknown aggregation {aggregation!r}; "
+                         f"aggregation must be one of {', '.join(POLICY_LOSS_AGGREGATIONS)}")
+    if aggregation == "seq_mean_token_sum_norm":
+        if max_len is None:
+            raise ValueError("policy_loss: aggregation='seq_mean_token_sum_norm' (Dr. GRPO) needs "
+                             "max_len, the constant normaliser (the maximum response length)")
+        if _is_concrete(max_len) and not float(max_len) > 0:
+            raise ValueError(f"policy_loss: max_len must be > 0, got {max_len!r}")
+    if _is_concrete(clip_low) and not 0.0 <= float(clip_low) < 1.0:
+        raise ValueError(f"policy_loss: clip_low must lie in [0, 1), got {clip_low!r}")
+    if _is_concrete(clip_high) and not float(clip_high) >= 0.0:
+        raise ValueError(f"policy_loss: clip_high must be >= 0, got {clip_high!r}")
+
+
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    *,
+    kind: str = "clip",
+    clip_low=0.2,
+    clip_high=0.2,
+    aggregation: str = "token_mean",
+    max_len=None,
+):
+    """Clipped policy-gradient objectives of the GRPO family, with a choice of aggregation.
+
+    With ``logp``, ``old`` and ``A`` the [B, T] log-probs under the current policy, log-probs
+    at rollout time and advantages, ``r_t = exp(logp_t - old_t)`` the token ratio and
+    ``clip(x) = clip(x, 1 - clip_low, 1 + clip_high)``, the per-token terms ``l_t`` are::
+
+        clip   l_t = -min(r_t A_t, clip(r_t) A_t)
+        gspo   l_t = -min(s_i A_i, clip(s_i) A_i)           for every token t of sequence i,
+                 s_i = exp(sum_t (logp_t - old_t) / |y_i|),  A_i = mean_t A_t  (over y_i)
+        cispo  l_t = -stop_gradient(clip(r_t)) A_t logp_t
+
+    * ``clip``: PPO's clipped surrogate (Schulman et al. 2017) as used by GRPO (Shao et al.
+      2024); ``clip_high > clip_low`` is DAPO's clip-higher (Yu et al. 2025).
+    * ``gspo``: GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one
+      length-normalised importance ratio per sequence, clipped per sequence. The gradient
+      flows through ``s_i``, as in the paper's GSPO objective, so within a sequence every
+      token gets the same gradient ``d s_i / d logp_t = s_i / |y_i|`` times the term's
+      factor. (The paper's GSPO-token variant has the same value and, with one advantage per
+      sequence, the same gradient.) The sequence's term is counted on each of its tokens by
+      the aggregation, so ``token_mean`` weights sequences by length.
+    * ``cispo``: CISPO (MiniMax 2025, "MiniMax-M1"): REINFORCE weighted by the clipped,
+      constant importance ratio; no token's gradient is ever switched off, the gradient w.r.t.
+      ``logp_t`` is ``-clip(r_t) A_t`` times the aggregation weight.
+
+    Aggregations of the [B, T] terms ``l`` (``n_i`` real tokens in row ``i``, ``N = sum n_i``,
+    ``B'`` the number of rows with at least one real token)::
+
+        token_mean               sum_{i,t} l_it / N                       (DAPO)
+        seq_mean_token_mean      sum_i (sum_t l_it / n_i) / B'            (GRPO paper)
+        seq_mean_token_sum_norm  sum_i (sum_t l_it / max_len) / B'        (Dr. GRPO, Liu et al.
+                                                                           2025)
+
+    A row with no real token contributes nothing (it is not counted in ``B'`` either), so
+    padding a batch with empty rows changes neither the loss nor its gradient; an all-empty
+    batch has loss 0. Values and gradients are finite whatever sits at masked positions.
+
+    Metrics (means over real tokens; TRL's ``GRPOTrainer`` names and definitions, with the
+    kind's ratio: ``s_i`` on each token for ``gspo``, ``r_t`` otherwise)::
+
+        loss                    the returned loss
+        clip_ratio/low_mean     ratio < 1 - clip_low  and  A < 0
+        clip_ratio/high_mean    ratio > 1 + clip_high and  A > 0
+        clip_ratio/region_mean  either of the two
+        ratio_mean              the ratio
+        approx_kl               0.5 (logp - old)^2    (token level for every kind, as
+                                                       ppo_policy_loss's approxkl)
+
+    Args:
+      logprobs: [B, T] log-probs of the response tokens under the current policy
+        (differentiated).
+      old_logprobs: [B, T] log-probs at rollout time (held constant).
+      advantages: [B, T] advantages (held constant); broadcast a [B] sequence advantage with
+        ``adv[:, None]`` first.
+      mask: [B, T] true at real response tokens.
+      kind: one of ``POLICY_LOSS_KINDS``.
+      clip_low: ``eps_low`` in [0, 1).
+      clip_high: ``eps_high`` >= 0.
+      aggregation: one of ``POLICY_LOSS_AGGREGATIONS``.
+      max_len: the constant normaliser of ``seq_mean_token_sum_norm`` (the maximum response
+        length, > 0); required by it, ignored by the others.
+    Returns:
+      ``(loss, metrics)``: the scalar float32 loss and the dict above.
+    """
+    _check_policy_loss_args(kind, clip_low, clip_high, aggregation, max_len)
+    f32 = jnp.float32
+    mask = _bool(mask)
+    logp = jnp.where(mask, logprobs, 0).astype(f32)
+    old = lax.stop_gradient(jnp.where(mask, old_logprobs, 0).astype(f32))
+    adv = lax.stop_gradient(jnp.where(mask, advantages, 0).astype(f32))
+    lo = 1.0 - jnp.asarray(clip_low, f32)
+    hi = 1.0 + jnp.asarray(clip_high, f32)
+
+    logratio = logp - old  # 0 at masked positions
+    n_tokens = jnp.sum(mask, axis=-1)  # [B]
+    n_safe = jnp.maximum(n_tokens, 1).astype(f32)
+
+    if kind == "gspo":
+        seq_ratio = jnp.exp(jnp.sum(logratio, axis=-1) / n_safe)  # [B], s_i
+        seq_adv = jnp.sum(adv, axis=-1) / n_safe  # [B], A_i
+        seq_term = -jnp.minimum(seq_ratio * seq_adv, jnp.clip(seq_ratio, lo, hi) * seq_adv)
+        per_token = jnp.where(mask, seq_term[:, None], 0.0)
+        ratio = jnp.broadcast_to(seq_ratio[:, None], mask.shape)  # for the metrics
+        metric_adv = jnp.broadcast_to(seq_adv[:, None], mask.shape)
+    else:
+        ratio = jnp.exp(logratio)
+        metric_adv = adv
+        if kind == "clip":
+            per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, lo, hi) * adv)
+        else:  # cispo
+            per_token = -lax.stop_gradient(jnp.clip(ratio, lo, hi)) * adv * logp
+        per_token = jnp.where(mask, per_token, 0.0)
+
+    if aggregation == "token_mean":
+        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(n_tokens), 1).astype(f32)
+    else:
+        if aggregation == "seq_mean_token_mean":
+            per_seq = jnp.sum(per_token, axis=-1) / n_safe
+        else:  # seq_mean_token_sum_norm
+            per_seq = jnp.sum(per_token, axis=-1) / jnp.asarray(max_len, f32)
+        n_seqs = jnp.maximum(jnp.sum(n_tokens > 0), 1).astype(f32)
+        loss = jnp.sum(jnp.where(n_tokens > 0, per_seq, 0.0)) / n_seqs
+
+    ratio = lax.stop_gradient(ratio)
+    is_low = (ratio < lo) & (metric_adv < 0)
+    is_high = (ratio > hi) & (metric_adv > 0)
+    fraction = lambda x: masked_mean(x.astype(f32), mask)
+    metrics = {
+        "loss": loss,
+        "clip_ratio/low_mean": fraction(is_low),
+        "clip_ratio/high_mean": fraction(is_high),
+        "clip_ratio/region_mean": fraction(is_low | is_high),
+        "ratio_mean": masked_mean(ratio, mask),
+        "approx_kl": 0.5 * masked_mean(jnp.square(lax.stop_gradient(logratio)), mask),
+    }
+    return loss, metrics
 
 
 # --------------------------------------------------------------------------------------------

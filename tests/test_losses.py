@@ -592,3 +592,380 @@ def test_adaptive_kl_coef():
     assert float(L.adaptive_kl_coef(0.15, 0.0, 6.0, 10000, 512)) < 0.15
     jitted = jax.jit(L.adaptive_kl_coef)(jnp.float32(0.15), jnp.float32(7.2), 6.0, 10000, 512)
     assert float(jitted) == pytest.approx(0.15 * (1 + 0.2 * 512 / 10000), rel=1e-6)
+
+
+# ---------------------------------------------------------------- GRPO family (issue 18)
+#
+# The reference below is written row by row over the real tokens only (no masks, no where), in
+# float64. Gradients w.r.t. logprobs come from central finite differences of that reference;
+# CISPO's stop-gradient is modelled by passing the log-probs that form the ratio separately
+# (`ratio_logprobs`) and differencing only the other argument.
+
+
+def _np_policy_terms(lp, old, adv, mask, kind, clip_low, clip_high, ratio_logprobs=None):
+    """[(row, per-token terms over the row's real tokens)] for rows with real tokens."""
+    rlp = lp if ratio_logprobs is None else ratio_logprobs
+    rows = []
+    for i in range(lp.shape[0]):
+        idx = np.flatnonzero(mask[i])
+        if idx.size == 0:
+            continue
+        a = adv[i, idx]
+        if kind == "gspo":
+            s = math.exp(np.sum(rlp[i, idx] - old[i, idx]) / idx.size)
+            a_seq = np.mean(a)
+            term = -min(s * a_seq, min(max(s, 1 - clip_low), 1 + clip_high) * a_seq)
+            rows.append((i, np.full(idx.size, term)))
+            continue
+        r = np.exp(rlp[i, idx] - old[i, idx])
+        clipped = np.clip(r, 1 - clip_low, 1 + clip_high)
+        if kind == "clip":
+            rows.append((i, -np.minimum(r * a, clipped * a)))
+        else:  # cispo
+            rows.append((i, -clipped * a * lp[i, idx]))
+    return rows
+
+
+def _np_policy_loss(lp, old, adv, mask, kind, agg, clip_low, clip_high, max_len,
+                    ratio_logprobs=None):
+    rows = _np_policy_terms(lp, old, adv, mask, kind, clip_low, clip_high, ratio_logprobs)
+    if not rows:
+        return 0.0
+    if agg == "token_mean":
+        return np.concatenate([t for _, t in rows]).sum() / sum(t.size for _, t in rows)
+    if agg == "seq_mean_token_mean":
+        return np.mean([t.mean() for _, t in rows])
+    return np.mean([t.sum() / max_len for _, t in rows])
+
+
+def _np_fd_grad(f, x, h=1e-6):
+    x = np.asarray(x, np.float64)
+    g = np.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[index] += h
+        xm[index] -= h
+        g[index] = (f(xp) - f(xm)) / (2 * h)
+    return g
+
+
+def _np_policy_metrics(lp, old, adv, mask, kind, clip_low, clip_high):
+    ratios, advs, sq = [], [], []
+    for i in range(lp.shape[0]):
+        idx = np.flatnonzero(mask[i])
+        if idx.size == 0:
+            continue
+        lr = lp[i, idx] - old[i, idx]
+        if kind == "gspo":
+            ratios.append(np.full(idx.size, math.exp(lr.mean())))
+            advs.append(np.full(idx.size, adv[i, idx].mean()))
+        else:
+            ratios.append(np.exp(lr))
+            advs.append(adv[i, idx])
+        sq.append(lr**2)
+    r, a = np.concatenate(ratios), np.concatenate(advs)
+    low = (r < 1 - clip_low) & (a < 0)
+    high = (r > 1 + clip_high) & (a > 0)
+    return {
+        "clip_ratio/low_mean": low.mean(),
+        "clip_ratio/high_mean": high.mean(),
+        "clip_ratio/region_mean": (low | high).mean(),
+        "ratio_mean": r.mean(),
+        "approx_kl": 0.5 * np.concatenate(sq).mean(),
+    }
+
+
+def _policy_batch(rng, t=7, spread=0.4):
+    """Off-policy log-probs (token and sequence ratios on both sides of the clip range),
+    mixed-sign advantages, padded rows including a fully padded one (row 3). NaN goes at
+    the masked positions with _nanify."""
+    lengths = np.array([t, 3, 1, 0, 5, t, 6, 2])
+    b = lengths.size
+    lp = rng.normal(size=(b, t)) * 0.5 - 2.0
+    row_shift = rng.uniform(-0.5, 0.5, size=(b, 1))
+    old = lp - row_shift - rng.normal(size=(b, t)) * spread
+    adv = rng.normal(size=(b, t))
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    return lp, old, adv, mask
+
+
+def _nanify(x, mask):
+    return np.where(mask, x, np.nan).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", L.POLICY_LOSS_KINDS)
+@pytest.mark.parametrize("aggregation", L.POLICY_LOSS_AGGREGATIONS)
+def test_policy_loss_value_gradient_and_metrics(rng, kind, aggregation):
+    lp, old, adv, mask = _policy_batch(rng)
+    # Sequence-level advantages for gspo (its A_i is the row mean; token-level ones also work).
+    if kind == "gspo":
+        adv = np.repeat(rng.normal(size=(lp.shape[0], 1)), lp.shape[1], axis=1)
+    # The float32 inputs, read back as float64 for the reference.
+    lp32, old32, adv32 = (np.float32(x) for x in (lp, old, adv))
+    lp, old, adv = (np.float64(x) for x in (lp32, old32, adv32))
+    clip_low, clip_high, max_len = 0.15, 0.3, 9
+    kwargs = dict(kind=kind, clip_low=clip_low, clip_high=clip_high, aggregation=aggregation,
+                  max_len=max_len)
+
+    fn = lambda x: L.policy_loss(x, _nanify(old, mask), _nanify(adv, mask), mask, **kwargs)
+    (loss, metrics), g = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(_nanify(lp, mask)))
+
+    expected = _np_policy_loss(lp, old, adv, mask, kind, aggregation, clip_low, clip_high, max_len)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], loss)
+
+    frozen = lp if kind == "cispo" else None  # CISPO: the ratio is a constant
+    expected_g = _np_fd_grad(
+        lambda x: _np_policy_loss(np.where(mask, x, 0.0), old, adv, mask, kind, aggregation,
+                                  clip_low, clip_high, max_len, ratio_logprobs=frozen),
+        np.where(mask, lp, 0.0))
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)) and np.all(g[~mask] == 0)
+    np.testing.assert_allclose(g, expected_g, rtol=1e-4, atol=1e-6)
+
+    expected_m = _np_policy_metrics(lp, old, adv, mask, kind, clip_low, clip_high)
+    # The data clip on both sides.
+    assert expected_m["clip_ratio/low_mean"] > 0 and expected_m["clip_ratio/high_mean"] > 0
+    for name, value in expected_m.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_policy_loss_metrics_use_trl_names():
+    lp = jnp.zeros((2, 3))
+    _, metrics = L.policy_loss(lp, lp, jnp.ones((2, 3)), jnp.ones((2, 3), bool))
+    assert {"loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+            "ratio_mean", "approx_kl"} <= set(metrics)
+
+
+def test_policy_loss_asymmetric_clip_binds_on_both_sides():
+    # clip_low=0.1, clip_high=0.3 (DAPO clip-higher). One token per case, token_mean over 6.
+    ratios = np.array([0.85, 0.95, 1.2, 1.4, 0.85, 1.4])
+    adv = np.array([-1.0, -1.0, 1.0, 1.0, 1.0, -1.0])
+    lp = np.log(ratios)[None, :].astype(np.float32)
+    old = np.zeros_like(lp)
+    mask = np.ones_like(lp, bool)
+    fn = lambda x: L.policy_loss(x, old, adv[None, :], mask, clip_low=0.1, clip_high=0.3)
+    (loss, metrics), g = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(lp))
+    g = np.asarray(g)[0]
+    # 0: below 1 - clip_low with A < 0 -> clipped (term -0.9 * -1), no gradient.
+    # 1: inside, A < 0 -> unclipped.
+    # 2: 1.2 is above 1 + clip_low but inside 1 + clip_high: still unclipped (asymmetry).
+    # 3: above 1 + clip_high with A > 0 -> clipped at 1.3, no gradient.
+    # 4, 5: outside the range on the side where the unclipped term is the pessimistic one.
+    terms = np.array([0.9, 0.95, -1.2, -1.3, -0.85, 1.4])
+    np.testing.assert_allclose(loss, terms.mean(), rtol=1e-5)
+    expected_g = np.array([0.0, 0.95, -1.2, 0.0, -0.85, 1.4]) / 6
+    np.testing.assert_allclose(g, expected_g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["clip_ratio/low_mean"], 1 / 6, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/high_mean"], 1 / 6, rtol=1e-6)
+    np.testing.assert_allclose(metrics["clip_ratio/region_mean"], 2 / 6, rtol=1e-6)
+    # The symmetric clip at 0.1 would clip token 2 as well.
+    _, g_sym = jax.value_and_grad(
+        lambda x: L.policy_loss(x, old, adv[None, :], mask, clip_low=0.1, clip_high=0.1)[0])(
+        jnp.asarray(lp))
+    assert float(g_sym[0, 2]) == 0.0
+
+
+@pytest.mark.parametrize("aggregation", L.POLICY_LOSS_AGGREGATIONS)
+def test_cispo_gradient_is_clipped_ratio_times_advantage(rng, aggregation):
+    lp, old, adv, mask = _policy_batch(rng, spread=0.6)
+    fn = lambda x: L.policy_loss(x, _nanify(old, mask), _nanify(adv, mask), mask, kind="cispo",
+                                 clip_low=0.2, clip_high=0.28, aggregation=aggregation,
+                                 max_len=11)[0]
+    g = np.asarray(jax.grad(fn)(jnp.asarray(_nanify(lp, mask))))
+    n = mask.sum(1)
+    rows = np.flatnonzero(n)
+    weight = {  # d loss / d term_it under each aggregation
+        "token_mean": np.full(lp.shape[0], 1.0 / n.sum()),
+        "seq_mean_token_mean": 1.0 / (np.maximum(n, 1) * rows.size),
+        "seq_mean_token_sum_norm": np.full(lp.shape[0], 1.0 / (11 * rows.size)),
+    }[aggregation][:, None]
+    clipped = np.clip(np.exp(lp - old), 0.8, 1.28)
+    assert np.any(np.exp(lp - old)[mask] > 1.28) and np.any(np.exp(lp - old)[mask] < 0.8)
+    # The ratio is a constant: no d clip(r) / d logp term, even outside the clip range.
+    np.testing.assert_allclose(g, np.where(mask, -clipped * adv * weight, 0.0),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_gspo_ratio_is_per_sequence(rng):
+    lp, old, adv, mask = _policy_batch(rng, spread=0.1)
+    adv_seq = rng.normal(size=(lp.shape[0],))
+    adv = np.repeat(adv_seq[:, None], lp.shape[1], axis=1)
+    _, metrics = L.policy_loss(_nanify(lp, mask), _nanify(old, mask), _nanify(adv, mask), mask,
+                               kind="gspo")
+    s = np.array([np.exp((lp[i] - old[i])[mask[i]].mean()) for i in range(lp.shape[0])
+                  if mask[i].any()])
+    n = mask.sum(1)[mask.any(1)]
+    np.testing.assert_allclose(metrics["ratio_mean"], (s * n).sum() / n.sum(), rtol=1e-5)
+
+    # Every token of a sequence gets the same gradient, (s_i / n_i) * (-A_i) * weight when
+    # unclipped: the ratio is one number per sequence.
+    fn = lambda x: L.policy_loss(x, _nanify(old, mask), _nanify(adv, mask), mask, kind="gspo",
+                                 aggregation="seq_mean_token_mean")[0]
+    g = np.asarray(jax.grad(fn)(jnp.asarray(_nanify(lp, mask))))
+    checked = 0
+    for i in range(lp.shape[0]):
+        if not mask[i].any():
+            assert np.all(g[i] == 0)
+            continue
+        row = g[i][mask[i]]
+        np.testing.assert_allclose(row, row[0], rtol=1e-6)
+        s_i = np.exp((lp[i] - old[i])[mask[i]].mean())
+        if 0.8 < s_i < 1.2:
+            n_rows = mask.any(1).sum()
+            np.testing.assert_allclose(row[0], -adv_seq[i] * s_i / mask[i].sum() / n_rows,
+                                       rtol=1e-4)
+            checked += 1
+    assert checked >= 3
+
+    # The ratio is the geometric mean of the token ratios: moving one token's log-prob up
+    # and another's down by the same amount changes nothing.
+    shifted = lp.copy()
+    shifted[0, 0] += 0.3
+    shifted[0, 1] -= 0.3
+    a = L.policy_loss(_nanify(lp, mask), old, adv, mask, kind="gspo")[0]
+    b = L.policy_loss(_nanify(shifted, mask), old, adv, mask, kind="gspo")[0]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", L.POLICY_LOSS_KINDS)
+@pytest.mark.parametrize("aggregation", L.POLICY_LOSS_AGGREGATIONS)
+def test_policy_loss_empty_rows_contribute_nothing(rng, kind, aggregation):
+    lp, old, adv, mask = _policy_batch(rng)
+    kwargs = dict(kind=kind, aggregation=aggregation, max_len=7)
+    full = mask.any(1)
+    loss_all, g_all = jax.value_and_grad(
+        lambda x: L.policy_loss(x, _nanify(old, mask), _nanify(adv, mask), mask, **kwargs)[0])(
+        jnp.asarray(_nanify(lp, mask)))
+    m = mask[full]
+    loss_some, g_some = jax.value_and_grad(
+        lambda x: L.policy_loss(x, _nanify(old[full], m), _nanify(adv[full], m), m, **kwargs)[0])(
+        jnp.asarray(_nanify(lp[full], m)))
+    np.testing.assert_allclose(loss_all, loss_some, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_all)[full], g_some, rtol=1e-6)
+    assert np.all(np.asarray(g_all)[~full] == 0)
+
+    # A batch with no real token at all: loss 0, gradient 0, metrics finite.
+    empty = np.zeros_like(mask)
+    (loss, metrics), g = jax.value_and_grad(
+        lambda x: L.policy_loss(x, _nanify(old, empty), _nanify(adv, empty), empty, **kwargs),
+        has_aux=True)(jnp.asarray(_nanify(lp, empty)))
+    assert float(loss) == 0.0 and np.all(np.asarray(g) == 0)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_policy_loss_on_policy_is_minus_mean_advantage(rng):
+    lp = rng.normal(size=(3, 4)).astype(np.float32)
+    adv = rng.normal(size=(3, 4)).astype(np.float32)
+    mask = np.ones((3, 4), bool)
+    for kind in ("clip", "gspo"):
+        loss, m = L.policy_loss(lp, lp, adv, mask, kind=kind)
+        np.testing.assert_allclose(loss, -adv.mean(), rtol=1e-5)
+        assert float(m["clip_ratio/region_mean"]) == 0.0 and float(m["approx_kl"]) == 0.0
+    # On policy, PPO's (and GRPO's) gradient is the REINFORCE gradient, and so is CISPO's.
+    g_clip = jax.grad(lambda x: L.policy_loss(x, lp, adv, mask)[0])(jnp.asarray(lp))
+    g_cispo = jax.grad(lambda x: L.policy_loss(x, lp, adv, mask, kind="cispo")[0])(
+        jnp.asarray(lp))
+    np.testing.assert_allclose(g_clip, -adv / adv.size, rtol=1e-6)
+    np.testing.assert_allclose(g_cispo, g_clip, rtol=1e-6)
+
+
+def test_policy_loss_jits_with_static_kind_and_traced_clip(rng):
+    lp, old, adv, mask = _policy_batch(rng)
+    args = [jnp.asarray(_nanify(x, mask)) for x in (lp, old, adv)] + [jnp.asarray(mask)]
+
+    @jax.jit
+    def f(lp, old, adv, mask, clip_high):
+        return L.policy_loss(lp, old, adv, mask, kind="clip", clip_high=clip_high,
+                             aggregation="seq_mean_token_sum_norm", max_len=7)[0]
+
+    eager = L.policy_loss(*args, kind="clip", clip_high=0.28,
+                          aggregation="seq_mean_token_sum_norm", max_len=7)[0]
+    np.testing.assert_allclose(f(*args, jnp.float32(0.28)), eager, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(kind="ppo"), ["kind", "clip", "gspo", "cispo"]),
+        (dict(kind="GSPO"), ["kind"]),
+        (dict(aggregation="token-mean"), ["aggregation", "token_mean", "seq_mean_token_mean",
+                                          "seq_mean_token_sum_norm"]),
+        (dict(aggregation="seq_mean_token_sum_norm"), ["max_len"]),
+        (dict(aggregation="seq_mean_token_sum_norm", max_len=0), ["max_len"]),
+        (dict(clip_low=1.0), ["clip_low", "[0, 1)"]),
+        (dict(clip_low=-0.1), ["clip_low", "[0, 1)"]),
+        (dict(clip_high=-0.2), ["clip_high", ">= 0"]),
+    ],
+)
+def test_policy_loss_rejects_bad_arguments(kwargs, words):
+    x = jnp.zeros((2, 3))
+    with pytest.raises(ValueError) as info:
+        L.policy_loss(x, x, x, jnp.ones((2, 3), bool), **kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_grpo_advantages_dr_grpo_is_centred_only(rng):
+    s = rng.normal(size=(4, 6)).astype(np.float32)
+    np.testing.assert_allclose(L.grpo_advantages(s, scale=False), s - s.mean(1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    # Default unchanged (GRPO), and the positional arguments still work.
+    std = s.std(1, ddof=1, keepdims=True)
+    np.testing.assert_allclose(L.grpo_advantages(s, 1e-3, 0),
+                               (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-3),
+                               rtol=1e-5)
+    np.testing.assert_allclose(L.grpo_advantages(s),
+                               (s - s.mean(1, keepdims=True)) / (std + 1e-4), rtol=1e-5)
+    np.testing.assert_allclose(L.grpo_advantages(np.full((1, 3), 2.0), scale=False), 0.0)
+
+
+def test_reinforce_pp_advantages(rng):
+    b, t = 4, 6
+    r = rng.normal(size=(b, t))
+    mask = np.arange(t)[None, :] < np.array([6, 2, 0, 4])[:, None]
+    adv = np.asarray(L.reinforce_pp_advantages(_nanify(r, mask), mask))
+    # Reward-to-go by a Python loop, then whitening over all real tokens with ddof=1.
+    togo = np.zeros((b, t))
+    for i in range(b):
+        total = 0.0
+        for j in reversed(range(t)):
+            if mask[i, j]:
+                total += np.float32(r[i, j])
+                togo[i, j] = total
+    vals = togo[mask]
+    expected = (togo - vals.mean()) / math.sqrt(vals.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(adv[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    assert np.all(adv[~mask] == 0)
+    np.testing.assert_allclose(adv[mask].mean(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(adv[mask].std(ddof=1), 1.0, rtol=1e-5)
+
+    # Outcome reward only (score on the last token): every token of a row shares the score.
+    last = np.zeros((b, t))
+    last[0, 5], last[1, 1], last[3, 3] = 1.0, -1.0, 0.5
+    adv = np.asarray(L.reinforce_pp_advantages(last, mask))
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(adv[i][mask[i]], adv[i][mask[i]][0], rtol=1e-6)
+    # Nothing real: zeros, no NaN.
+    assert np.all(np.asarray(L.reinforce_pp_advantages(r, np.zeros((b, t), bool))) == 0)
+
+
+def test_overlong_penalty():
+    def ref(length, max_len, cache_len):  # DAPO Eq. 13
+        if length <= max_len - cache_len:
+            return 0.0
+        if length <= max_len:
+            return ((max_len - cache_len) - length) / cache_len
+        return -1.0
+
+    lengths = np.arange(0, 30)
+    got = np.asarray(L.overlong_penalty(lengths, max_len=20, cache_len=8))
+    np.testing.assert_allclose(got, [ref(n, 20, 8) for n in lengths], rtol=1e-6, atol=1e-7)
+    assert got[12] == 0.0 and got[13] == pytest.approx(-1 / 8) and got[20] == -1.0
+    assert got.dtype == np.float32 and got.min() == -1.0
+    hard = np.asarray(L.overlong_penalty(np.array([5, 10, 11]), max_len=10, cache_len=0))
+    np.testing.assert_allclose(hard, [0.0, 0.0, -1.0])
+    with pytest.raises(ValueError, match="cache_len"):
+        L.overlong_penalty(lengths, max_len=10, cache_len=11)
+    with pytest.raises(ValueError, match="max_len"):
+        L.overlong_penalty(lengths, max_len=0, cache_len=0)

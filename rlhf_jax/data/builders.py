@@ -10,6 +10,8 @@ not the `bytes` TFDS returns). Grain's `MapDataset.source` takes it as is (see l
 
     'reviews'            embedded generated reviews: text, topic, sentiment       (reviews.py)
     'reviews_sft'        the same reviews as SFT pairs: prompt, response
+    'arithmetic'         generated arithmetic problems as SFT pairs, with a verifier: prompt,
+                         response; train/validation/test                      (arithmetic.py)
     'text_folder'        your own `.txt` files for pre-training: text, file
     'jsonl_sft'          JSONL file, one {"prompt": str, "response": str} per line
     'preferences_jsonl'  JSONL file, one {"prompt", "chosen", "rejected"} per line, optional
@@ -422,6 +424,9 @@ def _load_dataset(config, data_dir: str) -> dict[str, Source]:
         builder_cls = ReviewsBuilder if name == "reviews" else ReviewsSftBuilder
         return prepare(builder_cls(seed=get("seed", 0), num_train=get("num_train", 20_000),
                                    num_validation=get("num_validation", 1_000), **common))
+    if name == "arithmetic":  # imported here: arithmetic.py builds on this module
+        from rlhf_jax.data import arithmetic
+        return prepare(arithmetic.builder_from_config(config, **common))
     if name in ("text_folder", "jsonl_sft", "preferences_jsonl"):
         path = get("path", "")
         if not path or not os.path.exists(path):
