@@ -3,7 +3,7 @@
 Every function returns a ConfigDict with *all* dataset fields, so any of them can be overridden
 on the command line (`--config.data.name=text_folder --config.data.path=/my/texts`).
 
-    name                 which dataset: reviews, reviews_sft, text_folder, jsonl_sft,
+    name                 which dataset: reviews, reviews_sft, arithmetic, text_folder, jsonl_sft,
                          preferences_jsonl, preferences, imdb_reviews
     seed                 generated datasets: the generator seed
     num_train            generated datasets: number of training reviews
@@ -34,6 +34,16 @@ def reviews(seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000)
 def reviews_sft(seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000) -> ConfigDict:
     """The embedded reviews as (prompt, response) pairs for SFT, and prompts for sampling/PPO."""
     return _dataset("reviews_sft", seed=seed, num_train=num_train, num_validation=num_validation)
+
+
+def arithmetic(seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000, num_test: int = 1_000,
+               min_digits: int = 1, max_digits: int = 3, operations: str = "+-", mul_digits: int = 1) -> ConfigDict:
+    """Generated arithmetic problems with worked solutions ending in '#### N' (SFT pairs; the
+    answer is checked by rlhf_jax.data.arithmetic:arithmetic_reward); train/validation/test.
+    Its own fields: num_test, min_digits / max_digits (operand sizes), operations (a subset of
+    '+-*'), mul_digits (digits of the second factor of '*')."""
+    return _dataset("arithmetic", seed=seed, num_train=num_train, num_validation=num_validation, num_test=num_test,
+                    min_digits=min_digits, max_digits=max_digits, operations=operations, mul_digits=mul_digits)
 
 
 def text_folder(path: str = "", validation_path: str = "", validation_fraction: float = 0.05,

@@ -65,12 +65,9 @@ from __future__ import annotations
 import random
 import re
 
-import tensorflow_datasets as tfds
-
-from rlhf_jax.data import builders as builders_lib
 
 OPERATIONS = ("+", "-", "*")
-_OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
+OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 _NUMBER = r"(?:0|[1-9][0-9]*)"
 _PROMPT_RE = re.compile(rf"What is ({_NUMBER}) ([-+*]) ({_NUMBER})\?", re.ASCII)
 # (?s): the work before the marker may span lines. The marker opens the response (after at
@@ -122,7 +119,7 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _check_knobs(min_digits, max_digits, operations, mul_digits) -> tuple[str, ...]:
+def check_knobs(min_digits, max_digits, operations, mul_digits) -> tuple[str, ...]:
     ops = tuple(operations)
     if not ops or any(op not in OPERATIONS for op in ops):
         raise ValueError(f"operations must be a non-empty selection of {OPERATIONS} "
@@ -148,7 +145,7 @@ def _problem_key(a: int, op: str, b: int) -> tuple:
 def generate_problems(seed: int | str, num: int, *, min_digits: int = 1, max_digits: int = 3,
                       operations="+-", mul_digits: int = 1) -> list[tuple[int, str, int]]:
     """`num` distinct problems (a, op, b) from a stream seeded by `seed` and the knobs."""
-    ops = _check_knobs(min_digits, max_digits, operations, mul_digits)
+    ops = check_knobs(min_digits, max_digits, operations, mul_digits)
     rng = random.Random(f"arithmetic/{seed}/{min_digits}/{max_digits}/{''.join(ops)}/{mul_digits}")
     seen, problems = set(), []
     attempts = 0
@@ -242,42 +239,3 @@ def arithmetic_rewards(prompts, responses) -> list[float]:
 
 # ----------------------------------------------------------------------------------------------
 # TFDS builder (array_record), loaded by builders.load_dataset for config name 'arithmetic'.
-
-
-class ArithmeticSftBuilder(builders_lib._Builder, skip_registration=True):
-    """The arithmetic problems as SFT pairs: prompt, response; splits train/validation/test."""
-
-    name = "rlhf_arithmetic"
-
-    def __init__(self, *, seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000,
-                 num_test: int = 1_000, min_digits: int = 1, max_digits: int = 3,
-                 operations="+-", mul_digits: int = 1, **kwargs):
-        ops = _check_knobs(min_digits, max_digits, operations, mul_digits)
-        self.split_args = dict(seed=seed, num_train=num_train, num_validation=num_validation,
-                               num_test=num_test, min_digits=min_digits, max_digits=max_digits,
-                               operations=ops, mul_digits=mul_digits)
-        config = tfds.core.BuilderConfig(
-            name=(f"seed{seed}_train{num_train}_val{num_validation}_test{num_test}"
-                  f"_digits{min_digits}to{max_digits}_{'_'.join(_OP_NAMES[o] for o in ops)}"
-                  f"_mul{mul_digits}"),
-            version=builders_lib.VERSION)
-        super().__init__(config=config, **kwargs)
-
-    def _info(self):
-        return builders_lib._info(
-            self, {"prompt": tfds.features.Text(), "response": tfds.features.Text()},
-            "Generated integer arithmetic problems with worked solutions ending in '#### N'.")
-
-    def _split_generators(self, dl_manager):
-        splits = arithmetic_splits(**self.split_args)
-        return {name: self._generate_examples(examples) for name, examples in splits.items()}
-
-
-def builder_from_config(config, **kwargs) -> ArithmeticSftBuilder:
-    """The builder for a dataset config named 'arithmetic'; fields it lacks take the defaults."""
-    get = config.get
-    return ArithmeticSftBuilder(
-        seed=get("seed", 0), num_train=get("num_train", 20_000),
-        num_validation=get("num_validation", 1_000), num_test=get("num_test", 1_000),
-        min_digits=get("min_digits", 1), max_digits=get("max_digits", 3),
-        operations=get("operations", "+-"), mul_digits=get("mul_digits", 1), **kwargs)

@@ -51,13 +51,13 @@ import shutil
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import reviews as reviews_lib
+from rlhf_jax.data import arithmetic as arithmetic_lib, reviews as reviews_lib
 from rlhf_jax.runtime import checks, distributed
 from rlhf_jax.runtime.config import DataError
 from rlhf_jax.runtime.jsonl import decode_utf8, read_jsonl
 
 VERSION = tfds.core.Version("1.0.0")
-DATASET_NAMES = ("reviews", "reviews_sft", "text_folder", "jsonl_sft", "preferences_jsonl",
+DATASET_NAMES = ("reviews", "reviews_sft", "arithmetic", "text_folder", "jsonl_sft", "preferences_jsonl",
                  "preferences", "imdb_reviews")
 
 
@@ -234,6 +234,45 @@ class ReviewsSftBuilder(ReviewsBuilder, skip_registration=True):
         return {name: self._generate_examples(
                     reviews_lib.sft_examples(examples, seed=f"{self.seed}/{name}"))
                 for name, examples in splits.items()}
+
+
+class ArithmeticSftBuilder(_Builder, skip_registration=True):
+    """The arithmetic problems as SFT pairs: prompt, response; splits train/validation/test."""
+
+    name = "rlhf_arithmetic"
+
+    def __init__(self, *, seed: int = 0, num_train: int = 20_000, num_validation: int = 1_000,
+                 num_test: int = 1_000, min_digits: int = 1, max_digits: int = 3,
+                 operations="+-", mul_digits: int = 1, **kwargs):
+        ops = arithmetic_lib.check_knobs(min_digits, max_digits, operations, mul_digits)
+        self.split_args = dict(seed=seed, num_train=num_train, num_validation=num_validation,
+                               num_test=num_test, min_digits=min_digits, max_digits=max_digits,
+                               operations=ops, mul_digits=mul_digits)
+        config = tfds.core.BuilderConfig(
+            name=(f"seed{seed}_train{num_train}_val{num_validation}_test{num_test}"
+                  f"_digits{min_digits}to{max_digits}_{'_'.join(arithmetic_lib.OP_NAMES[o] for o in ops)}"
+                  f"_mul{mul_digits}"),
+            version=VERSION)
+        super().__init__(config=config, **kwargs)
+
+    def _info(self):
+        return _info(
+            self, {"prompt": tfds.features.Text(), "response": tfds.features.Text()},
+            "Generated integer arithmetic problems with worked solutions ending in '#### N'.")
+
+    def _split_generators(self, dl_manager):
+        splits = arithmetic_lib.arithmetic_splits(**self.split_args)
+        return {name: self._generate_examples(examples) for name, examples in splits.items()}
+
+
+def arithmetic_builder(config, **kwargs) -> ArithmeticSftBuilder:
+    """The builder for a dataset config named 'arithmetic'; fields it lacks take the defaults."""
+    get = config.get
+    return ArithmeticSftBuilder(
+        seed=get("seed", 0), num_train=get("num_train", 20_000),
+        num_validation=get("num_validation", 1_000), num_test=get("num_test", 1_000),
+        min_digits=get("min_digits", 1), max_digits=get("max_digits", 3),
+        operations=get("operations", "+-"), mul_digits=get("mul_digits", 1), **kwargs)
 
 
 def text_documents(path: str, split_paragraphs: bool) -> list[dict]:
@@ -424,9 +463,8 @@ def _load_dataset(config, data_dir: str) -> dict[str, Source]:
         builder_cls = ReviewsBuilder if name == "reviews" else ReviewsSftBuilder
         return prepare(builder_cls(seed=get("seed", 0), num_train=get("num_train", 20_000),
                                    num_validation=get("num_validation", 1_000), **common))
-    if name == "arithmetic":  # imported here: arithmetic.py builds on this module
-        from rlhf_jax.data import arithmetic
-        return prepare(arithmetic.builder_from_config(config, **common))
+    if name == "arithmetic":
+        return prepare(arithmetic_builder(config, **common))
     if name in ("text_folder", "jsonl_sft", "preferences_jsonl"):
         path = get("path", "")
         if not path or not os.path.exists(path):

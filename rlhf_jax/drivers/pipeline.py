@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import evaluation
 from rlhf_jax.models.tokenizer import make_tokenizer
@@ -74,7 +76,7 @@ def write_report(config, workdir: str):
     prompts = held_out_prompts(config)
     tokenizer = make_tokenizer(config[final].get("tokenizer"))
     label = final.upper()
-    lines = ["# RLHF pipeline report", "", f"workdir: `{workdir}`", ""]
+    lines = ["# RLHF pipeline report", "", f"workdir: `{shown_path(workdir)}`", ""]
     if rows:
         first, last = rows[0], rows[-1]
         lines += [f"{label} metrics (logged means), steps {first['step']} and {last['step']}:", "",
@@ -118,7 +120,24 @@ def write_report(config, workdir: str):
         lines.append("")
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    # The same numbers for scripts: {"sft": {...}, "rl": {...}} on the held-out prompts.
+    summary = {"sft": _numbers(results["sft"]), "rl": _numbers(results[final]), "rl_stage": final,
+               "held_out": {"prompts": len(prompts), "samples_per_prompt": 1, "temperature": config.report_temperature,
+                            "max_new_tokens": config[final].get("max_new_tokens", 96)}}
+    config_lib.write_json_atomic(os.path.join(workdir, "report.json"), summary)
     print(f"curves: {curves}\nreport: {os.path.join(workdir, 'report.md')}", flush=True)
+
+
+def _numbers(evaluated: dict) -> dict:
+    """The scalar results of one policy's evaluation (the samples stay in report.md)."""
+    return {k: float(v) for k, v in evaluated.items() if not isinstance(v, (str, list, dict)) and np.ndim(v) == 0}
+
+
+def shown_path(path: str) -> str:
+    """A path as reports print it: relative to the current folder when inside it (so a committed
+    report names `runs/default`, not the temporary folder of the machine that made it)."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return path if rel.startswith("..") else rel
 
 
 def held_out_prompts(config) -> list[str]:
