@@ -79,7 +79,7 @@ def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["train", f"--config={SNACK}", f"--workdir={tmp_path}", "--config.num_steps=0", "--debug"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and "validation.py" in err and "config.num_steps=0" in err
+    assert "Traceback" in err and "checks.py" in err and "config.num_steps=0" in err
 
 
 def test_sweep_checks_every_run_before_the_first_trains(tmp_path, capsys):
@@ -130,6 +130,8 @@ def test_validation_accepts_exactly_the_choices_the_code_has():
                 config.data.path = "some/file"
             if key == "data.name" and value == "preferences":
                 config.data.records_name = "preferences"
+            if key == "loss" and value in ("rloo", "grpo"):  # (group baselines need a group)
+                config.samples_per_prompt = 2
             if value == "bogus":
                 with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}='bogus'"):
                     registry.validate(config)
@@ -321,6 +323,20 @@ def test_labeller_refuses_a_torn_pairs_file_and_a_missing_folder(tmp_path, capsy
     assert "pairs.jsonl does not exist" in err
 
 
+def test_a_torn_last_row_is_skipped_in_a_log_and_refused_in_a_file_written_whole(tmp_path, capsys):
+    from rlhf_jax.runtime.jsonl import read_jsonl
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b')
+    assert read_jsonl(str(path), appended=True) == [{"a": 1}, {"a": 2}]
+    assert "log.jsonl line 3 is cut short" in capsys.readouterr().err
+    with pytest.raises(config_lib.DataError, match="log.jsonl line 3 is cut short"):
+        read_jsonl(str(path))
+    path.write_text('{"a": 1}\n{"a": 2, "b\n{"a": 3}\n')  # torn in the middle: never a kill's doing
+    with pytest.raises(config_lib.DataError, match="log.jsonl line 2: not valid JSON"):
+        read_jsonl(str(path), appended=True)
+
+
 # ----------------------------------------------------------------------------- 8. wrong-stage hand-offs
 
 
@@ -343,7 +359,7 @@ def test_wrong_stage_hand_offs_are_one_line(tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text((tmp_path / "sft" / "config.json").read_text())
     err = cli_error(capsys, "sample", f"--workdir={empty}", "--prompt=a")
-    assert "holds no checkpoint" in err
+    assert "has not finished (it has no checkpoint" in err
 
 
 # ----------------------------------------------------------------------------- 9. logs on disk

@@ -29,19 +29,15 @@ def micro_model():
 
 
 def fake_sft_run(workdir, data_dir, seed=0):
-    """A finished SFT-like run: config.json + a checkpoint of random params (no training)."""
+    """A finished SFT-like run: config.json + the hand-off of random params (no training)."""
     config = language_model_stage("sft", num_steps=1, batch_size=8, seq_len=64)
     config.model = micro_model()
     config.data = datasets.reviews_sft(num_train=64, num_validation=32)
     config.data_dir = str(data_dir)
     config_lib.write_resolved_config(config, str(workdir))
-    graphdef, params = model_lib.init_params(config.model, "lm", seed)
-    optimizer = make_optimizer(config.optimizer)
-    manager = checkpoints.checkpoint_manager(str(workdir))
-    checkpoints.save_checkpoint(manager, 1, {"params": params, "opt_state": optimizer.init(params)})
-    manager.wait_until_finished()
-    manager.close()
-    open(os.path.join(str(workdir), "DONE"), "w").write("1\n")
+    _, params = model_lib.init_params(config.model, "lm", seed)
+    runs.write_policy(str(workdir), config, params)
+    checkpoints.mark_finished(str(workdir), "fake SFT run")
     return config
 
 

@@ -477,7 +477,7 @@ class LabelStore:
         labels_path = os.path.join(data_dir, LABELS_FILE)
         n_answers = 0
         imported = {a.request_id for a in self.answers()}
-        for i, r in enumerate(read_jsonl(labels_path)):
+        for i, r in enumerate(read_jsonl(labels_path, appended=True)):
             # request_id: the file and line, so importing the same file again adds nothing.
             request_id = f"import:{os.path.abspath(labels_path)}:{i}"
             if request_id in imported:

@@ -219,7 +219,7 @@ def read_resolved_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_function(import_path: str) :
+def load_function(import_path: str):
     """Import ``"package.module:function"`` (``"package.module.function"`` also accepted).
 
     Raises ``ValueError`` for a malformed path, ``ImportError`` when the module cannot be

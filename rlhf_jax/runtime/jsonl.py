@@ -2,9 +2,11 @@
 
 Every row is a JSON object on its own line; blank lines are skipped. A line that is not UTF-8,
 not JSON or not an object is an error naming the file and the line. The one exception is a last
-line without its newline that does not parse: every writer here ends a row with '\n', so that is
-an append cut short by a kill (or a full disk); it is left out, with a warning naming the line,
-and the file's next append starts a fresh line after it is rewritten by its writer.
+line without its newline that does not parse in a file this code appends to (`appended=True`:
+metrics, samples, labels): every writer here ends a row with '\n', so that is an append cut short
+by a kill (or a full disk); it is left out, with a warning naming the line, and the next append
+starts a fresh line. In a file written whole (pairs, data files) the same line is an error: the
+file was not written to its end.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def decode_utf8(data: bytes, path: str, lineno: int = 1) -> str:
                         "expected UTF-8 text") from None
 
 
-def read_jsonl(path: str, with_where: bool = False) -> list:
+def read_jsonl(path: str, with_where: bool = False, appended: bool = False) -> list:
     """The rows of a JSONL file ([] when it does not exist); with `with_where`, (where, row)
-    pairs where `where` is '<path> line <n>' (1-based) for the caller's own messages."""
+    pairs where `where` is '<path> line <n>' (1-based) for the caller's own messages.
+    `appended`: the file is a log appended to row by row (a torn last row is skipped)."""
     if not os.path.exists(path):
         return []
     if os.path.isdir(path):
@@ -45,6 +48,9 @@ def read_jsonl(path: str, with_where: bool = False) -> list:
         try:
             row = json.loads(text)
         except ValueError as e:  # (JSONDecodeError; also a number too long to convert)
+            if i == len(lines) - 1 and not appended:
+                raise DataError(f"{where} is cut short (no newline, not JSON): the file was not written to its end; "
+                                "write it again") from None
             if i == len(lines) - 1:  # no newline after it: an append cut short
                 print(f"warning: {where} is cut short (no newline, not JSON): left out as an unfinished write",
                       file=sys.stderr, flush=True)

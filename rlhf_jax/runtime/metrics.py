@@ -83,7 +83,7 @@ def _to_python(v):
 
 def read_metrics(workdir: str) -> list[dict]:
     """All rows of `<workdir>/metrics.jsonl` (a last row cut short by a kill is left out)."""
-    return read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return read_jsonl(os.path.join(workdir, "metrics.jsonl"), appended=True)
 
 
 def seed_summary(metrics):

@@ -102,7 +102,7 @@ def sample_responses(graphdef, params, tokenizer, source, *, num_prompts, sample
 def _sample_split(out_dir, split, num_prompts, pcfg, policy, prompt_source, tokenizer):
     """Sample (or resume sampling) one split's prompts into samples.jsonl; return its rows."""
     path = os.path.join(out_dir, SAMPLES_FILE)
-    every_row = read_jsonl(path)
+    every_row = read_jsonl(path, appended=True)
     rows = [r for r in every_row if r["split"] == split]
     # Keep the calls complete from the first on; a call cut short by a kill is redone whole.
     per_call = min(pcfg.batch_size, num_prompts, len(prompt_source))

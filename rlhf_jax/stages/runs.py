@@ -120,8 +120,19 @@ def save_random_run(workdir: str, model_config, seed: int = 0):
 # ----------------------------------------------------------------------------- reading
 
 
-def read_handoff(workdir: str) -> dict:
-    """handoff.json of a run; a clear error saying why a run has none."""
+def _check_kind(workdir: str, stage, kind: str | None, handed_off: str | None) -> None:
+    """Refuse a run of the wrong stage before anything else is said about it."""
+    if kind == "policy" and (stage not in POLICY_STAGES or handed_off not in (None, "policy")):
+        raise NoPolicy(f"{workdir} is a {stage!r} run, which hands off no language-model policy; this needs "
+                       f"a run of stage {' / '.join(POLICY_STAGES)}")
+    if kind == "reward_model" and (stage != "reward" or handed_off not in (None, "reward_model")):
+        raise config_lib.ConfigError(f"{workdir} is a {stage!r} run; a reward model is a 'reward' run "
+                                     "(rlhf-jax train --config=experiments/reviews/reward.py)")
+
+
+def read_handoff(workdir: str, kind: str | None = None) -> dict:
+    """handoff.json of a run; a clear error saying why a run has none, or (kind 'policy' /
+    'reward_model' given) why it is the wrong stage."""
     path = os.path.join(workdir, HANDOFF_DIR, HANDOFF_FILE)
     if os.path.isfile(path):
         try:
@@ -131,10 +142,10 @@ def read_handoff(workdir: str) -> dict:
             raise checkpoints.DamagedCheckpoint(f"{path}: cannot be read ({e})") from None
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise checkpoints.DamagedCheckpoint(f"{path}: expected a hand-off of format {FORMAT}")
+        _check_kind(workdir, info.get("stage"), kind, info.get("kind"))
         return info
-    if not os.path.isdir(workdir):
-        raise config_lib.ConfigError(f"{workdir}: no such run directory")
-    stage = config_lib.read_resolved_config(workdir).get("stage")
+    stage = config_lib.read_resolved_config(workdir).get("stage")  # (says so when there is no run there)
+    _check_kind(workdir, stage, kind, None)
     if stage not in POLICY_STAGES + ("reward",):
         raise NoPolicy(f"{workdir} is a {stage!r} run, which hands off no language-model policy or reward model")
     if not checkpoints.is_finished(workdir):
@@ -167,10 +178,7 @@ def _member(tree, index: int):
 def load_policy(workdir: str, seed_index: int = 0):
     """The language-model policy a run handed off: (model_config, graphdef, params).
     A run that trained several seeds in one program gives seed `seed_index`'s."""
-    info = read_handoff(workdir)
-    if info["kind"] != "policy":
-        raise NoPolicy(f"{workdir} is a {info['stage']!r} run, which hands off a {info['kind']}, not a language-model "
-                       f"policy; this needs a run of stage {' / '.join(POLICY_STAGES)}")
+    info = read_handoff(workdir, "policy")
     if not 0 <= seed_index < info["members"]:  # (JAX would clamp an index out of range, silently)
         raise ValueError(f"seed_index={seed_index}: {workdir} trained num_seeds={info['members']}")
     model_config = ml_collections.ConfigDict(info["model"])
@@ -216,11 +224,7 @@ def supervised_abstract_state(config, head: str = "lm"):
 
 def reward_model_info(workdir: str) -> dict:
     """handoff.json of a reward run (kind checked): model, tokenizer, seq_len, normalization, lora."""
-    info = read_handoff(workdir)
-    if info["kind"] != "reward_model":
-        raise config_lib.ConfigError(f"{workdir} is a {info['stage']!r} run; a reward model is a 'reward' run "
-                                     "(rlhf-jax train --config=experiments/reviews/reward.py)")
-    return info
+    return read_handoff(workdir, "reward_model")
 
 
 def load_reward_model(workdir: str, merge_lora: bool = True):
@@ -253,7 +257,7 @@ class PolicySampler:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        info = read_handoff(workdir)
+        info = read_handoff(workdir, "policy")
         self.model_config, self.graphdef, self.params = load_policy(workdir)
         self.tokenizer = make_tokenizer(ml_collections.ConfigDict(info["tokenizer"]) if info.get("tokenizer") else None)
         self.stage = info["stage"]
