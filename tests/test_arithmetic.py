@@ -6,8 +6,7 @@ import sys
 import pytest
 from ml_collections import ConfigDict
 
-from rlhf_jax.data import arithmetic as A
-from rlhf_jax.data import builders
+from rlhf_jax.data import arithmetic as A, builders
 
 P = "What is 347 + 85?"  # answer 432
 

@@ -7,14 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from configs import models, optimizers
+from configs import models
 from configs.reward import reward_stage
 from rlhf_jax.data import builders
 from rlhf_jax.drivers import compare
 from rlhf_jax.models import model as model_lib
 from rlhf_jax.runtime import checkpoints, config as config_lib
-from rlhf_jax.runtime.optim import make_optimizer
-from rlhf_jax.stages import pretrain
+from rlhf_jax.stages import pretrain, runs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -45,10 +44,8 @@ def fake_reward_run(workdir, sft_dir):
     config_lib.write_resolved_config(config, workdir)
     graphdef, params = model_lib.replace_head_with_scalar(*model_lib.init_params(config.model, "lm", 5),
                                                           config.model)
-    manager = checkpoints.checkpoint_manager(workdir)
-    checkpoints.save_checkpoint(manager, 1, {"params": params, "opt_state": make_optimizer(config.optimizer).init(params)})
-    manager.wait_until_finished()
-    manager.close()
+    runs.write_reward_model(workdir, config, params, None)
+    checkpoints.mark_finished(workdir, "fake reward run")
     pairs = [{"prompt": f"Review {i}:", "chosen": " good great.", "rejected": " bad."} for i in range(32)]
     builders.write_preferences({"train": pairs, "validation": pairs[:8]},
                                os.path.join(workdir, "preferences", "tfds"), "preferences")

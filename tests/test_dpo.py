@@ -8,7 +8,6 @@ import pytest
 
 from configs import datasets, models
 from configs.dpo import dpo_stage
-from rlhf_jax import losses
 from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import model as model_lib
 from rlhf_jax.models.tokenizer import ByteTokenizer

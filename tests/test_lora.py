@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from configs import lora as lora_configs, models
 from rlhf_jax.models import lora, model as M

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.runtime import checkpoints, config as config_lib, distributed, metrics as metrics_lib
-from rlhf_jax.stages import registry, runs
+from rlhf_jax.stages import registry
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")

@@ -260,7 +260,6 @@ def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):
     (the trunk is the reference's weights), and scores exactly as the merged reward model does."""
     from configs import lora as lora_configs, reward as reward_configs
     from rlhf_jax.models import lora, model as model_lib
-    from rlhf_jax.runtime.optim import make_optimizer
 
     sft_run, model = lora_sft_run
     rcfg = reward_configs.reward_stage(num_steps=1)
@@ -272,9 +271,9 @@ def test_lora_reward_model_rides_on_the_reference(lora_sft_run, tmp_path):
     trainable, _ = lora.split(scalar, rcfg.lora, 0, heads=("scalar_head",))
     noise = lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape)  # b != 0: a real merge
     trainable["lora"] = jax.tree.map(noise, trainable["lora"])
-    manager = checkpoints.checkpoint_manager(reward_dir)
-    checkpoints.save_checkpoint(manager, 1, {"params": trainable, "opt_state": make_optimizer(rcfg.optimizer).init(trainable)})
-    manager.close()
+    base = lora.split(scalar, rcfg.lora, 0, heads=("scalar_head",))[1]
+    runs.write_reward_model(reward_dir, rcfg, lora.combine(trainable, base, rcfg.lora), None, adapters=trainable)
+    checkpoints.mark_finished(reward_dir, "fake LoRA reward run")
 
     config = make_config(sft_run, model=model, reward_function="", reward_model=reward_dir, loss="rloo",
                          samples_per_prompt=4, batch_size=4)

@@ -19,7 +19,7 @@ from rlhf_jax.models import model as model_lib, sampling
 from rlhf_jax.models.tokenizer import ByteTokenizer
 from rlhf_jax.runtime import checkpoints, config as config_lib, mesh as mesh_lib, metrics as metrics_lib
 from rlhf_jax.runtime.optim import make_optimizer
-from rlhf_jax.stages import pretrain, registry, reward, runs
+from rlhf_jax.stages import registry, reward, runs
 
 
 def micro_model():

@@ -65,7 +65,6 @@ from __future__ import annotations
 import random
 import re
 
-
 OPERATIONS = ("+", "-", "*")
 OP_NAMES = {"+": "add", "-": "sub", "*": "mul"}
 _NUMBER = r"(?:0|[1-9][0-9]*)"
