@@ -26,6 +26,8 @@ SCALED_DOWN = [
     # reward model's gold Spearman was ~0.16, too weak for 30 PPO steps to raise the gold score.
     ("reward.preferences.num_prompts", "1024"), ("reward.preferences.num_validation_prompts", "128"),
     ("reward.num_steps", "200"), ("reward.optimizer.decay_steps", "200"), ("reward.eval_every", "100"),
+    ("reward.seq_len", "168"),  # (64 prompt + 96 response tokens + EOS fit: the default 256 is padding)
+    ("num_report_prompts", "32"),
     ("ppo.num_steps", "30"), ("ppo.checkpoint_every", "15"), ("ppo.sample_every", "15"),
 ]
 

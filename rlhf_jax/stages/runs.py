@@ -168,7 +168,13 @@ def _restore(workdir: str, info: dict, name: str, abstract, members: int):
         manager.close()
     if found is None:
         raise checkpoints.DamagedCheckpoint(f"{os.path.join(workdir, HANDOFF_DIR, name)}: holds no step {info['step']}")
-    return found[1]["params"]
+    params = found[1]["params"]
+    if jax.process_count() == 1:
+        # Restored replicated on every device (what several processes need); on one process the
+        # params go to one device, or every program that reads them (sampling, scoring) would run
+        # once per device: 8 times the work with 8 devices. A stage with a mesh places them itself.
+        params = jax.device_put(params, jax.devices()[0])
+    return params
 
 
 def _member(tree, index: int):
