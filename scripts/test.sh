@@ -17,4 +17,10 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 bash scripts/install.sh test
+# Two pytest-xdist workers unless the command line says otherwise (-n 0: one process); each
+# xdist_group (a file whose module fixture trains for minutes) stays on one worker.
+case " $* " in
+  *" -n"*|*" --numprocesses"*) ;;
+  *) set -- -n "${RLHF_JAX_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
+esac
 exec .venv/bin/python -m pytest "$@"

@@ -18,3 +18,11 @@ if _cache:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest chains first, so a pytest-xdist worker starts on them at once instead of ending
+    the run with them (`--dist loadgroup` keeps each xdist_group on one worker)."""
+    first = ("test_pipeline_e2e.py", "test_multiprocess.py", "test_compare.py", "test_rounds.py")
+    rank = lambda item: next((i for i, name in enumerate(first) if item.nodeid.split("::")[0].endswith(name)), len(first))
+    items.sort(key=rank)  # (stable: the order within a file is kept)

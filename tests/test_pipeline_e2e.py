@@ -15,6 +15,9 @@ from rlhf_jax.models.tokenizer import ByteTokenizer
 from rlhf_jax.runtime import metrics as metrics_lib
 from rlhf_jax.stages import runs
 
+# One worker runs the whole file: its module fixture (minutes of training) is made once.
+pytestmark = pytest.mark.xdist_group("pipeline_e2e")
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PIPELINE = os.path.join(ROOT, "experiments", "reviews", "pipeline.py")
 
@@ -26,7 +29,6 @@ SCALED_DOWN = [
     # reward model's gold Spearman was ~0.16, too weak for 30 PPO steps to raise the gold score.
     ("reward.preferences.num_prompts", "1024"), ("reward.preferences.num_validation_prompts", "128"),
     ("reward.num_steps", "200"), ("reward.optimizer.decay_steps", "200"), ("reward.eval_every", "100"),
-    ("reward.seq_len", "168"),  # (64 prompt + 96 response tokens + EOS fit: the default 256 is padding)
     ("num_report_prompts", "32"),
     ("ppo.num_steps", "30"), ("ppo.checkpoint_every", "15"), ("ppo.sample_every", "15"),
 ]

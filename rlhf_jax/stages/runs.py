@@ -171,9 +171,11 @@ def _restore(workdir: str, info: dict, name: str, abstract, members: int):
     params = found[1]["params"]
     if jax.process_count() == 1:
         # Restored replicated on every device (what several processes need); on one process the
-        # params go to one device, or every program that reads them (sampling, scoring) would run
-        # once per device: 8 times the work with 8 devices. A stage with a mesh places them itself.
-        params = jax.device_put(params, jax.devices()[0])
+        # params become uncommitted arrays on the default device instead, or every program that
+        # reads them alone (sampling, scoring) would run once per device: 8 times the work with 8
+        # devices. Uncommitted, they still join arrays placed on a mesh (moved there by jit), and
+        # a stage with a mesh places them itself.
+        params = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), params)
     return params
 
 
