@@ -18,9 +18,9 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 bash scripts/install.sh test
 # Two pytest-xdist workers unless the command line says otherwise (-n 0: one process); each
-# xdist_group (a file whose module fixture trains for minutes) stays on one worker.
+# test file stays on one worker (a module fixture that trains for minutes is made once).
 case " $* " in
   *" -n"*|*" --numprocesses"*) ;;
-  *) set -- -n "${RLHF_JAX_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
+  *) set -- -n "${RLHF_JAX_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
 esac
 exec .venv/bin/python -m pytest "$@"

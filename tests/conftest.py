@@ -22,7 +22,7 @@ if _cache:
 
 def pytest_collection_modifyitems(config, items):
     """The longest chains first, so a pytest-xdist worker starts on them at once instead of ending
-    the run with them (`--dist loadgroup` keeps each xdist_group on one worker)."""
+    the run with them (`--dist loadfile` keeps each file on one worker)."""
     first = ("test_pipeline_e2e.py", "test_multiprocess.py", "test_compare.py", "test_rounds.py")
     rank = lambda item: next((i for i, name in enumerate(first) if item.nodeid.split("::")[0].endswith(name)), len(first))
     items.sort(key=rank)  # (stable: the order within a file is kept)

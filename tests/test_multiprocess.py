@@ -15,8 +15,6 @@ import pytest
 from rlhf_jax.runtime import checkpoints, config as config_lib, distributed, metrics as metrics_lib
 from rlhf_jax.stages import registry
 
-# One worker runs the whole file: its module fixture (minutes of training) is made once.
-pytestmark = pytest.mark.xdist_group("multiprocess")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")

@@ -15,8 +15,6 @@ from rlhf_jax.models.tokenizer import ByteTokenizer
 from rlhf_jax.runtime import metrics as metrics_lib
 from rlhf_jax.stages import runs
 
-# One worker runs the whole file: its module fixture (minutes of training) is made once.
-pytestmark = pytest.mark.xdist_group("pipeline_e2e")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PIPELINE = os.path.join(ROOT, "experiments", "reviews", "pipeline.py")
