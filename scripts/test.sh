@@ -21,6 +21,6 @@ bash scripts/install.sh test
 # test file stays on one worker (a module fixture that trains for minutes is made once).
 case " $* " in
   *" -n"*|*" --numprocesses"*) ;;
-  *) set -- -n "${RLHF_JAX_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+  *) set -- -n "${RLHF_JAX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" ;;
 esac
 exec .venv/bin/python -m pytest "$@"
