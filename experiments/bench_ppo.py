@@ -136,7 +136,7 @@ def ours_config(loss, args, sft_dir):
     c.kl_coef = KL_COEF
     c.adaptive_kl = False
     c.whiten_rewards = False
-    c.clip_eps = CLIP_EPS
+    c.clip_low = c.clip_high = CLIP_EPS
     c.entropy_coef = 0.0
     c.ppo_epochs = 1
     c.num_minibatches = 1
@@ -212,7 +212,7 @@ def ours_phase_times(loss, args, prompt_texts, tmp, peak_flops):
         raw = np.asarray([frac_e("", t) for t in texts], np.float32)
         return jax.device_put(raw, samples.has_eos.sharding)
 
-    scores = setup.final_scores(host(), samples.has_eos)
+    scores = setup.final_scores(host(), samples.has_eos, samples.response_mask.sum(-1))
     holder = {"state": state}
 
     def update():

@@ -36,7 +36,6 @@ __all__ = [
     "generalized_advantage_estimate",
     "kl_penalty",
     "per_token_rewards",
-    "ppo_policy_loss",
     "ppo_value_loss",
     "reinforce_loss",
     "baseline_advantages",
@@ -45,6 +44,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "overlong_penalty",
     "policy_loss",
+    "aggregate_token_terms",
     "POLICY_LOSS_KINDS",
     "POLICY_LOSS_AGGREGATIONS",
     "adaptive_kl_coef",
@@ -486,35 +486,6 @@ def per_token_rewards(scores, kl, mask, kl_coef):
     return rewards + jnp.where(last, scores, 0.0)
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """PPO clipped surrogate: ``mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
-
-    Args:
-      logprobs: [B, T] log-probs under the current policy (differentiated).
-      old_logprobs: [B, T] log-probs at rollout time.
-      advantages: [B, T] (treated as constants).
-      mask: [B, T] true at real response tokens.
-    Returns:
-      ``(loss, {"policy_loss", "clipfrac", "approxkl", "ratio_mean"})`` with
-      ``approxkl = 0.5 * mean((logp - old)^2)`` as in TRL, and ``clipfrac`` the fraction of
-      tokens where the clipped term is the active one.
-    """
-    mask = _bool(mask)
-    logratio = jnp.where(mask, logprobs - lax.stop_gradient(old_logprobs), 0.0)
-    adv = lax.stop_gradient(jnp.where(mask, advantages, 0.0))
-    ratio = jnp.exp(logratio)
-    unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
-    metrics = {
-        "policy_loss": loss,
-        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-        "approxkl": 0.5 * masked_mean(jnp.square(logratio), mask),
-        "ratio_mean": masked_mean(ratio, mask),
-    }
-    return loss, metrics
-
-
 def ppo_value_loss(values, old_values, returns, mask, clip_range: float):
     """Clipped value loss: ``0.5 * mean(max((v - R)^2, (clip(v, old - c, old + c) - R)^2))``.
 
@@ -698,6 +669,34 @@ def _check_policy_loss_args(kind, clip_low, clip_high, aggregation, max_len):
         raise ValueError(f"policy_loss: clip_high must be >= 0, got {clip_high!r}")
 
 
+def aggregate_token_terms(per_token, mask, aggregation: str = "token_mean", max_len=None):
+    """One scalar from [B, T] per-token loss terms, as the GRPO-family papers aggregate them.
+
+    With ``n_i`` real tokens in row ``i``, ``N = sum n_i`` and ``B'`` the rows with at least one::
+
+        token_mean               sum_{i,t} l_it / N                       (DAPO)
+        seq_mean_token_mean      sum_i (sum_t l_it / n_i) / B'            (GRPO paper)
+        seq_mean_token_sum_norm  sum_i (sum_t l_it / max_len) / B'        (Dr. GRPO)
+
+    An empty row counts nowhere; masked terms are never read. Used for the policy objective and
+    for a KL term in the loss, so both weigh tokens alike.
+    """
+    f32 = jnp.float32
+    mask = _bool(mask)
+    per_token = jnp.where(mask, per_token, 0.0).astype(f32)
+    n_tokens = jnp.sum(mask, axis=-1)  # [B]
+    if aggregation == "token_mean":
+        return jnp.sum(per_token) / jnp.maximum(jnp.sum(n_tokens), 1).astype(f32)
+    if aggregation == "seq_mean_token_mean":
+        per_seq = jnp.sum(per_token, axis=-1) / jnp.maximum(n_tokens, 1).astype(f32)
+    elif aggregation == "seq_mean_token_sum_norm":
+        per_seq = jnp.sum(per_token, axis=-1) / jnp.asarray(max_len, f32)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {', '.join(POLICY_LOSS_AGGREGATIONS)}")
+    n_seqs = jnp.maximum(jnp.sum(n_tokens > 0), 1).astype(f32)
+    return jnp.sum(jnp.where(n_tokens > 0, per_seq, 0.0)) / n_seqs
+
+
 def policy_loss(
     logprobs,
     old_logprobs,
@@ -754,8 +753,8 @@ def policy_loss(
         clip_ratio/high_mean    ratio > 1 + clip_high and  A > 0
         clip_ratio/region_mean  either of the two
         ratio_mean              the ratio
-        approx_kl               0.5 (logp - old)^2    (token level for every kind, as
-                                                       ppo_policy_loss's approxkl)
+        approx_kl               0.5 (logp - old)^2    (token level for every kind; TRL's
+                                                       PPO approxkl)
 
     Args:
       logprobs: [B, T] log-probs of the response tokens under the current policy
@@ -802,15 +801,7 @@ def policy_loss(
             per_token = -lax.stop_gradient(jnp.clip(ratio, lo, hi)) * adv * logp
         per_token = jnp.where(mask, per_token, 0.0)
 
-    if aggregation == "token_mean":
-        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(n_tokens), 1).astype(f32)
-    else:
-        if aggregation == "seq_mean_token_mean":
-            per_seq = jnp.sum(per_token, axis=-1) / n_safe
-        else:  # seq_mean_token_sum_norm
-            per_seq = jnp.sum(per_token, axis=-1) / jnp.asarray(max_len, f32)
-        n_seqs = jnp.maximum(jnp.sum(n_tokens > 0), 1).astype(f32)
-        loss = jnp.sum(jnp.where(n_tokens > 0, per_seq, 0.0)) / n_seqs
+    loss = aggregate_token_terms(per_token, mask, aggregation, max_len)
 
     ratio = lax.stop_gradient(ratio)
     is_low = (ratio < lo) & (metric_adv < 0)

@@ -121,7 +121,9 @@ def test_validation_accepts_exactly_the_choices_the_code_has():
 
     base = config_lib.load_config(os.path.join(ROOT, "experiments", "reviews", "ppo.py"))
     for key, choices in (("loss", ppo.LOSSES), ("value_model", ppo.VALUE_MODELS), ("missing_eos", ppo.MISSING_EOS),
-                         ("kl_estimator", losses.KL_KINDS), ("data.name", builders.DATASET_NAMES)):
+                         ("kl_estimator", losses.KL_KINDS), ("data.name", builders.DATASET_NAMES),
+                         ("objective", losses.POLICY_LOSS_KINDS), ("aggregation", losses.POLICY_LOSS_AGGREGATIONS),
+                         ("kl_placement", ppo.KL_PLACEMENTS), ("advantage_scaling", ppo.ADVANTAGE_SCALINGS)):
         for value in choices + ("bogus",):
             config = config_lib.ml_collections.ConfigDict(base.to_dict())
             node, leaf = (config.data, "name") if key == "data.name" else (config, key)
@@ -132,6 +134,10 @@ def test_validation_accepts_exactly_the_choices_the_code_has():
                 config.data.records_name = "preferences"
             if key == "loss" and value in ("rloo", "grpo"):  # (group baselines need a group)
                 config.samples_per_prompt = 2
+            if key == "aggregation":  # (Dr. GRPO's normaliser)
+                config.max_len = 48
+            if key == "advantage_scaling":  # (a scaling of the group baseline)
+                config.loss, config.samples_per_prompt = "grpo", 2
             if value == "bogus":
                 with pytest.raises(config_lib.ConfigError, match=rf"config\.{key}='bogus'"):
                     registry.validate(config)

@@ -486,25 +486,25 @@ def _np_ppo_policy(lp, old, adv, mask, eps):
     )
 
 
-def test_ppo_policy_loss(rng):
+def test_symmetric_clip_policy_loss_is_ppos_surrogate(rng):
     b, t = 4, 6
     lp = rng.normal(size=(b, t)).astype(np.float32) * 0.3 - 2
     old = lp + rng.normal(size=(b, t)).astype(np.float32) * 0.3
     adv = rng.normal(size=(b, t)).astype(np.float32)
     mask = _right_padded_mask(rng, b, t)
     nanify = lambda x: np.where(mask, x, np.nan).astype(np.float32)
-    loss, m = L.ppo_policy_loss(nanify(lp), nanify(old), nanify(adv), mask, 0.2)
+    loss, m = L.policy_loss(nanify(lp), nanify(old), nanify(adv), mask)
     e_loss, e_cf, e_kl, e_ratio = _np_ppo_policy(lp, old, adv, mask, 0.2)
     np.testing.assert_allclose(loss, e_loss, rtol=1e-5)
-    np.testing.assert_allclose(m["policy_loss"], e_loss, rtol=1e-5)
-    np.testing.assert_allclose(m["clipfrac"], e_cf, rtol=1e-6)
-    np.testing.assert_allclose(m["approxkl"], e_kl, rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], e_loss, rtol=1e-5)
+    np.testing.assert_allclose(m["clip_ratio/region_mean"], e_cf, rtol=1e-6)
+    np.testing.assert_allclose(m["approx_kl"], e_kl, rtol=1e-5)
     np.testing.assert_allclose(m["ratio_mean"], e_ratio, rtol=1e-5)
-    assert 0 < float(m["clipfrac"]) < 1
+    assert 0 < float(m["clip_ratio/region_mean"]) < 1
 
     # Gradient: -adv * ratio / N where unclipped term is active, 0 where clipped; 0 at padding.
     g = np.asarray(
-        jax.grad(lambda x: L.ppo_policy_loss(x, nanify(old), nanify(adv), mask, 0.2)[0])(
+        jax.grad(lambda x: L.policy_loss(x, nanify(old), nanify(adv), mask)[0])(
             jnp.asarray(nanify(lp))
         )
     )
@@ -515,13 +515,13 @@ def test_ppo_policy_loss(rng):
     np.testing.assert_allclose(g, expected_g, rtol=1e-4, atol=1e-7)
 
 
-def test_ppo_policy_loss_on_policy_is_minus_mean_advantage(rng):
+def test_clip_policy_loss_on_policy_is_minus_mean_advantage(rng):
     lp = rng.normal(size=(2, 5)).astype(np.float32)
     adv = rng.normal(size=(2, 5)).astype(np.float32)
     mask = np.ones((2, 5), bool)
-    loss, m = L.ppo_policy_loss(lp, lp, adv, mask, 0.2)
+    loss, m = L.policy_loss(lp, lp, adv, mask)
     np.testing.assert_allclose(loss, -adv.mean(), rtol=1e-5)
-    assert float(m["clipfrac"]) == 0.0 and float(m["approxkl"]) == 0.0
+    assert float(m["clip_ratio/region_mean"]) == 0.0 and float(m["approx_kl"]) == 0.0
 
 
 def test_ppo_value_loss(rng):

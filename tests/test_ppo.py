@@ -135,8 +135,17 @@ def test_masked_positions_cannot_leak_nan(sft_run):
 def test_final_scores_normalise_then_penalise_a_missing_eos(sft_run):
     config = make_config(sft_run, missing_eos="penalty")
     models = ppo.Models(config, None, None, None, make_tokenizer(config.tokenizer), {"mean": 0.5, "std": 2.0})
-    scores = ppo.final_scores(models, jnp.asarray([2.5, -1.5, 7.0]), jnp.asarray([True, True, False]))
+    scores = ppo.final_scores(models, jnp.asarray([2.5, -1.5, 7.0]), jnp.asarray([True, True, False]),
+                              jnp.asarray([3, 8, 8]))
     np.testing.assert_allclose(scores, [1.0, -1.0, config.missing_eos_penalty])
+
+
+def test_overlong_shaping_adds_dapos_penalty_after_the_other_rules(sft_run):
+    """max_new_tokens 8, buffer 4: no penalty up to 4 tokens, then -0.25 per token to -1 at 8."""
+    config = make_config(sft_run, overlong_buffer=4, overlong_penalty_factor=0.5)
+    models = ppo.Models(config, None, None, None, make_tokenizer(config.tokenizer), {"mean": 0.0, "std": 1.0})
+    scores = ppo.final_scores(models, jnp.ones([5]), jnp.ones([5], bool), jnp.asarray([1, 4, 5, 7, 8]))
+    np.testing.assert_allclose(scores, 1.0 + 0.5 * np.asarray([0.0, 0.0, -0.25, -0.75, -1.0]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(loss="rloo", samples_per_prompt=4, batch_size=4),

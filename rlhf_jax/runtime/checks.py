@@ -68,6 +68,11 @@ class Checks:
                         f"{'inf)' if high == math.inf else f'{high:g}' + (')' if high_open else ']')}")
             self.fail(key, value, f"expected a finite number in {interval}")
 
+    def boolean(self, key: str):
+        value = self.get(key)
+        if value is not MISSING and not isinstance(value, bool):
+            self.fail(key, value, "expected True or False")
+
     def positive(self, key: str):
         self.number(key, 0.0, low_open=True)
 

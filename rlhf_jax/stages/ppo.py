@@ -9,9 +9,17 @@ One iteration (`config.num_steps` of them) is `ppo_step(setup, state, batch, rng
                      function of (prompt, response) called on the host with the decoded text
     final_scores     jitted: the one place a score changes: the reward run's normalisation, then
                      the missing-EOS rule
-    ppo_update       jitted: compute_advantages (per-token reward -beta * KL_t plus the score at
-                     the last token, GAE or sequence-level baselines, whitening) -> `Advantages`,
-                     then `ppo_epochs` epochs of shuffled minibatch steps, then the adaptive KL step
+    ppo_update       jitted: [mask_truncated; dynamic sampling: keep_informative_groups] ->
+                     compute_advantages (per-token reward -beta * KL_t plus the score at the last
+                     token, GAE, sequence-level or group baselines, REINFORCE++) -> `Advantages`,
+                     then `ppo_epochs` epochs of shuffled minibatch steps of `minibatch_loss`,
+                     then the adaptive KL step
+
+The GRPO family is switches, not stages (configs/ppo.py: grpo, dr_grpo, dapo, gspo, cispo,
+reinforce_pp): `loss` picks the advantage estimator, `objective` / `clip_low` / `clip_high` /
+`aggregation` the clipped objective (rlhf_jax.losses.policy_loss), `kl_placement` where beta * KL
+goes (reward, loss or nowhere), `dynamic_sampling`, `overlong_buffer` and `mask_truncated` DAPO's
+sampling and length rules.
 
 The host work (decoding, Python reward and gold functions) is why the step is a Python function
 and not one jitted program. It has no effect but its outputs: (state, metrics, sample table or
@@ -61,12 +69,17 @@ from rlhf_jax.models import lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
 from rlhf_jax.runtime import config as config_lib, distributed, mesh as mesh_lib, metrics as metrics_lib, run as run_lib
+from rlhf_jax.runtime.checks import MISSING
 from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer
 from rlhf_jax.stages import runs
 
-LOSSES = ("ppo", "reinforce", "reinforce_baseline", "rloo", "grpo")
+LOSSES = ("ppo", "reinforce", "reinforce_baseline", "rloo", "grpo", "reinforce_pp")
+CLIPPED_LOSSES = ("ppo", "grpo", "reinforce_pp")  # trained on losses.policy_loss (objective, clip_*, aggregation)
+GROUP_LOSSES = ("rloo", "grpo")  # baselines from the K samples of a prompt
 VALUE_MODELS = ("policy", "reward_model", "sft")
 MISSING_EOS = ("keep", "penalty")
+KL_PLACEMENTS = ("reward", "loss", "none")
+ADVANTAGE_SCALINGS = ("group", "batch", "none")
 
 
 # ----------------------------------------------------------------------------- state and samples
@@ -278,30 +291,44 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
 # ----------------------------------------------------------------------------- scores and advantages
 
 
-def final_scores(models, raw_scores, has_eos):
+def final_scores(models, raw_scores, has_eos, lengths):
     """The score the advantages use, from the reward's raw score: the one place a score changes.
 
     raw_scores: [B] the reward model's output at the last real token, or the reward function's
-    value. has_eos: [B] bool. Returns [B] float32: the reward run's normalisation
-    (score - mean) / std (the identity with a reward function, or use_reward_normalization off),
-    then with missing_eos='penalty' a response that never ended scores missing_eos_penalty.
+    value. has_eos: [B] bool. lengths: [B] response lengths in tokens. Returns [B] float32: the
+    reward run's normalisation (score - mean) / std (the identity with a reward function, or
+    use_reward_normalization off), then with missing_eos='penalty' a response that never ended
+    scores missing_eos_penalty, then with overlong_buffer > 0 DAPO's soft overlong punishment
+    (overlong_penalty_factor * losses.overlong_penalty, L_max = max_new_tokens) is added.
     """
     c = models.config
     scores = (raw_scores.astype(jnp.float32) - models.reward_mean) / models.reward_std
     if c.missing_eos == "penalty":
         scores = jnp.where(has_eos, scores, c.missing_eos_penalty)
+    if c.overlong_buffer:
+        scores = scores + c.overlong_penalty_factor * losses.overlong_penalty(
+            lengths, max_len=c.max_new_tokens, cache_len=c.overlong_buffer)
     return scores
 
 
 def compute_advantages(config, samples: Rollout, scores, kl_coef, baseline):
     """Rewards and advantages of a rollout. Pure; runs inside the jitted update.
 
-    scores: [B] final scores (`final_scores`). kl_coef: scalar beta. baseline: [2] (EMA of the
-    sequence reward, number of updates). Returns (Advantages, the new baseline).
+    scores: [B] final scores (`final_scores`). kl_coef: scalar beta, in the reward only with
+    kl_placement='reward'. baseline: [2] (EMA of the sequence reward, number of updates).
+    Returns (Advantages, the new baseline).
+
+    Advantage per loss: 'ppo' GAE; 'reinforce' the sequence reward; 'reinforce_baseline' minus
+    an EMA; 'rloo' leave-one-out; 'grpo' minus the group mean, divided by the group's std
+    (advantage_scaling 'group'), by the batch's std ('batch'; Liu et al. 2025 "Tricks or Traps"),
+    or not at all ('none'; Dr. GRPO); 'reinforce_pp' each token's reward-to-go whitened over the
+    batch (REINFORCE++). Rows with no real token (masked out by dynamic sampling or
+    mask_truncated) do not enter the batch statistics.
     """
     mask = samples.response_mask.astype(bool)
     kl = jnp.where(mask, losses.kl_penalty(samples.logprobs, samples.ref_logprobs, config.kl_estimator), 0.0)
-    rewards = losses.per_token_rewards(scores, kl, mask, kl_coef)
+    reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
+    rewards = losses.per_token_rewards(scores, kl, mask, reward_kl_coef)
     seq_reward = losses.masked_sum(rewards, mask, axis=1)  # score - beta * sum_t KL_t
     if config.whiten_rewards:
         rewards = losses.whiten(rewards, mask, shift_mean=False)
@@ -311,6 +338,8 @@ def compute_advantages(config, samples: Rollout, scores, kl_coef, baseline):
     if config.loss == "ppo":
         advantages, returns = losses.generalized_advantage_estimate(rewards, samples.values, mask,
                                                                     config.gamma, config.lam)
+    elif config.loss == "reinforce_pp":
+        advantages, returns = losses.reinforce_pp_advantages(rewards, mask), jnp.zeros_like(rewards)
     else:
         returns = jnp.zeros_like(rewards)
         if config.loss == "reinforce":
@@ -321,10 +350,15 @@ def compute_advantages(config, samples: Rollout, scores, kl_coef, baseline):
             seq_adv = seq_reward - jnp.where(count > 0, value, mean)
             new_value = jnp.where(count > 0, config.baseline_decay * value + (1 - config.baseline_decay) * mean, mean)
             new_baseline = jnp.stack([new_value, count + 1.0])
-        else:
+        elif config.loss == "rloo":
+            seq_adv = losses.rloo_advantages(seq_reward.reshape(-1, config.samples_per_prompt)).reshape(-1)
+        else:  # grpo
             grouped = seq_reward.reshape(-1, config.samples_per_prompt)
-            fn = losses.rloo_advantages if config.loss == "rloo" else losses.grpo_advantages
-            seq_adv = fn(grouped).reshape(-1)
+            seq_adv = losses.grpo_advantages(grouped, scale=config.advantage_scaling == "group")
+            if config.advantage_scaling == "batch":  # centred in the group, scaled by the batch
+                rows = jnp.any(mask, axis=1).reshape(grouped.shape)
+                seq_adv = seq_adv / (jnp.sqrt(losses.masked_var(grouped, rows)) + 1e-4)
+            seq_adv = seq_adv.reshape(-1)
         advantages = jnp.where(mask, seq_adv[:, None], 0.0)  # every token shares its sequence's
     if config.whiten_advantages and config.loss == "ppo":
         advantages = losses.whiten(advantages, mask)
@@ -335,28 +369,64 @@ def compute_advantages(config, samples: Rollout, scores, kl_coef, baseline):
 # ----------------------------------------------------------------------------- update
 
 
-def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len: int, ref=None):
-    """Loss of one minibatch (the rows of `samples` and `adv` it holds): policy objective +
-    vf_coef * value loss - entropy_coef * entropy. params: {'policy', 'value'}; ref: the
-    reference params, which LoRA adapters are added to."""
+def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len: int, kl_coef, ref=None):
+    """Loss of one minibatch (the rows of `samples` and `adv` it holds): policy objective
+    [+ kl_coef * KL to the reference, with kl_placement='loss'] + vf_coef * value loss
+    - entropy_coef * entropy. params: {'policy', 'value'}; ref: the reference params, which LoRA
+    adapters are added to.
+
+    The objective of CLIPPED_LOSSES is losses.policy_loss (config.objective, clip_low/high,
+    aggregation); 'reinforce', 'reinforce_baseline' and 'rloo' are REINFORCE, -A * log p(sequence)
+    (their clip numbers are still logged). A KL term in the loss is aggregated like the objective.
+    """
     c = models.config
     mask = samples.response_mask.astype(bool)
     policy = lora.combine(params["policy"], ref, c.get("lora"))
     logprobs, entropy, values = forward(models, policy, params["value"], samples.tokens,
                                         samples.attention_mask, prompt_len)
-    clipped_loss, pm = losses.ppo_policy_loss(logprobs, samples.logprobs, adv.advantages, mask, c.clip_eps)
-    if c.loss in ("ppo", "grpo"):
+    max_len = c.max_len or None
+    clipped_loss, pm = losses.policy_loss(logprobs, samples.logprobs, adv.advantages, mask, kind=c.objective,
+                                          clip_low=c.clip_low, clip_high=c.clip_high, aggregation=c.aggregation,
+                                          max_len=max_len)
+    if c.loss in CLIPPED_LOSSES:
         policy_loss = clipped_loss
-    else:  # REINFORCE: -adv * log p(sequence); the clipped-surrogate numbers are still logged.
+    else:
         policy_loss = losses.reinforce_loss(losses.masked_sum(logprobs, mask, axis=1), adv.seq_advantages)
+    kl_loss = jnp.zeros(())
+    if c.kl_placement == "loss":  # GRPO: beta * KL(policy || reference) per token, in the loss
+        kl = losses.kl_penalty(jnp.where(mask, logprobs, 0.0), jnp.where(mask, samples.ref_logprobs, 0.0),
+                               c.kl_estimator)
+        kl_loss = losses.aggregate_token_terms(kl, mask, c.aggregation, max_len)
     value_loss, vm = (losses.ppo_value_loss(values, samples.values, adv.returns, mask, c.value_clip)
                       if models.uses_value else (jnp.zeros(()), {"value_clipfrac": jnp.zeros(())}))
     mean_entropy = losses.masked_mean(entropy, mask)
-    loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * mean_entropy
-    metrics = {"policy/approxkl_avg": pm["approxkl"], "policy/clipfrac_avg": pm["clipfrac"],
-               "loss/policy_avg": policy_loss, "loss/value_avg": value_loss, "val/ratio": pm["ratio_mean"],
-               "val/clipfrac_avg": vm["value_clipfrac"], "policy/entropy_avg": mean_entropy}
+    loss = policy_loss + kl_coef * kl_loss + c.vf_coef * value_loss - c.entropy_coef * mean_entropy
+    metrics = {"policy/approxkl_avg": pm["approx_kl"], "policy/clipfrac_avg": pm["clip_ratio/region_mean"],
+               "policy/clip_ratio/low_mean": pm["clip_ratio/low_mean"],
+               "policy/clip_ratio/high_mean": pm["clip_ratio/high_mean"],
+               "loss/policy_avg": policy_loss, "loss/kl_avg": kl_loss, "loss/value_avg": value_loss,
+               "val/ratio": pm["ratio_mean"], "val/clipfrac_avg": vm["value_clipfrac"],
+               "policy/entropy_avg": mean_entropy}
     return loss, metrics
+
+
+def keep_informative_groups(samples: Rollout, scores, samples_per_prompt: int, num_groups: int):
+    """DAPO's dynamic sampling with static shapes: of the G sampled groups (K rows each), keep
+    `num_groups`, those whose K scores are not all equal first (in sampling order); when fewer
+    than `num_groups` are, the remaining slots hold zero-spread groups with their response masks
+    zeroed, so they add nothing to the loss or the batch statistics.
+
+    samples: a Rollout of G * K rows; scores: [G * K]. Returns (samples of num_groups * K rows,
+    their scores, kept [num_groups] bool: the slot holds an informative group).
+    """
+    grouped = scores.reshape(-1, samples_per_prompt)
+    informative = jnp.any(grouped != grouped[:, :1], axis=1)  # [G]
+    order = jnp.argsort(~informative, stable=True)[:num_groups]
+    kept = informative[order]
+    rows = (order[:, None] * samples_per_prompt + jnp.arange(samples_per_prompt)).reshape(-1)
+    samples = jax.tree.map(lambda x: x[rows], samples)
+    keep_rows = jnp.repeat(kept, samples_per_prompt)[:, None]
+    return samples.replace(response_mask=samples.response_mask * keep_rows), scores[rows], kept
 
 
 def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, scores, rng, ref=None):
@@ -369,6 +439,19 @@ def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, sco
     Returns (state, metrics).
     """
     c = models.config
+    # What was sampled, before anything is dropped: the logged scores, KL and lengths.
+    sampled, sampled_scores = samples, scores
+    mask = samples.response_mask.astype(bool)
+    sampled_kl = jnp.where(mask, losses.kl_penalty(samples.logprobs, samples.ref_logprobs, c.kl_estimator), 0.0)
+    extra = {}
+    if c.samples_per_prompt > 1:  # TRL's name: groups carrying no gradient under a group baseline
+        grouped = scores.reshape(-1, c.samples_per_prompt)
+        extra["frac_reward_zero_std"] = jnp.mean(jnp.all(grouped == grouped[:, :1], axis=1).astype(jnp.float32))
+    if c.mask_truncated:  # a response cut off by max_new_tokens is not trained on (DAPO's overlong filtering)
+        samples = samples.replace(response_mask=samples.response_mask * samples.has_eos[:, None])
+    if c.dynamic_sampling:
+        samples, scores, kept = keep_informative_groups(samples, scores, c.samples_per_prompt, c.batch_size)
+        extra["dynamic_sampling/kept_fraction"] = jnp.mean(kept.astype(jnp.float32))
     batch = samples.response.shape[0]
     adv, baseline = compute_advantages(c, samples, scores, state.kl_coef, state.baseline)
     m = c.num_minibatches
@@ -381,7 +464,7 @@ def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, sco
         mb_samples, mb_adv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[idx], batch_sharding),
                                           (samples, adv))
         grad_fn = jax.value_and_grad(minibatch_loss, argnums=1, has_aux=True)
-        (_, metrics), grads = grad_fn(models, params, mb_samples, mb_adv, samples.prompt_len, ref)
+        (_, metrics), grads = grad_fn(models, params, mb_samples, mb_adv, samples.prompt_len, state.kl_coef, ref)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         metrics["grad_norm"] = optax.tree.norm(grads)  # before the clip
         return (optax.apply_updates(params, updates), opt_state), metrics
@@ -394,23 +477,25 @@ def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, sco
                                                 jax.random.split(rng, c.ppo_epochs))
     metrics = jax.tree.map(jnp.mean, metrics)
 
-    mask = samples.response_mask.astype(bool)
-    kl_sum = losses.masked_sum(adv.kl, mask, axis=1)  # [B]
-    non_score = losses.masked_sum(jnp.where(mask, -state.kl_coef * adv.kl, 0.0), mask, axis=1)
+    kl_sum = losses.masked_sum(sampled_kl, mask, axis=1)  # [B] over every sampled response
+    beta = state.kl_coef if c.kl_placement != "none" else jnp.zeros_like(state.kl_coef)
+    non_score = -beta * kl_sum
     mean_kl = jnp.mean(kl_sum)
     kl_coef = state.kl_coef
     if c.adaptive_kl:
-        kl_coef = losses.adaptive_kl_coef(kl_coef, mean_kl, c.kl_target, c.kl_horizon, batch)
+        kl_coef = losses.adaptive_kl_coef(kl_coef, mean_kl, c.kl_target, c.kl_horizon, sampled.has_eos.shape[0])
+    lengths = jnp.sum(mask, axis=1)
     metrics.update({
-        "objective/scores": jnp.mean(scores),
+        "objective/scores": jnp.mean(sampled_scores),
         "objective/kl": mean_kl,
-        "objective/entropy": jnp.mean(losses.masked_sum(-samples.logprobs, mask, axis=1)),
+        "objective/entropy": jnp.mean(losses.masked_sum(-sampled.logprobs, mask, axis=1)),
         "objective/non_score_reward": jnp.mean(non_score),
-        "objective/rlhf_reward": jnp.mean(scores + non_score),
-        "objective/kl_coef": state.kl_coef,
-        "val/num_eos_tokens": jnp.sum(samples.has_eos),
-        "val/mean_response_length": jnp.mean(jnp.sum(mask, axis=1)),
-        "val/advantage_mean": losses.masked_mean(adv.advantages, mask),
+        "objective/rlhf_reward": jnp.mean(sampled_scores + non_score),
+        "objective/kl_coef": beta,
+        "val/num_eos_tokens": jnp.sum(sampled.has_eos),
+        "val/mean_response_length": jnp.mean(lengths),
+        "val/advantage_mean": losses.masked_mean(adv.advantages, samples.response_mask.astype(bool)),
+        **extra,
     })
     return state.replace(params=params, opt_state=opt_state, kl_coef=kl_coef, baseline=baseline), metrics
 
@@ -535,7 +620,7 @@ class Setup:
     state: TrainState                # the initial train state
     frozen: dict                     # dict(ref=reference params, reward=reward-model params or None)
     rollout: Callable                # (state, frozen, prompts, rng) -> Rollout
-    final_scores: Callable           # (raw_scores, has_eos) -> scores
+    final_scores: Callable           # (raw_scores, has_eos, lengths) -> scores
     update: Callable                 # (state, samples, scores, rng, ref) -> (state, metrics)
     reward_function: Callable | None  # host (prompt, response) -> raw score, or None (reward model)
     gold_function: Callable | None   # host (prompt, response) -> gold score, logged only
@@ -554,7 +639,8 @@ def build(config) -> Setup:
     state, frozen = jax.device_put(state, state_shardings), jax.device_put(frozen, frozen_shardings)
 
     source = prompt_source(config)
-    prompt_batches = [loaders.prompt_batches(source, tokenizer, config.max_prompt_len, config.batch_size, seed)
+    prompts_per_step = config.batch_size * (config.oversample if config.dynamic_sampling else 1)
+    prompt_batches = [loaders.prompt_batches(source, tokenizer, config.max_prompt_len, prompts_per_step, seed)
                       for seed in run_lib.seeds_of(config)]  # each seed draws prompts in its own order
 
     def batch_fn(step):
@@ -624,7 +710,7 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
     else:
         raw_scores = _host_scores(setup.reward_function, prompts, responses)
         raw_scores = mesh_lib.from_local_block(raw_scores.reshape(response.shape[:-1]), like=samples.has_eos)
-    scores = setup.final_scores(raw_scores, samples.has_eos)
+    scores = setup.final_scores(raw_scores, samples.has_eos, jnp.sum(samples.response_mask, axis=-1))
     state, metrics = setup.update(state, samples, scores, keys[..., 1], setup.frozen["ref"])
 
     if setup.gold_function is not None:
@@ -717,14 +803,34 @@ def check_config(c):
     c.choice("value_model", VALUE_MODELS)
     c.choice("missing_eos", MISSING_EOS)
     c.choice("kl_estimator", losses.KL_KINDS)
+    c.choice("objective", losses.POLICY_LOSS_KINDS)
+    c.choice("aggregation", losses.POLICY_LOSS_AGGREGATIONS)
+    c.choice("kl_placement", KL_PLACEMENTS)
+    c.choice("advantage_scaling", ADVANTAGE_SCALINGS)
     c.integer("samples_per_prompt", 1)
-    if c.get("loss") in ("rloo", "grpo"):
+    if c.get("loss") in GROUP_LOSSES or c.get("dynamic_sampling"):
         c.integer("samples_per_prompt", 2)
+    if c.get("clip_eps") is not MISSING:
+        c.fail("clip_eps", c.get("clip_eps"), "split into clip_low and clip_high (DAPO's clip-higher): set those")
+    c.number("clip_low", 0.0, 1.0, high_open=True)
+    c.number("clip_high", 0.0)
+    c.integer("max_len", 0)
+    if c.get("aggregation") == "seq_mean_token_sum_norm" and not c.get("max_len"):
+        c.fail("max_len", c.get("max_len"), "aggregation='seq_mean_token_sum_norm' (Dr. GRPO) divides each "
+               "response's token sum by max_len: set it > 0 (e.g. to max_new_tokens)")
+    if c.get("advantage_scaling") not in (MISSING, "group") and c.get("loss") != "grpo":
+        c.fail("advantage_scaling", c.get("advantage_scaling"), f"applies to loss='grpo' only (loss={c.get('loss')!r})")
+    for key in ("dynamic_sampling", "mask_truncated"):
+        c.boolean(key)
+    c.integer("oversample", 1)
+    c.integer("overlong_buffer", 0)
+    if c.get("overlong_buffer") and c.get("overlong_buffer") > c.get("max_new_tokens"):
+        c.fail("overlong_buffer", c.get("overlong_buffer"), f"expected at most max_new_tokens={c.get('max_new_tokens')}")
+    c.number("overlong_penalty_factor", 0.0)
     for key in ("ppo_epochs", "num_minibatches"):
         c.integer(key, 1)
     for key in ("kl_coef", "vf_coef", "entropy_coef", "value_clip"):
         c.number(key, 0.0)
-    c.positive("clip_eps")
     c.positive("kl_target")
     c.positive("kl_horizon")
     c.number("gamma", 0.0, 1.0)
