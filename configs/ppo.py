@@ -61,6 +61,11 @@ Fields (see rlhf_jax/ppo.py):
     value_clip, vf_coef, entropy_coef                 value loss and entropy bonus
     ppo_epochs, num_minibatches                       update: epochs over shuffled minibatches
     optimizer              configs/optimizers.py: learning rate, schedule, Adam eps, grad clipping
+    eval_every, eval_split, num_eval_prompts   held-out evaluation before every eval_every-th
+                           update: samples_per_prompt samples on each of num_eval_prompts prompts of
+                           data[eval_split] -> eval/scores (accuracy with a verifier), eval/length_*
+    correct_score          with a reward function: raw reward >= correct_score counts as correct for
+                           val/length_correct, val/length_incorrect (and their eval/ twins)
 """
 
 import ml_collections
@@ -133,6 +138,10 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c.progress_every_s = 10.0
     c.sample_every = 10
     c.num_sample_rows = 6
+    c.eval_every = 0  # > 0: held-out evaluation every eval_every steps (eval/* metrics)
+    c.eval_split = "validation"
+    c.num_eval_prompts = 64
+    c.correct_score = 1.0  # a raw reward >= this is "correct" (length_correct / length_incorrect metrics)
     c.mesh = mesh.data_parallel()
     c.plot_metrics = ("objective/scores", "objective/kl", "objective/gold_scores")
     return c

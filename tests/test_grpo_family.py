@@ -218,3 +218,34 @@ def test_each_preset_learns_a_toy_reward(sft_run, tmp_path, name):
     scores = np.asarray([r["objective/scores"] for r in rows])
     assert len(scores) == c.num_steps and "frac_reward_zero_std" in rows[0]
     assert scores[-5:].mean() > scores[:5].mean() + 0.15, (name, scores.round(3).tolist())
+
+
+# ----------------------------------------------------------------------------- what the ablation plots
+
+
+def test_score_metrics_split_lengths_by_correctness():
+    c = config_lib.ml_collections.ConfigDict(dict(num_seeds=1, correct_score=1.0, reward_function="m:f"))
+    m = ppo.score_metrics(c, np.asarray([1.0, 0.0, 1.0, 0.0]), np.asarray([3, 5, 7, 9]), "eval/")
+    assert m == {"eval/scores": 0.5, "eval/length_correct": 5.0, "eval/length_incorrect": 7.0}
+    m = ppo.score_metrics(c, np.asarray([1.0, 1.0]), np.asarray([3, 5]), "val/")
+    assert "val/length_incorrect" not in m and m["val/length_correct"] == 4.0  # none incorrect: left out
+    c.num_seeds = 2  # seed 0 all correct (2, 4); seed 1: correct 8, incorrect 6
+    m = ppo.score_metrics(c, np.asarray([[1.0, 1.0], [0.0, 1.0]]), np.asarray([[2, 4], [6, 8]]), "val/")
+    np.testing.assert_allclose([m["val/length_correct"], m["val/length_correct_std"]], [5.5, 2.5])
+    np.testing.assert_allclose([m["val/length_incorrect"], m["val/length_incorrect_std"]], [6.0, 0.0])
+    np.testing.assert_allclose([m["val/scores"], m["val/scores_std"]], [0.75, 0.25])
+
+
+def test_held_out_evaluation_runs_every_eval_every_steps(sft_run, tmp_path):
+    from configs import datasets
+
+    c = preset_config("grpo", sft_run, num_steps=3, eval_every=2, eval_split="test", num_eval_prompts=6,
+                      correct_score=0.2, prompts=(), data=datasets.arithmetic(num_train=32, num_validation=8, num_test=8),
+                      data_dir=str(tmp_path / "data"))
+    ppo.train(c, str(tmp_path / "run"))
+    rows = metrics_lib.read_metrics(str(tmp_path / "run"))
+    assert [("eval/scores" in r) for r in rows] == [True, False, True]
+    assert all(0.0 <= r["eval/scores"] <= 1.0 for r in rows if "eval/scores" in r)
+    assert all("val/scores" in r and ("val/length_correct" in r or "val/length_incorrect" in r) for r in rows)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.eval_every=2: the held-out evaluation"):
+        registry.validate(preset_config("grpo", sft_run, eval_every=2))

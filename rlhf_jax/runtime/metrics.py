@@ -96,11 +96,11 @@ def seed_summary(metrics):
 
 
 def mean_metrics(rows: list[dict]) -> dict:
-    """Average each metric over the steps since the last log (NaN-free rows assumed)."""
+    """Average each metric over the steps since the last log that have it (a held-out evaluation
+    runs at some steps only; NaN-free rows assumed)."""
     out = {}
-    for k in rows[0]:
-        vals = np.stack([np.asarray(r[k], dtype=np.float64) for r in rows])
-        out[k] = vals.mean(axis=0)
+    for k in dict.fromkeys(k for r in rows for k in r):
+        out[k] = np.stack([np.asarray(r[k], dtype=np.float64) for r in rows if k in r]).mean(axis=0)
     return out
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Callable
 
@@ -626,6 +627,7 @@ class Setup:
     gold_function: Callable | None   # host (prompt, response) -> gold score, logged only
     batch_fn: Callable               # step -> dict(step, prompts (placed), texts)
     rng: jax.Array                   # the run's key, or one key per seed
+    eval_batch: dict | None          # held-out prompts as batch_fn gives them (eval_every > 0), else None
 
 
 def build(config) -> Setup:
@@ -651,6 +653,17 @@ def build(config) -> Setup:
             prompts, texts = {key: v[0] for key, v in prompts.items()}, texts[0]
         return {"step": step, "prompts": place_prompts(prompts, mesh, config.num_seeds), "texts": texts}
 
+    eval_batch = None
+    if config.eval_every:  # the same held-out prompts for every seed and every evaluation
+        held_out = builders.load_dataset(config.data, config.data_dir)[config.eval_split]
+        b = loaders.prompt_batches(held_out, tokenizer, config.max_prompt_len,
+                                   min(config.num_eval_prompts, len(held_out)), seed=0, shuffle=False)[0]
+        prompts = {key: b[key] for key in ("prompt_tokens", "prompt_mask")}
+        texts = loaders.prompt_texts(held_out, b["index"])
+        if config.num_seeds > 1:
+            prompts, texts = {key: np.stack([v] * config.num_seeds) for key, v in prompts.items()}, [texts] * config.num_seeds
+        eval_batch = {"prompts": place_prompts(prompts, mesh, config.num_seeds), "texts": texts}
+
     # With seeds, one key per seed: seed i gets the step keys the run `seed + i` gets alone.
     seed_keys = jax.vmap(jax.random.key)(jnp.asarray(run_lib.seeds_of(config)))
     return Setup(config=config, mesh=mesh, tokenizer=tokenizer, models=models, state=state, frozen=frozen,
@@ -659,7 +672,7 @@ def build(config) -> Setup:
                  update=make_update(models, optimizer, mesh, state_shardings, frozen_shardings),
                  reward_function=labelers.load_function(config.reward_function) if config.reward_function else None,
                  gold_function=labelers.load_function(config.gold_function) if config.gold_function else None,
-                 batch_fn=batch_fn,
+                 batch_fn=batch_fn, eval_batch=eval_batch,
                  rng=seed_keys if config.num_seeds > 1 else seed_keys[0])
 
 
@@ -679,50 +692,117 @@ def sample_table(prompts, responses, scores, gold, num_rows: int) -> str:
     return "\n".join(rows)
 
 
+@dataclasses.dataclass
+class Decoded:
+    """The text of this process's rows of a rollout (mesh.local_block; all rows on one process).
+
+    prompts, responses   one string per row (seed 0's rows first with num_seeds > 1)
+    block                the rows' block of the global [B] (or [S, B]) arrays
+    """
+
+    prompts: list[str]
+    responses: list[str]
+    block: tuple
+
+    def scores(self, fn, like):
+        """fn(prompt, response) of each row, assembled into a global array shaped like `like`."""
+        local = _host_scores(fn, self.prompts, self.responses)
+        shape = tuple(b.stop - b.start for b in self.block)
+        return mesh_lib.from_local_block(local.reshape(shape), like=like)
+
+
+def decode(setup: Setup, samples: Rollout, texts) -> Decoded:
+    """Decode a rollout's responses and pair them with their prompts (K consecutive rows per
+    prompt, the seeds one after another). texts: prompt strings, one list per seed with seeds."""
+    c = setup.config
+    block, response = mesh_lib.local_block(samples.response)
+    _, mask = mesh_lib.local_block(samples.response_mask)
+    n = response.shape[-1]
+    responses = sampling.decode_responses(setup.tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
+    prompts = [t for seed_texts in (texts if c.num_seeds > 1 else [texts]) for t in seed_texts
+               for _ in range(c.samples_per_prompt)]
+    prompts = np.asarray(prompts, object).reshape(samples.has_eos.shape)[block[:-1]].reshape(-1).tolist()
+    return Decoded(prompts=prompts, responses=responses, block=block[:-1])
+
+
+def score_metrics(config, raw_scores, lengths, prefix: str) -> dict:
+    """Mean raw score and, with a reward function, the mean length of the correct (raw score >=
+    config.correct_score) and of the other responses: what the Dr. GRPO paper tracks. A length
+    metric is left out of a step with no such response (of any seed). raw_scores, lengths: [B]
+    (or [S, B]) global arrays; mean and `_std` over the seeds with seeds."""
+    raw, lengths = (np.asarray(x, np.float64).reshape(config.num_seeds, -1)
+                    for x in mesh_lib.host_copy((raw_scores, lengths)))
+    per_seed = {f"{prefix}scores": raw.mean(axis=1)}
+    if config.reward_function:
+        correct = raw >= config.correct_score
+        for name, where in (("length_correct", correct), ("length_incorrect", ~correct)):
+            has = where.any(axis=1)
+            if has.any():  # the seeds that have such responses
+                per_seed[prefix + name] = ((lengths * where).sum(axis=1) / np.maximum(where.sum(axis=1), 1))[has]
+    if config.num_seeds > 1:
+        return metrics_lib.seed_summary(per_seed)
+    return {k: float(v[0]) for k, v in per_seed.items()}
+
+
+def raw_scores_of(setup: Setup, samples: Rollout, decoded: Decoded | None):
+    """The reward's raw scores [B] of a rollout: the reward model's (computed in the rollout) or
+    the host reward function's on the decoded text."""
+    if setup.reward_function is None:
+        return samples.reward_model_scores
+    return decoded.scores(setup.reward_function, like=samples.has_eos)
+
+
+def evaluate_held_out(setup: Setup, state: TrainState, rng) -> dict:
+    """eval/scores (the mean raw reward: accuracy with a verifier), eval/length_correct and
+    eval/length_incorrect of `samples_per_prompt` samples at the training temperature on each of
+    the held-out prompts (config.eval_split), by the policy in `state`."""
+    samples = setup.rollout(state, setup.frozen, setup.eval_batch["prompts"], rng)
+    decoded = decode(setup, samples, setup.eval_batch["texts"]) if setup.reward_function else None
+    lengths = jnp.sum(samples.response_mask, axis=-1)
+    return score_metrics(setup.config, raw_scores_of(setup, samples, decoded), lengths, "eval/")
+
+
 def ppo_step(setup: Setup, state: TrainState, batch, rng):
-    """One iteration: jitted rollout -> raw scores (host, with a reward function) -> jitted
-    final_scores -> jitted update. No effect beyond its outputs (and donating `state`'s buffers).
+    """One iteration: [held-out evaluation] -> jitted rollout -> raw scores (host, with a reward
+    function) -> jitted final_scores -> jitted update. No effect beyond its outputs (and
+    donating `state`'s buffers).
 
     batch: setup.batch_fn(step): dict(step, prompts (placed), texts (prompt strings; one list
     per seed with num_seeds > 1)). rng: this step's key, or with seeds one key per seed
     (run.step_rng). Returns (state, metrics, sample table): the table (text, seed 0) at every
-    `sample_every`-th step, else None.
+    `sample_every`-th step, else None. At every `eval_every`-th step the policy is evaluated on
+    the held-out prompts before it is updated (eval/* metrics: the policy after `step` updates).
     """
     c = setup.config
     seeded = c.num_seeds > 1
     keys = (jax.vmap(jax.random.split) if seeded else jax.random.split)(rng)
+    held_out = {}
+    if c.eval_every and batch["step"] % c.eval_every == 0:  # (before the update donates the state)
+        eval_key = (jax.vmap(jax.random.fold_in, (0, None)) if seeded else jax.random.fold_in)(keys[..., 0], 1)
+        held_out = evaluate_held_out(setup, state, eval_key)
     samples = setup.rollout(state, setup.frozen, batch["prompts"], keys[..., 0])
 
     want_table = c.sample_every and batch["step"] % c.sample_every == 0
-    prompts = responses = gold = None
+    decoded = gold = None
     if setup.reward_function is not None or setup.gold_function is not None or want_table:
-        # Host work on this process's rows only (all rows on one process): mesh.local_block.
-        block, response = mesh_lib.local_block(samples.response)
-        _, mask = mesh_lib.local_block(samples.response_mask)
-        n = response.shape[-1]
-        responses = sampling.decode_responses(setup.tokenizer, response.reshape(-1, n), mask.reshape(-1, n))
-        # The prompt of each response: K consecutive rows per prompt, the seeds one after another.
-        prompts = [t for seed_texts in (batch["texts"] if seeded else [batch["texts"]]) for t in seed_texts
-                   for _ in range(c.samples_per_prompt)]
-        prompts = np.asarray(prompts, object).reshape(samples.has_eos.shape)[block[:-1]].reshape(-1).tolist()
-    if setup.reward_function is None:
-        raw_scores = samples.reward_model_scores
-    else:
-        raw_scores = _host_scores(setup.reward_function, prompts, responses)
-        raw_scores = mesh_lib.from_local_block(raw_scores.reshape(response.shape[:-1]), like=samples.has_eos)
-    scores = setup.final_scores(raw_scores, samples.has_eos, jnp.sum(samples.response_mask, axis=-1))
+        decoded = decode(setup, samples, batch["texts"])
+    raw_scores = raw_scores_of(setup, samples, decoded)
+    lengths = jnp.sum(samples.response_mask, axis=-1)
+    scores = setup.final_scores(raw_scores, samples.has_eos, lengths)
     state, metrics = setup.update(state, samples, scores, keys[..., 1], setup.frozen["ref"])
+    metrics.update(held_out)
+    if setup.reward_function is not None:
+        metrics.update(score_metrics(c, raw_scores, lengths, "val/"))
 
     if setup.gold_function is not None:
-        gold = _host_scores(setup.gold_function, prompts, responses)
-        gold = mesh_lib.host_copy(mesh_lib.from_local_block(gold.reshape(response.shape[:-1]), like=samples.has_eos))
+        gold = mesh_lib.host_copy(decoded.scores(setup.gold_function, like=samples.has_eos))
         per_seed = np.asarray(gold, np.float32).reshape(c.num_seeds, -1).mean(axis=1)
         metrics.update(metrics_lib.seed_summary({"objective/gold_scores": per_seed}) if seeded
                        else {"objective/gold_scores": float(per_seed[0])})
     table = None
     if want_table:
-        b = len(responses) // c.num_seeds  # seed 0's rows (of this process)
-        table = sample_table(prompts[:b], responses[:b], mesh_lib.local_block(scores)[1].reshape(-1)[:b],
+        b = len(decoded.responses) // c.num_seeds  # seed 0's rows (of this process)
+        table = sample_table(decoded.prompts[:b], decoded.responses[:b], mesh_lib.local_block(scores)[1].reshape(-1)[:b],
                              None if gold is None else gold.reshape(-1)[:b], c.num_sample_rows)
     return state, metrics, table
 
@@ -837,6 +917,13 @@ def check_config(c):
     c.number("lam", 0.0, 1.0)
     c.number("baseline_decay", 0.0, 1.0)
     c.integer("sample_every", 0)
+    c.integer("eval_every", 0)
+    if c.get("eval_every"):
+        c.integer("num_eval_prompts", 1)
+        if c.get("prompts"):
+            c.fail("eval_every", c.get("eval_every"), "the held-out evaluation reads config.data's eval_split: "
+                   "it needs config.prompts empty")
+    c.number("correct_score", -math.inf)
     c.integer("num_sample_rows", 0)
     if bool(c.get("reward_model")) == bool(c.get("reward_function")):
         c.fail("reward_function", c.get("reward_function"),
