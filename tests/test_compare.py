@@ -92,3 +92,31 @@ def test_every_kind_of_method_is_trained_and_evaluated(tmp_path):
     mtime = os.path.getmtime(os.path.join(workdir, "ppo", "kl_coef=0.1", "eval.json"))
     compare.run_comparison(spec, overrides, workdir)
     assert os.path.getmtime(os.path.join(workdir, "ppo", "kl_coef=0.1", "eval.json")) == mtime
+
+
+def test_ablation_table_and_contrasts_from_the_runs_metrics(tmp_path):
+    """The ablation's table (start / end means of the logged curves, with the seeds' std) and a
+    contrast checked both ways, from hand-written metrics of two 3-seed runs."""
+    def fake_run(name, lengths):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        rows = [{"step": i, "eval/scores": 0.1 * i, "eval/scores_std": 0.01, "val/length_incorrect": v,
+                 "val/length_incorrect_std": 1.0} for i, v in enumerate(lengths)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return name, 0.0, str(run_dir)
+
+    trained = [fake_run("grpo", [10, 12, 20, 30]), fake_run("dr_grpo", [10, 11, 10, 9])]
+    config = config_lib.ml_collections.ConfigDict(dict(
+        sft="sft", num_seeds=3, window=2, curves=("eval/scores", "val/length_incorrect"),
+        contrasts=(("grpo", "dr_grpo", "val/length_incorrect", "incorrect responses grow under GRPO only"),
+                   ("dr_grpo", "grpo", "val/length_incorrect", "the same claim, reversed"))))
+    summary = compare.write_curves(config, str(tmp_path), trained)
+    assert summary["grpo"]["val/length_incorrect"]["start"] == (11.0, 1.0)
+    assert summary["grpo"]["val/length_incorrect"]["end"] == (25.0, 1.0)
+    np.testing.assert_allclose(summary["dr_grpo"]["eval/scores"]["end"], (0.25, 0.01))
+    text = (tmp_path / "ablation.md").read_text()
+    assert "| grpo | 0.05 +- 0.01 -> 0.25 +- 0.01 | 11 +- 1 -> 25 +- 1 | 4 | - |" in text
+    assert "change +14" in text and "change -1" in text
+    assert text.count("**consistent with**") == 1 and text.count("**not reproduced by**") == 1
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "ablation.json").read_text())["dr_grpo"]["steps"] == 4

@@ -1,7 +1,16 @@
 """The method comparison a researcher runs first: PPO, RLOO, GRPO, the DPO family and best-of-n
-on one SFT policy and one preference dataset, judged by one evaluation.
+on one SFT policy and one preference dataset, judged by one evaluation; or, with `config.curves`,
+an ablation judged by the curves the runs log (the GRPO family on a verifiable task).
 
     rlhf-jax compare --config=experiments/reviews/compare.py --workdir=runs/compare
+    rlhf-jax compare --config=experiments/arithmetic/ablate.py --workdir=runs/ablate
+
+Ablation (`config.curves` set): every method is one run of `num_seeds` seeds (a method's `knob`
+may be '' for a single setting, in <workdir>/<method>), logging held-out accuracy as it trains
+(the RL stage's eval_every). Writes <workdir>/curves.png (each of config.curves against step, one
+line per method, mean +- a band of one std over seeds), <workdir>/ablation.md and .json (a table
+of each curve's value at the start and at the end per method, and each of `config.contrasts`:
+a published observation, checked by the change of one metric under two methods).
 
 For every method and every value of its KL knob (PPO/RLOO/GRPO: kl_coef; DPO family: beta) one
 run of `num_seeds` seeds trained in one program (vmap), in <workdir>/<method>/<knob>=<value>;
@@ -28,7 +37,7 @@ from rlhf_jax.data import builders, loaders
 from rlhf_jax.models import evaluation
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
-from rlhf_jax.runtime import checkpoints, config as config_lib
+from rlhf_jax.runtime import checkpoints, config as config_lib, metrics as metrics_lib, plotting
 from rlhf_jax.runtime.plotting import plt  # (plotting selects the Agg backend first)
 from rlhf_jax.stages import registry, runs
 
@@ -36,9 +45,11 @@ from rlhf_jax.stages import registry, runs
 def method_config(config, name: str, method, value: float):
     """The stage config of one (method, knob value): the method's experiment file with the
     comparison's SFT run, reward run, seeds, knob and extra overrides applied."""
-    overrides = [("init_from", config.sft), ("num_seeds", str(config.num_seeds)), (method.knob, repr(value))]
+    overrides = [("init_from", config.sft), ("num_seeds", str(config.num_seeds))]
+    if method.knob:
+        overrides.append((method.knob, repr(value)))
     stage = config_lib.load_config_file(method.config)
-    if stage.stage == "ppo":
+    if stage.stage == "ppo" and config.reward_model:
         overrides.append(("reward_model", config.reward_model))
     elif stage.stage == "dpo":
         overrides.append(("data_dir", os.path.join(config.reward_model, "preferences", "tfds")))
@@ -53,11 +64,16 @@ def run_methods(config, workdir: str) -> list[tuple[str, float, str]]:
     """Train every (method, knob value); returns [(method, value, run dir)]."""
     done = []
     for name, method in config.methods.items():
-        for value in method.knob_values:
-            run_dir = os.path.join(workdir, name, f"{method.knob.split('.')[-1]}={value}")
+        for value in (method.knob_values if method.knob else (0.0,)):
+            run_dir = os.path.join(workdir, name, f"{method.knob.split('.')[-1]}={value}") if method.knob \
+                else os.path.join(workdir, name)
             if not checkpoints.is_finished(run_dir):  # (the method's config is built, and checked, once it must run)
+                start, resumed = time.time(), os.path.isdir(os.path.join(run_dir, "checkpoints"))
                 registry.run_stage_once(method_config(config, name, method, value), run_dir,
-                                        f"{name} {method.knob}={value}", allow_config_change=False)
+                                        f"{name} {method.knob}={value}" if method.knob else name,
+                                        allow_config_change=False)
+                config_lib.write_json_atomic(os.path.join(run_dir, "train_time.json"),
+                                             {"seconds": time.time() - start, "resumed": resumed})
             done.append((name, float(value), run_dir))
     return done
 
@@ -192,12 +208,93 @@ def plot_frontier(summary: list[dict], out: str, knobs: dict) -> str:
     return out
 
 
+# ----------------------------------------------------------------------------- the ablation: curves
+
+
+def _at(rows: list[dict], metric: str, where: str, window: int) -> tuple[float, float] | None:
+    """(mean, std over seeds) of `metric` averaged over its first or last `window` logged values."""
+    have = [r for r in rows if isinstance(r.get(metric), (int, float))]
+    if not have:
+        return None
+    have = have[:window] if where == "start" else have[-window:]
+    mean = float(np.mean([r[metric] for r in have]))
+    std = float(np.mean([r.get(metric + "_std", 0.0) for r in have]))
+    return mean, std
+
+
+def summarize_curves(config, trained) -> dict:
+    """{method: {metric: {'start': (mean, std), 'end': (mean, std)}, 'seconds': training time}}."""
+    out = {}
+    for name, _, run_dir in trained:
+        rows = metrics_lib.read_metrics(run_dir)
+        entry = {m: {"start": _at(rows, m, "start", config.window), "end": _at(rows, m, "end", config.window)}
+                 for m in config.curves}
+        timing = os.path.join(run_dir, "train_time.json")
+        entry["seconds"] = json.load(open(timing))["seconds"] if os.path.exists(timing) else None
+        entry["steps"] = rows[-1]["step"] + 1 if rows else 0
+        out[name] = entry
+    return out
+
+
+def contrast_lines(config, summary: dict) -> list[str]:
+    """One paragraph per config.contrasts entry (baseline, treatment, metric, claim): the change of
+    `metric` from the start to the end of training under each method, and whether the claimed
+    direction (the treatment's change below the baseline's) holds here."""
+    lines = []
+    for baseline, treatment, metric, claim in config.contrasts:
+        if baseline not in summary or treatment not in summary:
+            continue
+        changes = {}
+        for name in (baseline, treatment):
+            start, end = summary[name][metric]["start"], summary[name][metric]["end"]
+            changes[name] = None if start is None or end is None else (end[0] - start[0], start, end)
+        if None in changes.values():
+            lines += [f"- {claim}: not measurable here ({metric} missing in a run).", ""]
+            continue
+        described = "; ".join(f"{name}: {c[1][0]:.3g} -> {c[2][0]:.3g} (change {c[0]:+.3g}, end +- {c[2][1]:.2g} "
+                              "over seeds)" for name, c in changes.items())
+        holds = changes[treatment][0] < changes[baseline][0]
+        lines += [f"- {claim}", f"  `{metric}`, first vs last {config.window} logged values: {described}. "
+                  f"Here the {treatment} change is {'below' if holds else 'not below'} the {baseline} one: "
+                  f"**{'consistent with' if holds else 'not reproduced by'}** this run.", ""]
+    return lines
+
+
+def write_curves(config, workdir: str, trained) -> dict:
+    summary = summarize_curves(config, trained)
+    names = [name for name, _, _ in trained]
+    plotting.plot_runs([run_dir for _, _, run_dir in trained], list(config.curves),
+                       os.path.join(workdir, "curves.png"), labels=names)
+    lines = ["# Ablation", "", f"SFT run `{config.sft}`, {config.num_seeds} seeds per method (mean +- std over "
+             f"seeds); start / end = the mean of the first / last {config.window} logged values of each metric.", ""]
+    head = [m for m in config.curves]
+    lines += ["| method | " + " | ".join(f"{m} start -> end" for m in head) + " | steps | train s |",
+              "|---|" + "---|" * (len(head) + 2)]
+    fmt = lambda v: "-" if v is None else f"{v[0]:.3g} +- {v[1]:.2g}"
+    for name in names:
+        s = summary[name]
+        cells = [f"{fmt(s[m]['start'])} -> {fmt(s[m]['end'])}" for m in head]
+        seconds = "-" if s["seconds"] is None else f"{s['seconds']:.0f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['steps']} | {seconds} |")
+    lines += ["", "## Published observations, checked", ""] + contrast_lines(config, summary)
+    with open(os.path.join(workdir, "ablation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    config_lib.write_json_atomic(os.path.join(workdir, "ablation.json"), summary)
+    print("\n".join(lines))
+    return summary
+
+
 def run_comparison(spec: str, overrides, workdir: str):
     config = config_lib.load_config(spec, overrides)
     os.makedirs(workdir, exist_ok=True)
     config_lib.write_resolved_config(config, workdir, allow_change=True)
     t0 = time.time()
     trained = run_methods(config, workdir)
-    rows = evaluate_all(config, workdir, trained)
-    write_outputs(config, workdir, rows)
-    print(f"compare: {time.time() - t0:.0f}s; {workdir}/frontier.png, results.md", file=sys.stderr, flush=True)
+    if config.get("curves"):
+        write_curves(config, workdir, trained)
+        outputs = "curves.png, ablation.md"
+    else:
+        rows = evaluate_all(config, workdir, trained)
+        write_outputs(config, workdir, rows)
+        outputs = "frontier.png, results.md"
+    print(f"compare: {time.time() - t0:.0f}s; {workdir}/{outputs}", file=sys.stderr, flush=True)
