@@ -409,3 +409,33 @@ def test_tensorboard_is_flushed_at_checkpoints_and_on_sigterm(tmp_path):
     assert proc.wait() == -signal.SIGTERM
     logged = [r["step"] for r in metrics_lib.read_metrics(termed)]
     assert tensorboard_steps(termed)[-1] == logged[-1]
+
+
+# ----------------------------------------------------------------------------- sampling past the model's window
+
+
+def test_sampling_past_the_models_window_is_refused_naming_both_numbers(tmp_path):
+    """A config whose prompt + new tokens exceed model.max_len, and `sample` asking for more new
+    tokens than the window holds, are refused; a prompt cut to the window is said to be cut."""
+    from rlhf_jax.models import sampling
+    from rlhf_jax.models.tokenizer import make_tokenizer
+
+    config = config_lib.load_config(os.path.join(ROOT, "experiments", "reviews", "ppo.py"))
+    config.init_from = str(tmp_path)
+    config.max_prompt_len, config.max_new_tokens = config.model.max_len - 10, 11
+    with pytest.raises(config_lib.ConfigError, match=rf"config\.max_new_tokens=11: max_prompt_len "
+                                                       rf"{config.model.max_len - 10} \+ max_new_tokens 11 = "
+                                                       rf"{config.model.max_len + 1} tokens exceed .*model\.max_len="):
+        registry.validate(config)
+    config.max_new_tokens = 10
+    registry.validate(config)
+
+    model = micro_model()
+    pretrain.save_random_run(str(tmp_path / "run"), model)
+    with pytest.raises(config_lib.ConfigError, match=rf"max_new_tokens={model.max_len}: the model's window"):
+        runs.sample_from_run(str(tmp_path / "run"), "hi", 1, max_new_tokens=model.max_len)
+    _, graphdef, params = runs.load_policy(str(tmp_path / "run"))
+    tokenizer = make_tokenizer(None)
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than 8 tokens; the model sees their last 8"):
+        sampling.generate_texts(graphdef, params, tokenizer, ["short", "a prompt well over eight bytes"],
+                                max_new_tokens=2, rng=jax.random.key(0), max_prompt_len=8)

@@ -17,8 +17,8 @@ The returned `logprobs` are those of the *unfiltered* temperature distribution,
 log_softmax(logits / temperature)[token]: what PPO recomputes from a full forward pass.
 top-k / top-p only change which token is drawn.
 
-Limits: with learned positions, P + N should not exceed config.max_len (larger positions are
-clipped to the last one). A row with an all-pad prompt has nothing to condition on: its first
+Limits: P + N may not exceed config.max_len (the configs' checks and `generate_texts` refuse it;
+with learned positions, larger positions would be clipped to the last one). A row with an all-pad prompt has nothing to condition on: its first
 token is drawn from meaningless logits (use `encode_prompts(..., add_bos=True)` for unconditional
 samples). Pad is never written inside a response except after EOS, but it is not masked out of
 the sampling distribution (a trained model gives it ~0 probability).
@@ -27,6 +27,7 @@ the sampling distribution (a trained model gives it ~0 probability).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -205,8 +206,17 @@ def encode_prompt_responses(tokenizer, prompts, responses, seq_len: int):
 
 def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng, temperature=1.0,
                    greedy=False, top_k=0, top_p=1.0, max_prompt_len=64) -> list[str]:
-    """Texts in, sampled continuations (as texts) out: encode_prompts -> generate -> decode_responses."""
+    """Texts in, sampled continuations (as texts) out: encode_prompts -> generate -> decode_responses.
+    A prompt longer than max_prompt_len tokens keeps its last max_prompt_len (a warning says so);
+    max_prompt_len + max_new_tokens beyond the model's window is refused."""
+    window = int(model_config(graphdef, params).max_len)
+    if max_prompt_len + max_new_tokens > window:
+        raise ValueError(window_error(max_prompt_len, max_new_tokens, window))
     tokens, mask = encode_prompts(tokenizer, prompts, max_prompt_len)
+    cut = [p for p in prompts if len(tokenizer.encode(p)) > max_prompt_len]
+    if cut:
+        warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than {max_prompt_len} tokens; "
+                      f"the model sees their last {max_prompt_len} (e.g. {cut[0][-40:]!r})", stacklevel=2)
     out = generate(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), rng,
                    max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                    temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
@@ -224,3 +234,11 @@ def check_sampling_config(c, group: str):
     c.positive(g + "temperature")
     c.integer(g + "top_k", 0)
     c.number(g + "top_p", 0.0, 1.0, low_open=True)
+    prompt_len, new_tokens, window = c.get(g + "max_prompt_len"), c.get(g + "max_new_tokens"), c.get("model.max_len")
+    if window and prompt_len and new_tokens and prompt_len + new_tokens > window:
+        c.fail(g + "max_new_tokens", new_tokens, window_error(prompt_len, new_tokens, window))
+
+
+def window_error(prompt_len: int, new_tokens: int, window: int) -> str:
+    return (f"max_prompt_len {prompt_len} + max_new_tokens {new_tokens} = {prompt_len + new_tokens} tokens exceed "
+            f"the model's window, model.max_len={window} (its learned position table ends there)")

@@ -272,9 +272,14 @@ class PolicySampler:
 
     def __call__(self, prompt: str, num: int, temperature: float = 1.0, max_new_tokens: int = 128,
                  greedy: bool = False, seed: int = 0) -> list[str]:
+        """The prompt keeps as many of its last tokens as the window leaves beside max_new_tokens."""
+        window = int(self.model_config.max_len)
+        if max_new_tokens >= window:
+            raise config_lib.ConfigError(f"max_new_tokens={max_new_tokens}: the model's window (model.max_len) is {window} "
+                              "tokens, prompt included; ask for fewer")
         return sampling.generate_texts(self.graphdef, self.params, self.tokenizer, [prompt] * num,
                                        max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
-                                       temperature=temperature, greedy=greedy)
+                                       temperature=temperature, greedy=greedy, max_prompt_len=window - max_new_tokens)
 
 
 def sample_from_run(workdir, prompt, num, temperature=1.0, max_new_tokens=128, greedy=False, seed=0):
