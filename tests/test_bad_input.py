@@ -439,3 +439,48 @@ def test_sampling_past_the_models_window_is_refused_naming_both_numbers(tmp_path
     with pytest.warns(UserWarning, match=r"1 of 2 prompts are longer than 8 tokens; the model sees their last 8"):
         sampling.generate_texts(graphdef, params, tokenizer, ["short", "a prompt well over eight bytes"],
                                 max_new_tokens=2, rng=jax.random.key(0), max_prompt_len=8)
+
+
+# ----------------------------------------------------------------------------- one run per workdir
+
+
+def test_a_workdir_in_use_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_lock(tmp_path):
+    workdir = str(tmp_path / "run")
+    with checkpoints.workdir_lock(workdir):
+        with pytest.raises(checkpoints.WorkdirInUse, match=rf"{workdir} is in use by process {os.getpid()}"):
+            registry.run_stage(snack_config(num_steps=20), workdir)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))  # the refused run wrote nothing
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from rlhf_jax.runtime import checkpoints as c\n"
+                               "with c.workdir_lock(sys.argv[2]):\n print('held', flush=True); time.sleep(60)",
+                               ROOT, workdir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(checkpoints.WorkdirInUse, match=rf"process {holder.pid}"):
+            registry.run_stage(snack_config(num_steps=20), workdir)
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock
+        holder.wait()
+    registry.run_stage(snack_config(num_steps=20), workdir)
+    assert checkpoints.is_finished(workdir)
+
+
+def test_export_never_writes_into_a_run_a_file_or_a_full_folder(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    pretrain.save_random_run(run, micro_model())
+    config_before = open(os.path.join(run, "config.json")).read()
+    assert "is inside the run" in cli_error(capsys, "export", f"--workdir={run}", f"--out={run}")
+    assert "is inside the run" in cli_error(capsys, "export", f"--workdir={run}", f"--out={run}/hf")
+    (tmp_path / "file").write_text("x")
+    assert "is a file; expected a folder" in cli_error(capsys, "export", f"--workdir={run}", f"--out={tmp_path}/file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert "exists and is not empty; pass --overwrite" in cli_error(
+        capsys, "export", f"--workdir={run}", f"--out={tmp_path}/full")
+    other = str(tmp_path / "other")
+    pretrain.save_random_run(other, micro_model())
+    assert "holds an rlhf_jax run" in cli_error(capsys, "export", f"--workdir={run}", f"--out={other}", "--overwrite")
+    assert open(os.path.join(run, "config.json")).read() == config_before
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+    assert cli.main(["export", f"--workdir={run}", f"--out={tmp_path}/full", "--overwrite"]) == 0
+    assert (tmp_path / "full" / "model.safetensors").exists()

@@ -181,7 +181,23 @@ def cmd_score(args, overrides):
     print(f"{runs.score_from_run(args.workdir, args.prompt, args.response):.4f}")
 
 
+def check_export_target(out: str, workdir: str, overwrite: bool) -> None:
+    """--out must not be a run (export writes a config.json that would replace the run's), nor
+    a file, nor a folder with files in it unless --overwrite says they may be replaced."""
+    real = os.path.realpath(out)
+    if real == os.path.realpath(workdir) or real.startswith(os.path.realpath(workdir) + os.sep):
+        raise config_lib.ConfigError(f"--out={out} is inside the run {workdir}: its config.json would be replaced; "
+                                     "export to a folder of its own")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise config_lib.ConfigError(f"--out={out} is a file; expected a folder (it is created if missing)")
+    if os.path.isdir(out) and any(os.path.exists(os.path.join(out, name)) for name in ("checkpoints", "handoff", "DONE")):
+        raise config_lib.ConfigError(f"--out={out} holds an rlhf_jax run; export to a folder of its own")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise config_lib.ConfigError(f"--out={out} exists and is not empty; pass --overwrite to replace its files")
+
+
 def cmd_export(args, _overrides):
+    check_export_target(args.out, args.workdir, args.overwrite)
     model_config, _, params = runs.load_policy(args.workdir, args.seed_index)
     tokenizer = config_lib.read_resolved_config(args.workdir).get("tokenizer") or {}
     try:
@@ -256,6 +272,7 @@ def build_parser():
     p.add_argument("--workdir", required=True, help="a run with a policy (pretrain, sft, ppo, dpo)")
     p.add_argument("--out", required=True, help="folder for config.json, model.safetensors (+ tokenizer files)")
     p.add_argument("--seed_index", type=int, default=0, help="which seed of a num_seeds > 1 run")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out folder")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("score", help="print the reward model's score of a response")
     p.add_argument("--workdir", required=True)

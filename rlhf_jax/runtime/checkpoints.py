@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -283,3 +285,33 @@ def mark_finished(workdir: str, note: str = "") -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+class WorkdirInUse(config_lib.ConfigError):
+    """Another process is training in this workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold `<workdir>/.lock` (flock, exclusive) while a run writes there: a second `train` on the
+    same workdir is refused, naming the holder's pid, instead of interleaving two curves and
+    deleting the other's checkpoints. The kernel drops the lock when the holder dies (kill -9
+    included), so no stale lock outlives a run. Taken by process 0 of a multi-process run."""
+    if not distributed.is_main_process():
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise WorkdirInUse(f"{workdir} is in use by process {holder} (another run is training there); "
+                               "wait for it, stop it, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)

@@ -58,14 +58,15 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
     module = stage_module(config.stage)
     if allow_config_change:
         checkpoints.check_workdir_fits(workdir, module.abstract_state(config))
-    # Every process checks a resumed workdir's config; process 0 alone writes it.
-    config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
-                                     write=distributed.is_main_process())
-    try:
-        state = module.train(config, workdir)
-    except checkpoints.Diverged as e:  # The loop knows the step and metric; name the stage too.
-        raise checkpoints.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
-    checkpoints.mark_finished(workdir, f"{config.get('num_steps', '')}")
+    with checkpoints.workdir_lock(workdir):
+        # Every process checks a resumed workdir's config; process 0 alone writes it.
+        config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
+                                         write=distributed.is_main_process())
+        try:
+            state = module.train(config, workdir)
+        except checkpoints.Diverged as e:  # The loop knows the step and metric; name the stage too.
+            raise checkpoints.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
+        checkpoints.mark_finished(workdir, f"{config.get('num_steps', '')}")
     return state
 
 
