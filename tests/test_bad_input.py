@@ -304,6 +304,26 @@ def test_data_errors_are_one_line_with_file_and_line(tmp_path, capsys):
     os.remove(folder / "5.txt")
     err = pretrain_with_data(tmp_path, capsys, "text_folder", folder, **{"data.validation_fraction": "0.01"})
     assert "has no 'validation' split" in err and "validation_path" in err
+    assert not (tmp_path / "run").exists()  # a new workdir the failed command made is gone again
+
+
+def test_a_command_failing_on_its_inputs_gives_a_finished_run_its_config_back(tmp_path, capsys):
+    folder, empty = tmp_path / "texts", tmp_path / "empty"
+    folder.mkdir(), empty.mkdir()
+    for i in range(20):
+        (folder / f"{i}.txt").write_text(f"A short document number {i}.\n" * 40)
+    args = ("train", f"--config={PRETRAIN}", f"--workdir={tmp_path / 'run'}", "--config.data.name=text_folder",
+            f"--config.data_dir={tmp_path / 'd'}", "--config.model.d_model=32", "--config.model.num_heads=2",
+            "--config.model.num_kv_heads=2", "--config.batch_size=8", "--config.seq_len=64", "--config.num_steps=4",
+            "--config.log_every=2", "--config.checkpoint_every=4", "--config.eval_every=0",
+            "--config.data.validation_fraction=0.3")
+    assert cli.main([*args, f"--config.data.path={folder}"]) == 0
+    saved = (tmp_path / "run" / "config.json").read_bytes()
+    err = cli_error(capsys, *args, f"--config.data.path={empty}", f"--config.data_dir={tmp_path / 'd2'}",
+                    "--allow_config_change")
+    assert str(empty) in err
+    assert (tmp_path / "run" / "config.json").read_bytes() == saved
+    assert checkpoints.is_finished(str(tmp_path / "run"))
 
 
 # ----------------------------------------------------------------------------- 7. the terminal labeller

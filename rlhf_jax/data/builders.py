@@ -331,6 +331,10 @@ class TextFolderBuilder(_Builder, skip_registration=True):
                       "validation": text_documents(self.validation_path, self.split_paragraphs)}
         else:
             splits = _split_by_hash(documents, "text", self.validation_fraction)
+            if not splits["train"]:
+                raise DataError(f"text_folder: every one of the {len(documents)} documents under {self.path!r} fell "
+                                f"in the held-out fraction validation_fraction={self.validation_fraction}; add "
+                                "documents or lower data.validation_fraction")
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
 

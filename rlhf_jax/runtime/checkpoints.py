@@ -259,6 +259,9 @@ def load_state(workdir: str, target, step: int | None = None):
     """Load the final (or given) train state of a finished run: the hand-off between stages.
     A damaged checkpoint stops the hand-off (no fallback: the next stage would start from
     other params than the run reported)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # (reading creates nothing)
+        raise config_lib.CheckpointError(f"{os.path.join(workdir, 'checkpoints')} does not exist: "
+                                         "the run has not saved a checkpoint yet")
     manager = checkpoint_manager(workdir)
     try:
         found = restore_checkpoint(manager, target, step)
@@ -268,6 +271,13 @@ def load_state(workdir: str, target, step: int | None = None):
         raise config_lib.CheckpointError(f"{os.path.join(workdir, 'checkpoints')} holds no checkpoint: "
                                          "the run has not saved one yet")
     return found[1]
+
+
+def latest_step(workdir: str) -> int | None:
+    """The highest step folder under <workdir>/checkpoints (None: none), read without Orbax."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
 
 
 def is_finished(workdir: str) -> bool:

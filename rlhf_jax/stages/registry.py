@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import time
 
@@ -52,22 +53,46 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
     """Check the config, write `<workdir>/config.json` (refusing a changed config on resume),
     train the stage, then mark it finished (DONE) once everything it hands off is on disk.
 
-    Nothing is written before the checks pass: a bad value, or a changed config that does not
-    fit the workdir's checkpoint, leaves the workdir as it was."""
+    Bad input leaves the workdir as it was: the config's values are checked before anything is
+    written, a changed config that does not fit the workdir's checkpoint before config.json is
+    touched, and what the stage finds wrong once it loads its inputs (data, init_from) before
+    its first checkpoint undoes this command's writes: a new workdir is removed, an existing
+    one gets its config.json back."""
     validate(config)
     module = stage_module(config.stage)
     if allow_config_change:
         checkpoints.check_workdir_fits(workdir, module.abstract_state(config))
+    existed = os.path.isdir(workdir)
+    config_path = os.path.join(workdir, "config.json")
+    saved_config = open(config_path, "rb").read() if os.path.isfile(config_path) else None
     with checkpoints.workdir_lock(workdir):
-        # Every process checks a resumed workdir's config; process 0 alone writes it.
-        config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
-                                         write=distributed.is_main_process())
+        trained_from = checkpoints.latest_step(workdir)
         try:
+            # Every process checks a resumed workdir's config; process 0 alone writes it.
+            config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
+                                             write=distributed.is_main_process())
             state = module.train(config, workdir)
         except checkpoints.Diverged as e:  # The loop knows the step and metric; name the stage too.
             raise checkpoints.Diverged(f"stage {config.stage} ({workdir}): {e}") from e
+        except config_lib.UserError:
+            if distributed.is_main_process() and checkpoints.latest_step(workdir) == trained_from:
+                _undo(workdir, existed, config_path, saved_config)
+            raise
         checkpoints.mark_finished(workdir, f"{config.get('num_steps', '')}")
     return state
+
+
+def _undo(workdir: str, existed: bool, config_path: str, saved_config: bytes | None) -> None:
+    """Put a workdir back as it was before a command that failed before its first checkpoint."""
+    if not existed:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif saved_config is None:
+        if os.path.exists(config_path):
+            os.remove(config_path)
+    else:
+        with open(config_path + ".tmp", "wb") as f:
+            f.write(saved_config)
+        os.replace(config_path + ".tmp", config_path)
 
 
 def run_stage_once(config, workdir: str, what: str, allow_config_change: bool = True) -> None:
