@@ -504,3 +504,13 @@ def test_export_never_writes_into_a_run_a_file_or_a_full_folder(tmp_path, capsys
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
     assert cli.main(["export", f"--workdir={run}", f"--out={tmp_path}/full", "--overwrite"]) == 0
     assert (tmp_path / "full" / "model.safetensors").exists()
+
+
+def test_a_hand_off_without_its_manifest_is_never_used(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    pretrain.save_random_run(run, micro_model())
+    manifests = glob.glob(os.path.join(run, "handoff", "params", "*", "manifest.json"))
+    assert len(manifests) == 1
+    os.remove(manifests[0])
+    err = cli_error(capsys, "sample", f"--workdir={run}", "--prompt=a", "--max_new_tokens=2")
+    assert "manifest.json is missing, so the arrays cannot be verified" in err

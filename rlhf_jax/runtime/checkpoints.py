@@ -168,7 +168,8 @@ def check_workdir_fits(workdir: str, target) -> None:
         manager.close()
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None = None, with_extra=False):
+def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None = None, with_extra=False,
+                       require_manifest: bool = False):
     """Restore `state` (shaped like `target`, shardings included) from the latest (or given) step,
     verified against its manifest.
 
@@ -191,6 +192,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target, step: int | None 
         raise DamagedCheckpoint(f"{where}: cannot be read, a file is missing or cut short "
                                 f"({_root_cause(e)})") from e
     manifest = read_manifest(manager, step)
+    if manifest is None and require_manifest:  # (written by this version: a missing one was removed)
+        raise DamagedCheckpoint(f"{where}: {MANIFEST} is missing, so the arrays cannot be verified; "
+                                "run the stage's command again to write it anew")
     if manifest is None:
         print(f"warning: {where} has no {MANIFEST} (saved before checksums were written): not verified",
               file=sys.stderr, flush=True)

@@ -163,7 +163,8 @@ def _restore(workdir: str, info: dict, name: str, abstract, members: int):
     target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct((members,) + tuple(x.shape), x.dtype), abstract)}
     manager = checkpoints.checkpoint_manager(os.path.join(workdir, HANDOFF_DIR), subfolder=name)
     try:
-        found = checkpoints.restore_checkpoint(manager, target, info["step"])
+        # Hand-offs were always written with a manifest: one without is never used unverified.
+        found = checkpoints.restore_checkpoint(manager, target, info["step"], require_manifest=True)
     finally:
         manager.close()
     if found is None:
