@@ -514,3 +514,21 @@ def test_a_hand_off_without_its_manifest_is_never_used(tmp_path, capsys):
     os.remove(manifests[0])
     err = cli_error(capsys, "sample", f"--workdir={run}", "--prompt=a", "--max_new_tokens=2")
     assert "manifest.json is missing, so the arrays cannot be verified" in err
+
+
+def test_preference_data_with_nothing_to_learn_or_a_nan_margin_is_refused_naming_the_record(tmp_path):
+    from rlhf_jax.data import builders
+
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    with pytest.raises(config_lib.DataError, match=r"records\[1\]: key 'margin' must be a finite number, got nan"):
+        builders.write_preferences([pair, {**pair, "margin": float("nan")}], str(tmp_path), "nan_margin")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}\n')
+    with pytest.raises(config_lib.DataError, match=rf"{path} line 1: key 'margin' must be a finite number"):
+        builders.PreferencesBuilder(path=str(path), data_dir=str(tmp_path / "d"),
+                                    file_format="array_record").download_and_prepare()
+    same = [{"prompt": f"p{i}", "chosen": "same", "rejected": "same"} for i in range(20)]
+    with pytest.raises(config_lib.DataError, match=r"in every one of the \d+ pairs chosen == rejected"):
+        builders.write_preferences(same, str(tmp_path), "identical")
+    differ = [{**pair, "prompt": f"q{i}"} for i in range(20)]
+    builders.write_preferences(same + differ, str(tmp_path), "some_differ")  # some pairs differ: fine

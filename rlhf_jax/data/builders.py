@@ -44,6 +44,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -171,8 +172,19 @@ def preference_example(row: dict, where: str) -> dict:
                                                                              sort_keys=True)
     except TypeError as e:
         raise DataError(f"{where}: key 'metadata' is not JSON-serialisable ({e})") from None
+    margin = float(row.get("margin", 0.0))
+    if not math.isfinite(margin):
+        raise DataError(f"{where}: key 'margin' must be a finite number, got {row['margin']!r}")
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
-            "metadata": metadata_json, "margin": float(row.get("margin", 0.0))}
+            "metadata": metadata_json, "margin": margin}
+
+
+def check_pairs_differ(examples: list[dict], where: str) -> None:
+    """Refuse preference data in which no pair prefers one text over another: a reward model
+    trained on it learns nothing (its gradient is 0) and DPO has no signal either."""
+    if examples and all(e["chosen"] == e["rejected"] for e in examples):
+        raise DataError(f"{where}: in every one of the {len(examples)} pairs chosen == rejected: "
+                        "there is no preference to learn")
 
 
 def _info(builder, features: dict, description: str):
@@ -366,6 +378,7 @@ class JsonlSftBuilder(_Builder, skip_registration=True):
                       "validation": self._read(self.validation_path)}
         else:
             splits = _split_by_hash(self._read(self.path), "prompt", self.validation_fraction)
+        check_pairs_differ(splits.get("train", []), f"preferences {self.path or self.builder_config.name!r}, train split")
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
 
@@ -410,6 +423,7 @@ class PreferencesBuilder(_Builder, skip_registration=True):
                       "validation": self._read(self.validation_path)}
         else:
             splits = _split_by_hash(self._read(self.path), "prompt", self.validation_fraction)
+        check_pairs_differ(splits.get("train", []), f"preferences {self.path or self.builder_config.name!r}, train split")
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
 
