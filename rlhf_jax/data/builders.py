@@ -378,7 +378,6 @@ class JsonlSftBuilder(_Builder, skip_registration=True):
                       "validation": self._read(self.validation_path)}
         else:
             splits = _split_by_hash(self._read(self.path), "prompt", self.validation_fraction)
-        check_pairs_differ(splits.get("train", []), f"preferences {self.path or self.builder_config.name!r}, train split")
         return {name: self._generate_examples(examples) for name, examples in splits.items()
                 if examples or name == "train"}
 
