@@ -159,3 +159,38 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert f"resuming {workdir} from step {last_logged}" in err
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130_with_one_line(tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    command = [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={SNACK}", f"--workdir={workdir}",
+               "--config.num_steps=100000000", "--config.checkpoint_every=100000000"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(metrics_lib.read_metrics(workdir)) < 5:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("rlhf-jax: stopped by Ctrl-C")
+    manager = checkpoints.checkpoint_manager(workdir)
+    assert manager.all_steps() == [metrics_lib.read_metrics(workdir)[-1]["step"]]
+    manager.close()
+
+
+def test_a_damaged_config_json_or_a_file_for_a_workdir_is_one_line(tmp_path, capsys):
+    from rlhf_jax.apps import cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for content, expected in ((b"\x89PNG garbage", "is not a readable run config"),
+                              (b'{"stage": "sf', "is not a readable run config"),
+                              (b'["a", "list"]', "holds a JSON list, not a run config")):
+        (run / "config.json").write_bytes(content)
+        assert cli.main(["sample", f"--workdir={run}", "--prompt=a"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and expected in err, err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["train", f"--config={SNACK}", f"--workdir={tmp_path / 'file'}", "--config.num_steps=20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is a file; expected a folder" in err, err

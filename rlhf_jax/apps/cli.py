@@ -298,12 +298,25 @@ def main(argv=None):
                                    args.distributed_timeout_s)
         args.fn(args, overrides)
     except config_lib.UserError as e:
+        return _one_line(f"{e.kind}: {e}", debug)
+    except (OSError, UnicodeError) as e:  # a path that is missing, unreadable, unwritable, not UTF-8
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _one_line(f"file error: {where}{e.strerror if getattr(e, 'strerror', None) else e}", debug)
+    except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        # One line: the message itself is one line; what it quotes from elsewhere may not be.
-        print(f"rlhf-jax: {e.kind}: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        print("rlhf-jax: stopped by Ctrl-C (a training run checkpointed its last step: the same command "
+              "resumes it)", file=sys.stderr)
+        return 130
     return 0
+
+
+def _one_line(message: str, debug: bool) -> int:
+    """Exit status 2 with the message on one line (what it quotes from elsewhere may not be)."""
+    if debug:
+        traceback.print_exc()
+    print(f"rlhf-jax: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -311,6 +311,8 @@ def workdir_lock(workdir: str):
     same workdir is refused, naming the holder's pid, instead of interleaving two curves and
     deleting the other's checkpoints. The kernel drops the lock when the holder dies (kill -9
     included), so no stale lock outlives a run. Taken by process 0 of a multi-process run."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"--workdir={workdir} is a file; expected a folder (it is created if missing)")
     if not distributed.is_main_process():
         yield
         return

@@ -215,8 +215,14 @@ def read_resolved_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{workdir} has no config.json: is it a run directory?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # garbage bytes, cut short, not JSON
+        raise ConfigError(f"{path} is not a readable run config ({e}); it was damaged or is not ours") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a run config (an object)")
+    return ml_collections.ConfigDict(saved)
 
 
 def load_function(import_path: str):

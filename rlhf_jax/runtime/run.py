@@ -183,26 +183,34 @@ def seeds_of(config) -> list[int]:
 
 
 class _SigtermAfterStep:
-    """Within the block, SIGTERM only sets `requested`: the loop stops after the step in flight,
-    its `finally` closes the metric and TensorBoard writers, and on leaving the block the process
-    ends by SIGTERM as before (callers see the usual exit status). Raising from the handler
-    instead could interrupt a writer or Orbax while it holds a lock, and the cleanup then waited
-    on that lock for ever (seen: a test hung in futex_wait)."""
+    """Within the block, SIGTERM and Ctrl-C (SIGINT) only set `requested`: the loop stops after
+    the step in flight and checkpoints it, its `finally` closes the metric and TensorBoard
+    writers, and on leaving the block the process ends by SIGTERM as before (callers see the
+    usual exit status), or after a Ctrl-C raises KeyboardInterrupt (the CLI exits 130 with one
+    line). Raising from the handler instead could interrupt a writer or Orbax while it holds a
+    lock, and the cleanup then waited on that lock for ever (seen: a test hung in futex_wait); a
+    second Ctrl-C is taken to mean "now" and does raise."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.requested, self.previous = False, None
+        self.requested, self.signum, self.previous = False, None, {}
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
-                self.requested = True
-            self.previous = signal.signal(signal.SIGTERM, handler)
+                if signum == signal.SIGINT and self.signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                self.requested, self.signum = True, signum
+            self.previous = {s: signal.signal(s, handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, kind, value, tb):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        if self.requested:
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
+        if self.requested and self.signum == signal.SIGTERM:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
+        if self.requested and kind is None:
+            raise KeyboardInterrupt
         return False
 
 
