@@ -194,3 +194,13 @@ def test_a_damaged_config_json_or_a_file_for_a_workdir_is_one_line(tmp_path, cap
     assert cli.main(["train", f"--config={SNACK}", f"--workdir={tmp_path / 'file'}", "--config.num_steps=20"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a file; expected a folder" in err, err
+
+
+def test_an_experiment_argument_the_file_does_not_know_is_one_line(capsys):
+    from rlhf_jax.apps import cli
+
+    ppo = os.path.join(ROOT, "experiments", "reviews", "ppo.py")
+    assert cli.main(["train", f"--config={ppo}:bogus", "--workdir=/tmp/never_written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ppo.py:bogus" in err and "expected no argument" in err, err
+    assert not os.path.exists("/tmp/never_written")

@@ -66,7 +66,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`spec` is `path/to/file.py` or `path/to/file.py:arg`; returns `get_config([arg])`."""
     path, _, arg = spec.partition(":")
     module = load_config_module(spec)
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (ValueError, KeyError, TypeError) as e:  # an argument the file does not know, or none where it needs one
+        raise ConfigError(f"{spec}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected a ConfigDict")
     return config
