@@ -204,3 +204,12 @@ def test_an_experiment_argument_the_file_does_not_know_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "ppo.py:bogus" in err and "expected no argument" in err, err
     assert not os.path.exists("/tmp/never_written")
+
+
+def test_launch_of_an_unknown_command_is_one_line_before_any_process_starts(capsys):
+    from rlhf_jax.apps import cli
+
+    assert cli.main(["launch", "--num_processes=2", "--", "frobnicate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("rlhf-jax: config error: launch: 'frobnicate' is not a command launch runs; expected one of "
+                   "train, sweep, pipeline, compare, rounds after `--`")

@@ -45,6 +45,9 @@ def cmd_train(args, overrides):
         print(f"done: {args.workdir}")
 
 
+DISTRIBUTED_COMMANDS = ("train", "sweep", "pipeline", "compare", "rounds")  # the ones that join jax.distributed
+
+
 def cmd_launch(argv):
     """`launch [flags] -- <command>`: parsed apart, so the command's own --config.* stay its own."""
     if "--" not in argv:
@@ -58,7 +61,11 @@ def cmd_launch(argv):
                    help="fake CPU devices per process (XLA_FLAGS); 0 keeps the environment's devices")
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(argv[1:split])
-    return distributed.launch(argv[split + 1:], args.num_processes, args.devices_per_process, args.port)
+    command = argv[split + 1:]
+    if not command or command[0] not in DISTRIBUTED_COMMANDS:  # checked once here, not once per process
+        raise config_lib.ConfigError(f"launch: {(command or [''])[0]!r} is not a command launch runs; expected one "
+                                     f"of {', '.join(DISTRIBUTED_COMMANDS)} after `--`")
+    return distributed.launch(command, args.num_processes, args.devices_per_process, args.port)
 
 
 def sweep_runs(module, base_overrides):
@@ -212,8 +219,10 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="rlhf-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn in (("train", cmd_train), ("sweep", cmd_sweep), ("pipeline", cmd_pipeline), ("compare", cmd_compare),
-                     ("rounds", cmd_rounds)):
+    commands = {"train": cmd_train, "sweep": cmd_sweep, "pipeline": cmd_pipeline, "compare": cmd_compare,
+                "rounds": cmd_rounds}
+    assert tuple(commands) == DISTRIBUTED_COMMANDS
+    for name, fn in commands.items():
         p = sub.add_parser(name, help=f"{name} from a config file; --config.<key>=<value> overrides")
         p.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
         p.add_argument("--workdir", required=True)
@@ -291,7 +300,7 @@ def main(argv=None):
             return cmd_launch(argv)
         rest, overrides = config_lib.split_override_args(argv)
         args = build_parser().parse_args(rest)
-        if overrides and args.command not in ("train", "sweep", "pipeline", "compare", "rounds"):
+        if overrides and args.command not in DISTRIBUTED_COMMANDS:
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
         if getattr(args, "distributed", False):  # Before anything touches a device.
             distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
