@@ -193,3 +193,64 @@ def test_tfds_export_is_read_by_the_reward_loader(tmp_path):
     assert batch["chosen_tokens"].shape[0] == 2
     with pytest.raises(DataError, match="no labelled pairs"):
         store_at(tmp_path / "empty").export_preferences(str(tmp_path / "t2"))
+
+
+def test_undo_appends_an_answer_that_supersedes_and_counts_skip_as_no_label(tmp_path):
+    store = store_at(tmp_path)
+    store.add_pairs(pairs(3))
+    first = store.next_pair("alice", shown="ba")
+    store.answer(first.pair_id, "alice", "skip", first.shown)
+    assert store.progress("alice") == (0, 2) and store.num_skipped("alice") == 1  # a skip is no label
+    reopened = store.reopen("alice")
+    assert (reopened.pair_id, reopened.shown) == (first.pair_id, "ba")  # back, in the order it was shown
+    assert store.next_pair("alice").pair_id == first.pair_id
+    new = store.answer(first.pair_id, "alice", "left", "ba")
+    assert new.supersedes == store.answers(superseded=True)[0].seq and new.choice == "b"
+    assert [a.choice for a in store.answers()] == ["b"] and store.progress("alice") == (1, 3)
+    assert store.stats().answers_per_annotator["alice"]["skip"] == 0
+    with pytest.raises(LS.AnswerRefused, match="already answered"):  # no second answer without an undo
+        store.answer(first.pair_id, "alice", "right", "ba")
+    assert store.next_pair("alice").pair_id == "train-1"
+
+
+def test_a_store_from_before_undo_is_upgraded_keeping_every_answer(tmp_path):
+    path = str(tmp_path / LS.STORE_FILE)
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE pairs (id TEXT PRIMARY KEY, prompt TEXT NOT NULL, response_a TEXT NOT NULL,
+            response_b TEXT NOT NULL, split TEXT NOT NULL DEFAULT 'train', source TEXT NOT NULL DEFAULT '',
+            metadata TEXT NOT NULL DEFAULT '{}', added TEXT NOT NULL, rank INTEGER NOT NULL,
+            queued INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE answers (seq INTEGER PRIMARY KEY AUTOINCREMENT, pair_id TEXT NOT NULL REFERENCES pairs(id),
+            annotator TEXT NOT NULL, choice TEXT NOT NULL, shown TEXT NOT NULL, position TEXT NOT NULL,
+            time TEXT NOT NULL, metadata TEXT NOT NULL DEFAULT '{}', request_id TEXT UNIQUE,
+            UNIQUE (pair_id, annotator));
+        CREATE TRIGGER answers_no_delete BEFORE DELETE ON answers BEGIN SELECT RAISE(ABORT, 'append-only'); END;
+        CREATE TABLE leases (pair_id TEXT NOT NULL, annotator TEXT NOT NULL, shown TEXT NOT NULL, since REAL NOT NULL,
+            PRIMARY KEY (pair_id, annotator));
+        INSERT INTO pairs VALUES ('p0', 'prompt', 'A', 'B', 'train', '', '{}', 't', 0, 1);
+        INSERT INTO answers VALUES (7, 'p0', 'alice', 'a', 'ab', 'left', 't', '{}', 'req-7');
+    """)
+    db.close()
+    os.chmod(path, 0o644)
+    store = LS.LabelStore(path)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"  # people's answers: the owner's only
+    [old] = store.answers()
+    assert (old.seq, old.request_id, old.choice) == (7, "req-7", "a")
+    store.reopen("alice")
+    assert store.answer("p0", "alice", "right", "ab").supersedes == 7
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        sqlite3.connect(path).execute("DELETE FROM answers")
+
+
+def test_pair_ids_and_names_follow_one_rule(tmp_path):
+    store = store_at(tmp_path)
+    for bad in ("", "   ", "x" * 201, "tab\there", ["list"], None):
+        with pytest.raises(DataError, match="pair 0 from the caller: pair id"):
+            store.add_pairs([{**pairs(1)[0], "id": bad}])
+    store.add_pairs([{**pairs(1)[0], "id": 5}])  # an integer id is its text, as before
+    assert store.pair("5").prompt == "prompt 0"
+    for name in ("Zoë", "李雷", "o'brien"):
+        assert LS.annotator_error(LS.normalise_name(name)) is None
+    for name in ("", " alice", "a\x00b", "a\u202eb", "x" * 65, "Zoe\u0308"):
+        assert LS.annotator_error(name) is not None, name

@@ -96,7 +96,8 @@ def test_bad_requests_get_4xx_and_write_nothing(tmp_path):
            client.post("/api/answer", json={"pair_id": "p" * 20000, "position": "left", "request_id": "request-01"},
                        headers={"X-CSRF-Token": csrf})]
     assert [r.status_code for r in bad] == [400, 415, 400, 413]
-    assert client.get("/login?name=<script>").status_code == 400
+    assert client.get("/login?name=bell%07").status_code == 400  # control characters are no name
+    assert client.get("/login?name=%E2%80%AEevil").status_code == 400  # nor a right-to-left override
     assert client.get("/no/such/page").status_code == 404
     assert client.get("/static/secret.py").status_code == 404
     assert client.post("/api/chat", json={"prompt": "hi"}, headers={"X-CSRF-Token": csrf}).status_code == 404
@@ -114,7 +115,10 @@ def test_non_local_binding_needs_tokens(tmp_path):
         serve.make_app(str(tmp_path), host="0.0.0.0")
     by_name = serve.write_new_tokens(str(tmp_path / "tokens.json"), ["alice", "bob"])
     assert oct(os.stat(tmp_path / "tokens.json").st_mode & 0o777) == "0o600"
-    app = serve.make_app(str(tmp_path), host="0.0.0.0", tokens=serve.read_tokens(str(tmp_path / "tokens.json")))
+    with pytest.raises(ConfigError, match="--public_name"):  # every address: which name is ours?
+        serve.make_app(str(tmp_path), host="0.0.0.0", tokens=serve.read_tokens(str(tmp_path / "tokens.json")))
+    app = serve.make_app(str(tmp_path), host="0.0.0.0", tokens=serve.read_tokens(str(tmp_path / "tokens.json")),
+                         public_names=("10.0.0.1",))
     client = TestClient(app, base_url="http://10.0.0.1")
     assert client.get("/login?name=alice", follow_redirects=False).status_code == 401  # names do not log in
     assert client.get("/login?token=" + "x" * 32).status_code == 403
@@ -191,8 +195,14 @@ def test_chat_with_a_tiny_policy(tmp_path):
     app = serve.make_app(str(tmp_path / "labels"), sampler=sampler, policy=str(tmp_path / "sft"),
                          chat=serve.ChatSettings(compare_every=1, max_new_tokens=6))
     client = client_for(app, "alice")
-    reply = chat(client, csrf_of(client.get("/chat").text), "The film").json()
+    csrf = csrf_of(client.get("/chat").text)
+    reply = chat(client, csrf, "The film").json()
     assert reply["compare"] and isinstance(reply["left"], str)
+    # The window less the answer's tokens is all the prompt the policy reads: a longer one is refused.
+    limit = sampler.model_config.max_len - 6
+    refused = chat(client, csrf, "x" * (limit + 1))
+    assert refused.status_code == 400 and f"at most {limit}" in refused.json()["error"]
+    assert chat(client, csrf, "x" * limit).status_code == 200
     assert app.state.store.pair(reply["pair_id"]).metadata["policy"] == str(tmp_path / "sft")
 
 
@@ -262,3 +272,187 @@ def test_cli_serve_refuses_a_public_address_without_tokens_and_labels_reports(tm
     assert "| alice | 2 | 0 | 0 | 0 | 2 |" in out and "alice|bob: 0/1 agree" in out
     assert "pairwise agreement 0.000" in out and "3 answers written" in out
     assert "'train': 1" in out  # p0 is split 1-1 (dropped); p1 is alice's
+
+
+SECURITY = ("content-security-policy", "x-content-type-options", "x-frame-options", "referrer-policy", "cache-control")
+
+
+def test_deep_json_and_huge_numbers_are_400_and_every_response_has_the_security_headers(tmp_path):
+    write_pairs(tmp_path, 2)
+    app = serve.make_app(str(tmp_path))
+    client = client_for(app, "alice")
+    page = client.get("/").text
+    headers = {"X-CSRF-Token": csrf_of(page), "Content-Type": "application/json"}
+    deep = b"[" * 5000 + b"]" * 5000  # 10 KB: under the size cap, over Python's recursion limit
+    huge = b'{"pair_id": "p0", "position": "left", "request_id": ' + b"9" * 5000 + b"}"
+    for body in (deep, huge):
+        response = client.post("/api/answer", content=body, headers=headers)
+        assert response.status_code == 400 and "error" in response.json()
+        assert all(h in response.headers for h in SECURITY)
+    # Starlette's own answers: no route, wrong method, and an exception inside a handler.
+    assert client.get("/no/such/page").status_code == 404
+    assert client.get("/api/answer").status_code == 405
+    for response in (client.get("/no/such/page"), client.get("/api/answer"), client.get("/login?name=bell%07")):
+        assert all(h in response.headers for h in SECURITY), response.headers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    app.state.store.progress = broken
+    failing = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    failing.cookies.set(serve.SESSION_COOKIE, "alice")
+    response = failing.get("/")
+    assert response.status_code == 500 and all(h in response.headers for h in SECURITY)
+    assert app.state.store.answers() == []
+
+
+def test_host_and_origin_are_checked(tmp_path):
+    write_pairs(tmp_path, 2)
+    app = serve.make_app(str(tmp_path))
+    # DNS rebinding: attacker.example resolves to 127.0.0.1, but the Host header still says attacker.example.
+    rebound = TestClient(app, base_url="http://attacker.example:8000")
+    for response in (rebound.get("/login?name=alice", follow_redirects=False), rebound.get("/"),
+                     rebound.post("/api/answer", json={})):
+        assert response.status_code == 421 and all(h in response.headers for h in SECURITY)
+    for base in ("http://localhost:8000", "http://[::1]:8000", "http://127.0.0.1:8000"):
+        assert TestClient(app, base_url=base).get("/login").status_code == 200
+    client = client_for(app, "alice")
+    page = client.get("/").text
+    csrf, pair_id = csrf_of(page), pair_on(page)
+    body = {"pair_id": pair_id, "position": "left", "request_id": "request-0001"}
+    for origin in ("http://attacker.example", "null", "http://127.0.0.1:9999"):
+        response = client.post("/api/answer", json=body, headers={"X-CSRF-Token": csrf, "Origin": origin})
+        assert response.status_code == 403 and "Origin" in response.json()["error"]
+    assert app.state.store.answers() == []
+    assert client.post("/api/answer", json=body, headers={"X-CSRF-Token": csrf, "Origin": "http://127.0.0.1"}
+                       ).status_code == 200
+    # Behind a proxy: the public name is the server's name too, and only it.
+    proxied = serve.make_app(str(tmp_path / "other"), sampler=fake_sampler, public_names=("labels.example.org",))
+    assert TestClient(proxied, base_url="https://labels.example.org").get("/login").status_code == 200
+    assert TestClient(proxied, base_url="https://other.example.org").get("/login").status_code == 421
+    with pytest.raises(ConfigError, match="public_name=https://x"):
+        serve.make_app(str(tmp_path), public_names=("https://x",))
+
+
+def test_pair_ids_are_checked_at_import_with_the_apis_rule(tmp_path):
+    for bad_id, why in (("x" * 201, "1 to 200 characters"), ("  ", "not all blank"), ("a\nb", "control")):
+        folder = tmp_path / str(len(bad_id))
+        folder.mkdir()
+        with open(folder / LS.PAIRS_FILE, "w") as f:
+            f.write(json.dumps({"id": "ok", "prompt": "p", "response_a": "a", "response_b": "b"}) + "\n\n")
+            f.write(json.dumps({"id": bad_id, "prompt": "p", "response_a": "a", "response_b": "b"}) + "\n")
+        with pytest.raises(LS.DataError, match=rf"pairs.jsonl line 3: pair id .*{why}"):
+            serve.make_app(str(folder))
+        assert LS.pair_id_error(bad_id) is not None
+    # The API refuses exactly what the import refuses, with the same words.
+    write_pairs(tmp_path, 1)
+    app = serve.make_app(str(tmp_path))
+    client = client_for(app, "alice")
+    response = post_answer(client, csrf_of(client.get("/").text), "x" * 201, "left")
+    assert response.status_code == 400 and LS.pair_id_error("x" * 201) in response.json()["error"]
+
+
+def test_new_tokens_keeps_existing_ones(tmp_path, capsys):
+    path = str(tmp_path / "tokens.json")
+    first = serve.write_new_tokens(path, ["alice", "bob"])
+    assert set(first) == {"alice", "bob"}
+    again = serve.write_new_tokens(path, ["alice", "bob", "Zoë"])  # a restart, one person more
+    assert set(again) == {"Zoë"}
+    tokens = serve.read_tokens(path)
+    assert tokens[first["alice"]] == "alice" and tokens[first["bob"]] == "bob" and tokens[again["Zoë"]] == "Zoë"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    with pytest.raises(ConfigError, match="control"):
+        serve.write_new_tokens(path, ["eve\x1b[31m"])
+    assert serve.read_tokens(path) == tokens
+
+
+def test_undo_gives_the_last_pair_back_and_the_new_answer_supersedes(tmp_path):
+    write_pairs(tmp_path, 3)
+    app = serve.make_app(str(tmp_path), seed=0)
+    client = client_for(app, "alice")
+    page = client.get("/").text
+    csrf = csrf_of(page)
+    assert "id=saved" not in page and client.post("/api/undo", json={}, headers={"X-CSRF-Token": csrf}
+                                                  ).status_code == 409  # nothing to undo yet
+    assert post_answer(client, csrf, "p0", "left", "request-first").status_code == 200
+    page = client.get("/").text
+    assert pair_on(page) == "p1" and "Saved: Left is better" in page  # the store's own confirmation
+    assert client.post("/api/undo", json={}, headers={"X-CSRF-Token": csrf}).json() == {"reopened": "p0"}
+    page = client.get("/").text
+    assert pair_on(page) == "p0" and "replaces" in page
+    assert post_answer(client, csrf, "p0", "right", "request-again").status_code == 200
+    store = app.state.store
+    [live] = store.answers()
+    assert live.position == "right" and live.supersedes is not None
+    assert [a.position for a in store.answers(superseded=True)] == ["left", "right"]  # nothing deleted
+    assert store.answers(superseded=True)[0].seq == live.supersedes
+    assert post_answer(client, csrf, "p0", "tie", "request-third").status_code == 409  # no undo, no second answer
+    assert pair_on(client.get("/").text) == "p1"
+
+
+def test_skips_names_instructions_and_private_files(tmp_path):
+    write_pairs(tmp_path, 3)
+    app = serve.make_app(str(tmp_path))
+    client = client_for(app, "J%C3%BCrgen%20M%C3%BCller")  # "Jürgen Müller": any script
+    page = client.get("/").text
+    assert "Jürgen Müller" in page and "How to label" in page and "s to skip" in page
+    assert post_answer(client, csrf_of(page), pair_on(page), "skip").status_code == 200
+    assert "0 of 2 labelled, 1 skipped" in client.get("/").text  # a skip is not a label
+    # The decomposed spelling (u + combining diaeresis) is the same person.
+    assert "J\u00fcrgen" in app.state.store.answers()[0].annotator
+    assert "Jürgen Müller" in client_for(app, "Ju%CC%88rgen%20Mu%CC%88ller").get("/").text
+    import sqlite3
+
+    held = sqlite3.connect(str(tmp_path / LS.STORE_FILE))  # the WAL files exist while a connection is open
+    held.execute("SELECT COUNT(*) FROM answers").fetchone()
+    for name in (LS.STORE_FILE, LS.STORE_FILE + "-wal", LS.STORE_FILE + "-shm", serve.SECRET_FILE):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == "0o600", name
+    held.close()
+    app.state.store.export_jsonl(str(tmp_path / "answers.jsonl"))
+    assert oct(os.stat(tmp_path / "answers.jsonl").st_mode & 0o777) == "0o600"
+    with open(tmp_path / serve.INSTRUCTIONS_FILE, "w") as f:
+        f.write("Prefer the <b>kinder</b> review.")
+    page = client_for(serve.make_app(str(tmp_path)), "bob").get("/login").text
+    assert "Prefer the &lt;b&gt;kinder&lt;/b&gt; review." in page
+
+
+class LimitedPolicy:
+    """A sampler with what PolicySampler exposes: a byte tokenizer and a 16-token window."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        from rlhf_jax.models.tokenizer import ByteTokenizer
+
+        self.tokenizer, self.model_config = ByteTokenizer(), SimpleNamespace(max_len=16)
+
+    def __call__(self, prompt, num, temperature, max_new_tokens, seed=0):
+        assert len(self.tokenizer.encode(prompt)) + max_new_tokens <= 16
+        return fake_sampler(prompt, num, temperature, max_new_tokens, seed)
+
+
+def test_chat_refuses_a_prompt_longer_than_the_policy_reads_and_offers_pending_comparisons_again(tmp_path):
+    with pytest.raises(ConfigError, match="max_new_tokens=16"):
+        serve.make_app(str(tmp_path), sampler=LimitedPolicy(), chat=serve.ChatSettings(max_new_tokens=16))
+    app = serve.make_app(str(tmp_path), sampler=LimitedPolicy(),
+                         chat=serve.ChatSettings(compare_every=1, max_new_tokens=6))
+    client = client_for(app, "alice")
+    page = client.get("/chat").text
+    assert "up to 10 tokens" in page
+    csrf = csrf_of(page)
+    refused = chat(client, csrf, "ü" * 6)  # 12 bytes: the policy would have seen 10 of them
+    assert refused.status_code == 400 and "12 tokens" in refused.json()["error"] and "at most 10" in refused.json()[
+        "error"]
+    assert app.state.store.pairs() == []
+    reply = chat(client, csrf, "0123456789").json()
+    assert app.state.store.pair(reply["pair_id"]).prompt == "0123456789"  # what the policy saw, whole
+    # A reload (or a server restart) offers the unanswered comparison again, in the same order.
+    again = serve.make_app(str(tmp_path), sampler=LimitedPolicy(),
+                           chat=serve.ChatSettings(compare_every=1, max_new_tokens=6))
+    client = client_for(again, "alice")
+    page = client.get("/chat").text
+    assert f"data-pair-id='{reply['pair_id']}'" in page
+    assert re.search(r"<pre class=left>(.*?)</pre>", page, re.S).group(1) == serve._text(reply["left"])
+    assert post_answer(client, csrf_of(page), reply["pair_id"], "left").status_code == 200
+    assert "data-pair-id" not in client.get("/chat").text
+    assert "data-pair-id" not in client_for(again, "bob").get("/chat").text

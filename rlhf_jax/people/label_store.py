@@ -23,13 +23,20 @@ Tables:
              ('a' | 'b' | 'tie' | 'skip', in terms of the pair's own responses), shown ('ab' when
              response_a was shown first / on the left, 'ba' otherwise), the position picked as
              given ('left' | 'right' | 'tie' | 'skip'), time, metadata (JSON), request_id.
-             One answer per (pair, annotator); a repeated request_id is the same answer again
-             (a page resubmitted after a lost confirmation) and writes nothing.
+             One live answer per (pair, annotator); a repeated request_id is the same answer
+             again (a page resubmitted after a lost confirmation) and writes nothing. Undo
+             (`reopen`) writes no row: it gives the annotator their last pair back, and the
+             answer they give then is a new row whose `supersedes` names the row it replaces;
+             every count, statistic and export reads `live_answers` (rows nothing supersedes).
     leases   which annotator is being shown which pair, in which order, since when. A pair is
              handed out while (answers by others + live leases of others) < N, so concurrent
              annotators never get a pair more than N times; a lease expires after
              `lease_seconds` (the person closed the tab) and the pair goes back into the queue.
              Leases are bookkeeping, not labels: they may be replaced and deleted.
+
+Ids, names, files: a pair id follows `pair_id_error` (the web API checks ids with the same
+rule), an annotator name `annotator_error` (any script, NFC-normalised, no control
+characters). The database, its WAL files and exported answers are readable by their owner only.
 
 Imported data: `import_jsonl(data_dir)` reads the files the terminal labeler used to write
 (pairs.jsonl, labels.jsonl; each answer becomes annotator = its 'labeler' field), so an existing
@@ -46,6 +53,7 @@ import os
 import random
 import sqlite3
 import time
+import unicodedata
 from typing import Iterable, Optional
 
 from rlhf_jax.data import builders
@@ -60,6 +68,25 @@ POSITIONS = ("left", "right", "tie", "skip")
 SHOWN_ORDERS = ("ab", "ba")
 SPLITS = ("train", "validation")
 PAIR_FIELDS = ("id", "prompt", "response_a", "response_b")
+MAX_ID_CHARS = 200
+MAX_NAME_CHARS = 64
+
+# Append-only. `supersedes`: the earlier answer of the same person to the same pair that this one
+# replaces (after an undo); each answer is superseded at most once.
+_ANSWERS = """
+CREATE TABLE IF NOT EXISTS answers (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    pair_id TEXT NOT NULL REFERENCES pairs(id),
+    annotator TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip')),
+    shown TEXT NOT NULL CHECK (shown IN ('ab', 'ba')),
+    position TEXT NOT NULL CHECK (position IN ('left', 'right', 'tie', 'skip')),
+    time TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    request_id TEXT UNIQUE,
+    supersedes INTEGER UNIQUE REFERENCES answers(seq)
+);
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairs (
@@ -74,31 +101,24 @@ CREATE TABLE IF NOT EXISTS pairs (
     rank INTEGER NOT NULL,
     queued INTEGER NOT NULL DEFAULT 1
 );
-CREATE TABLE IF NOT EXISTS answers (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    pair_id TEXT NOT NULL REFERENCES pairs(id),
-    annotator TEXT NOT NULL,
-    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'skip')),
-    shown TEXT NOT NULL CHECK (shown IN ('ab', 'ba')),
-    position TEXT NOT NULL CHECK (position IN ('left', 'right', 'tie', 'skip')),
-    time TEXT NOT NULL,
-    metadata TEXT NOT NULL DEFAULT '{}',
-    request_id TEXT UNIQUE,
-    UNIQUE (pair_id, annotator)
-);
+{answers}
 CREATE TRIGGER IF NOT EXISTS answers_no_update BEFORE UPDATE ON answers
 BEGIN SELECT RAISE(ABORT, 'answers are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS answers_no_delete BEFORE DELETE ON answers
 BEGIN SELECT RAISE(ABORT, 'answers are append-only'); END;
+CREATE INDEX IF NOT EXISTS answers_by_pair ON answers (pair_id, annotator);
+CREATE VIEW IF NOT EXISTS live_answers AS
+    SELECT * FROM answers x WHERE NOT EXISTS (SELECT 1 FROM answers y WHERE y.supersedes = x.seq);
 CREATE TABLE IF NOT EXISTS leases (
     pair_id TEXT NOT NULL REFERENCES pairs(id),
     annotator TEXT NOT NULL,
     shown TEXT NOT NULL CHECK (shown IN ('ab', 'ba')),
     since REAL NOT NULL,
+    reopened INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (pair_id, annotator)
 );
 CREATE TABLE IF NOT EXISTS imported (path TEXT PRIMARY KEY, time TEXT NOT NULL);
-"""
+""".replace("{answers}", _ANSWERS.strip())
 
 
 class AnswerRefused(DataError):
@@ -152,6 +172,7 @@ class Answer:
     time: str
     metadata: dict
     request_id: Optional[str]
+    supersedes: Optional[int] = None  # the seq of the earlier answer this one replaces (after an undo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,13 +232,18 @@ class LabelStore:
         self._rng = random.Random(seed)  # the shown order; seeded in tests
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
+        _make_private(path)
         with self._connect() as db:
             # WAL is a property of the file: set once, every later connection uses it.
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise DataError(f"{path}: SQLite could not switch to WAL mode (got {mode!r}); "
                                 "is it on a network file system?")
+            _upgrade(db)
             db.executescript(_SCHEMA)
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; older stores may differ
+            if os.path.exists(path + suffix):
+                _make_private(path + suffix)
 
     @contextlib.contextmanager
     def _connect(self):
@@ -251,14 +277,18 @@ class LabelStore:
 
     # ------------------------------------------------------------------------- pairs
 
-    def add_pairs(self, pairs: Iterable[dict], source: str = "", queued: bool = True) -> int:
+    def add_pairs(self, pairs: Iterable[dict], source: str = "", queued: bool = True,
+                  where: Optional[list[str]] = None) -> int:
         """Add pairs (dicts with id, prompt, response_a, response_b, optional split, other keys
         kept as metadata). A pair already in the store with the same texts is left alone; the
         same id with different texts is a DataError. Returns the number added.
 
         queued=False: the pair is not handed out by next_pair (a chat comparison, asked only of
-        the person who chatted, through hold())."""
-        rows = [_pair_row(p, f"pair {i} from {source or 'the caller'}") for i, p in enumerate(pairs)]
+        the person who chatted, through hold()). where: how to name each pair in an error (the file
+        and line it came from)."""
+        pairs = list(pairs)
+        where = where or [f"pair {i} from {source or 'the caller'}" for i in range(len(pairs))]
+        rows = [_pair_row(p, w) for p, w in zip(pairs, where)]
         added = 0
         with self._write() as db:
             rank = db.execute("SELECT COALESCE(MAX(rank), -1) + 1 FROM pairs").fetchone()[0]
@@ -309,12 +339,15 @@ class LabelStore:
         _check_annotator(annotator)
         t = _time_seconds(now_seconds)
         with self._write() as db:
-            db.execute("DELETE FROM leases WHERE since < ?", (t - self.lease_seconds,))
+            # A chat comparison (not queued) is asked of its one person only: its lease stays until
+            # they answer, so a reload offers it again (held_comparisons).
+            db.execute("DELETE FROM leases WHERE since < ? AND pair_id IN (SELECT id FROM pairs WHERE queued = 1)",
+                       (t - self.lease_seconds,))
             held = db.execute(
                 "SELECT l.pair_id, l.shown FROM leases l JOIN pairs p ON p.id = l.pair_id WHERE l.annotator = ?"
-                " AND p.queued = 1"
-                " AND NOT EXISTS (SELECT 1 FROM answers x WHERE x.pair_id = l.pair_id AND x.annotator = ?)"
-                + (" AND p.source = ?" if source is not None else "") + " ORDER BY p.rank LIMIT 1",
+                " AND p.queued = 1 AND (l.reopened = 1 OR"
+                " NOT EXISTS (SELECT 1 FROM live_answers x WHERE x.pair_id = l.pair_id AND x.annotator = ?))"
+                + (" AND p.source = ?" if source is not None else "") + " ORDER BY l.reopened DESC, p.rank LIMIT 1",
                 (annotator, annotator) + ((source,) if source is not None else ())).fetchone()
             if held is not None:
                 db.execute("UPDATE leases SET since = ? WHERE pair_id = ? AND annotator = ?",
@@ -323,8 +356,8 @@ class LabelStore:
             else:
                 row = db.execute(
                     "SELECT p.id FROM pairs p WHERE p.queued = 1 AND"
-                    " NOT EXISTS (SELECT 1 FROM answers x WHERE x.pair_id = p.id AND x.annotator = :who)"
-                    " AND (SELECT COUNT(*) FROM answers x WHERE x.pair_id = p.id AND x.choice != 'skip')"
+                    " NOT EXISTS (SELECT 1 FROM live_answers x WHERE x.pair_id = p.id AND x.annotator = :who)"
+                    " AND (SELECT COUNT(*) FROM live_answers x WHERE x.pair_id = p.id AND x.choice != 'skip')"
                     "   + (SELECT COUNT(*) FROM leases l WHERE l.pair_id = p.id AND l.annotator != :who) < :n"
                     + (" AND p.source = :source" if source is not None else "") + " ORDER BY p.rank LIMIT 1",
                     {"who": annotator, "n": self.answers_per_pair, "source": source}).fetchone()
@@ -352,6 +385,39 @@ class LabelStore:
                        (pair_id, annotator, shown, _time_seconds(now_seconds)))
         return Lease(pair, annotator, shown)
 
+    def held_comparisons(self, annotator: str) -> list[Lease]:
+        """The pairs outside the queue (chat comparisons) held by `annotator` and not answered yet,
+        oldest first: what a reloaded chat page offers again."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT l.pair_id, l.shown FROM leases l JOIN pairs p ON p.id = l.pair_id WHERE l.annotator = ?"
+                " AND p.queued = 0 AND (l.reopened = 1 OR"
+                " NOT EXISTS (SELECT 1 FROM live_answers x WHERE x.pair_id = l.pair_id AND x.annotator = ?))"
+                " ORDER BY p.rank", (annotator, annotator)).fetchall()
+        return [Lease(self.pair(pair_id), annotator, shown) for pair_id, shown in rows]
+
+    def reopen(self, annotator: str, now_seconds: Optional[float] = None) -> Optional[Lease]:
+        """Undo: give `annotator` the pair of their last answer in the queue back, in the order it was
+        shown, or None when they have none. Writes no answer: the old one counts until they answer
+        again, and that answer supersedes it (answers stay append-only)."""
+        _check_annotator(annotator)
+        with self._write() as db:
+            row = db.execute("SELECT x.pair_id, x.shown FROM live_answers x JOIN pairs p ON p.id = x.pair_id"
+                             " WHERE x.annotator = ? AND p.queued = 1 ORDER BY x.seq DESC LIMIT 1",
+                             (annotator,)).fetchone()
+            if row is None:
+                return None
+            db.execute("INSERT OR REPLACE INTO leases (pair_id, annotator, shown, since, reopened)"
+                       " VALUES (?, ?, ?, ?, 1)", (row[0], annotator, row[1], _time_seconds(now_seconds)))
+        return Lease(self.pair(row[0]), annotator, row[1])
+
+    def last_answer(self, annotator: str) -> Optional[Answer]:
+        """`annotator`'s latest live answer to a queued pair (what the queue page confirms), or None."""
+        with self._connect() as db:
+            row = db.execute(_ANSWER_QUERY + " WHERE annotator = ? AND pair_id IN (SELECT id FROM pairs"
+                             " WHERE queued = 1) ORDER BY seq DESC LIMIT 1", (annotator,)).fetchone()
+        return None if row is None else _answer_from_row(row)
+
     def lease(self, pair_id: str, annotator: str) -> Optional[Lease]:
         """The live lease of `annotator` on `pair_id` (what they were shown), or None."""
         with self._connect() as db:
@@ -365,14 +431,15 @@ class LabelStore:
                metadata: Optional[dict] = None, time: Optional[str] = None) -> Answer:
         """Append one answer: `position` ('left' | 'right' | 'tie' | 'skip') picked in the order
         `shown` ('ab' | 'ba'). Durable when this returns. An unknown pair or a second answer of the
-        same annotator to a pair is AnswerRefused (nothing written); a `request_id` seen before
-        returns that earlier answer and writes nothing (a resubmitted form)."""
+        same annotator to a pair is AnswerRefused (nothing written) unless they reopened it (undo):
+        then the new answer supersedes their earlier one. A `request_id` seen before returns that
+        earlier answer and writes nothing (a resubmitted form)."""
         _check_annotator(annotator)
         choice = choice_of(position, shown)
         meta = json.dumps(metadata or {}, sort_keys=True)
         with self._write() as db:
             if request_id is not None:
-                old = db.execute(_ANSWER_QUERY + " WHERE request_id = ?", (request_id,)).fetchone()
+                old = db.execute(_ALL_ANSWERS_QUERY + " WHERE request_id = ?", (request_id,)).fetchone()
                 if old is not None:
                     old = _answer_from_row(old)
                     if (old.pair_id, old.annotator) != (pair_id, annotator):
@@ -380,55 +447,69 @@ class LabelStore:
                     return old
             if db.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
                 raise UnknownPair(f"no pair with id {pair_id!r} in {self.path}")
-            if db.execute("SELECT 1 FROM answers WHERE pair_id = ? AND annotator = ?",
-                          (pair_id, annotator)).fetchone():
-                raise AnswerRefused(f"{annotator!r} has already answered pair {pair_id!r}")
+            earlier = db.execute("SELECT seq FROM live_answers WHERE pair_id = ? AND annotator = ?",
+                                 (pair_id, annotator)).fetchone()
+            if earlier is not None and not db.execute(
+                    "SELECT 1 FROM leases WHERE pair_id = ? AND annotator = ? AND reopened = 1",
+                    (pair_id, annotator)).fetchone():
+                raise AnswerRefused(f"{annotator!r} has already answered pair {pair_id!r} (undo it first)")
             cursor = db.execute(
-                "INSERT INTO answers (pair_id, annotator, choice, shown, position, time, metadata, request_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (pair_id, annotator, choice, shown, position, time or now(), meta, request_id))
+                "INSERT INTO answers (pair_id, annotator, choice, shown, position, time, metadata, request_id,"
+                " supersedes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (pair_id, annotator, choice, shown, position, time or now(), meta, request_id,
+                 None if earlier is None else earlier[0]))
             db.execute("DELETE FROM leases WHERE pair_id = ? AND annotator = ?", (pair_id, annotator))
-            row = db.execute(_ANSWER_QUERY + " WHERE seq = ?", (cursor.lastrowid,)).fetchone()
+            row = db.execute(_ALL_ANSWERS_QUERY + " WHERE seq = ?", (cursor.lastrowid,)).fetchone()
         return _answer_from_row(row)
 
     def answer_by_request(self, request_id: str) -> Optional[Answer]:
-        """The answer written by request `request_id`, or None."""
+        """The answer written by request `request_id` (superseded since or not), or None."""
         with self._connect() as db:
-            row = db.execute(_ANSWER_QUERY + " WHERE request_id = ?", (request_id,)).fetchone()
+            row = db.execute(_ALL_ANSWERS_QUERY + " WHERE request_id = ?", (request_id,)).fetchone()
         return None if row is None else _answer_from_row(row)
 
-    def answers(self, annotator: Optional[str] = None) -> list[Answer]:
+    def answers(self, annotator: Optional[str] = None, superseded: bool = False) -> list[Answer]:
+        """The live answers (or, with `superseded`, every row ever written), in the order written."""
+        query = _ALL_ANSWERS_QUERY if superseded else _ANSWER_QUERY
         with self._connect() as db:
             if annotator is None:
-                rows = db.execute(_ANSWER_QUERY + " ORDER BY seq").fetchall()
+                rows = db.execute(query + " ORDER BY seq").fetchall()
             else:
-                rows = db.execute(_ANSWER_QUERY + " WHERE annotator = ? ORDER BY seq", (annotator,)).fetchall()
+                rows = db.execute(query + " WHERE annotator = ? ORDER BY seq", (annotator,)).fetchall()
         return [_answer_from_row(r) for r in rows]
 
     def progress(self, annotator: str, source: Optional[str] = None) -> tuple[int, int]:
-        """(pairs this annotator answered, pairs they could be asked: answered + still open to them)."""
+        """(pairs this annotator labelled, pairs they could label: labelled + still open to them).
+        A skip is no label: the pair counts in neither (num_skipped counts those)."""
         filt = " AND p.source = :source" if source is not None else ""
         with self._connect() as db:
-            done = db.execute("SELECT COUNT(*) FROM answers x JOIN pairs p ON p.id = x.pair_id WHERE x.annotator = :who"
-                              " AND p.queued = 1"
+            done = db.execute("SELECT COUNT(*) FROM live_answers x JOIN pairs p ON p.id = x.pair_id"
+                              " WHERE x.annotator = :who AND x.choice != 'skip' AND p.queued = 1"
                               + filt, {"who": annotator, "source": source}).fetchone()[0]
             open_ = db.execute(
                 "SELECT COUNT(*) FROM pairs p WHERE p.queued = 1 AND"
-                " NOT EXISTS (SELECT 1 FROM answers x WHERE x.pair_id = p.id AND x.annotator = :who)"
-                " AND (SELECT COUNT(*) FROM answers x WHERE x.pair_id = p.id AND x.choice != 'skip') < :n" + filt,
+                " NOT EXISTS (SELECT 1 FROM live_answers x WHERE x.pair_id = p.id AND x.annotator = :who)"
+                " AND (SELECT COUNT(*) FROM live_answers x WHERE x.pair_id = p.id AND x.choice != 'skip') < :n" + filt,
                 {"who": annotator, "n": self.answers_per_pair, "source": source}).fetchone()[0]
         return done, done + open_
+
+    def num_skipped(self, annotator: str) -> int:
+        """Queued pairs `annotator` skipped (their live answer is a skip)."""
+        with self._connect() as db:
+            return db.execute("SELECT COUNT(*) FROM live_answers x JOIN pairs p ON p.id = x.pair_id"
+                              " WHERE x.annotator = ? AND x.choice = 'skip' AND p.queued = 1",
+                              (annotator,)).fetchone()[0]
 
     def num_answered(self) -> int:
         """Pairs with at least one answer (skips included)."""
         with self._connect() as db:
-            return db.execute("SELECT COUNT(DISTINCT pair_id) FROM answers").fetchone()[0]
+            return db.execute("SELECT COUNT(DISTINCT pair_id) FROM live_answers").fetchone()[0]
 
     def num_labeled(self, source: Optional[str] = None) -> int:
         """Pairs with at least one answer that is a preference (a or b)."""
         filt = " AND p.source = ?" if source is not None else ""
         with self._connect() as db:
-            return db.execute("SELECT COUNT(DISTINCT x.pair_id) FROM answers x JOIN pairs p ON p.id = x.pair_id "
+            return db.execute("SELECT COUNT(DISTINCT x.pair_id) FROM live_answers x JOIN pairs p ON p.id = x.pair_id "
                               "WHERE x.choice IN ('a', 'b')" + filt,
                               (source,) if source is not None else ()).fetchone()[0]
 
@@ -472,11 +553,11 @@ class LabelStore:
         on every start: known pairs and already imported answers are skipped. In labels.jsonl
         `choice` 0 / 1 / null is response_a / response_b / skipped, shown in the order a, b."""
         pairs_path = os.path.join(data_dir, PAIRS_FILE)
-        n_pairs = self.add_pairs(read_jsonl(pairs_path), source=PAIRS_FILE) \
-            if os.path.exists(pairs_path) else 0
+        rows = read_jsonl(pairs_path, with_where=True)
+        n_pairs = self.add_pairs([row for _, row in rows], source=PAIRS_FILE, where=[where for where, _ in rows])
         labels_path = os.path.join(data_dir, LABELS_FILE)
         n_answers = 0
-        imported = {a.request_id for a in self.answers()}
+        imported = {a.request_id for a in self.answers(superseded=True)}
         for i, r in enumerate(read_jsonl(labels_path, appended=True)):
             # request_id: the file and line, so importing the same file again adds nothing.
             request_id = f"import:{os.path.abspath(labels_path)}:{i}"
@@ -485,7 +566,7 @@ class LabelStore:
             where = f"{labels_path} line {i + 1}"
             if not isinstance(r, dict) or r.get("choice") not in (0, 1, None) or "id" not in r:
                 raise DataError(f"{where}: expected {{'id', 'choice': 0 | 1 | null, ...}}, got {str(r)[:80]}")
-            annotator = str(r.get("labeler") or "human")
+            annotator = normalise_name(str(r.get("labeler") or "human"))
             position = {0: "left", 1: "right", None: "skip"}[r["choice"]]
             try:
                 self.answer(str(r["id"]), annotator, position, "ab", time=r.get("time"), request_id=request_id,
@@ -502,7 +583,7 @@ class LabelStore:
         pairs = {p.id: p for p in self.pairs()}
         answers = self.answers()
         tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
             for a in answers:
                 p = pairs[a.pair_id]
                 f.write(json.dumps({**dataclasses.asdict(a), "prompt": p.prompt, "response_a": p.response_a,
@@ -552,12 +633,14 @@ class LabelStore:
 
 # ----------------------------------------------------------------------------- helpers
 
-_ANSWER_QUERY = "SELECT seq, pair_id, annotator, choice, shown, position, time, metadata, request_id FROM answers"
+_COLUMNS = "seq, pair_id, annotator, choice, shown, position, time, metadata, request_id, supersedes"
+_ANSWER_QUERY = f"SELECT {_COLUMNS} FROM live_answers"  # what counts: rows no later answer supersedes
+_ALL_ANSWERS_QUERY = f"SELECT {_COLUMNS} FROM answers"
 
 
 def _answer_from_row(row) -> Answer:
     return Answer(seq=row[0], pair_id=row[1], annotator=row[2], choice=row[3], shown=row[4], position=row[5],
-                  time=row[6], metadata=json.loads(row[7]), request_id=row[8])
+                  time=row[6], metadata=json.loads(row[7]), request_id=row[8], supersedes=row[9])
 
 
 def _pair_from_row(row) -> Pair:
@@ -571,6 +654,12 @@ def _pair_row(p, where: str) -> Pair:
     missing = [k for k in PAIR_FIELDS if k not in p]
     if missing:
         raise DataError(f"{where}: pair {str(p)[:80]} lacks {missing}")
+    # An integer id is taken as its text; whatever else the web API would refuse to take an
+    # answer for (and so leave the queue stuck on this pair) is refused here.
+    pair_id = str(p["id"]) if isinstance(p["id"], int) and not isinstance(p["id"], bool) else p["id"]
+    error = pair_id_error(pair_id)
+    if error:
+        raise DataError(f"{where}: pair id {str(p['id'])[:80]!r}: {error}")
     for k in PAIR_FIELDS[1:]:
         if not isinstance(p[k], str):
             raise DataError(f"{where}: {k} of pair {p['id']!r} is a {type(p[k]).__name__}, expected text")
@@ -578,13 +667,84 @@ def _pair_row(p, where: str) -> Pair:
     if split not in SPLITS:
         raise DataError(f"{where}: split {split!r} of pair {p['id']!r}: expected one of {SPLITS}")
     metadata = {k: v for k, v in p.items() if k not in PAIR_FIELDS + ("split",)}
-    return Pair(id=str(p["id"]), prompt=p["prompt"], response_a=p["response_a"], response_b=p["response_b"],
+    return Pair(id=pair_id, prompt=p["prompt"], response_a=p["response_a"], response_b=p["response_b"],
                 split=split, metadata=metadata)
 
 
+def pair_id_error(pair_id) -> Optional[str]:
+    """What is wrong with a pair id, or None: the one rule for ids, applied when a pair is added and
+    by the web API to every id it is sent."""
+    if not isinstance(pair_id, str):
+        return f"expected text, got {type(pair_id).__name__}"
+    if not pair_id.strip() or len(pair_id) > MAX_ID_CHARS:
+        return f"expected 1 to {MAX_ID_CHARS} characters, not all blank (got {len(pair_id)})"
+    if any(unicodedata.category(c).startswith("C") for c in pair_id):
+        return "contains a control or unassigned character"
+    return None
+
+
+def normalise_name(name: str) -> str:
+    """An annotator name as stored: NFC, so the same name typed on two keyboards is one person."""
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
+
+
+def annotator_error(name) -> Optional[str]:
+    """What is wrong with an (already normalised) annotator name, or None. Any script is fine; no
+    control, format or unassigned characters (they hide in a page and in a table), no spaces at
+    either end."""
+    if not isinstance(name, str):
+        return f"expected text, got {type(name).__name__}"
+    if not name.strip() or len(name) > MAX_NAME_CHARS:
+        return f"expected 1 to {MAX_NAME_CHARS} characters, not all blank"
+    if name != name.strip():
+        return "starts or ends with a space"
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        return "contains a control, format or unassigned character"
+    if name != normalise_name(name):
+        return "not in Unicode normal form NFC"
+    return None
+
+
 def _check_annotator(annotator) -> None:
-    if not isinstance(annotator, str) or not annotator.strip() or len(annotator) > 64:
-        raise AnswerRefused(f"annotator {str(annotator)[:80]!r}: expected a name of 1 to 64 characters")
+    error = annotator_error(annotator)
+    if error:
+        raise AnswerRefused(f"annotator {str(annotator)[:80]!r}: {error}")
+
+
+def _make_private(path: str) -> None:
+    """Create `path` (or narrow an existing one) readable and writable by its owner only: it holds
+    people's answers. SQLite gives the -wal and -shm files the database's mode."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o600)
+
+
+def _upgrade(db) -> None:
+    """A store written before undo existed: its answers table has UNIQUE (pair_id, annotator) and no
+    `supersedes` column, its leases no `reopened`. SQLite cannot drop a constraint, so the table is
+    rebuilt in one transaction, every row and seq kept (the append-only triggers are dropped for the
+    copy and recreated by the schema)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(answers)")}
+    lease_columns = {r[1] for r in db.execute("PRAGMA table_info(leases)")}
+    if (not columns or "supersedes" in columns) and (not lease_columns or "reopened" in lease_columns):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if columns and "supersedes" not in columns:
+            old = ", ".join(c for c in _COLUMNS.split(", ") if c != "supersedes")
+            db.execute("DROP VIEW IF EXISTS live_answers")
+            db.execute("DROP TRIGGER IF EXISTS answers_no_update")
+            db.execute("DROP TRIGGER IF EXISTS answers_no_delete")
+            db.execute("ALTER TABLE answers RENAME TO answers_before_undo")
+            db.execute(_ANSWERS)
+            db.execute(f"INSERT INTO answers ({old}) SELECT {old} FROM answers_before_undo ORDER BY seq")
+            db.execute("DROP TABLE answers_before_undo")
+        if lease_columns and "reopened" not in lease_columns:
+            db.execute("ALTER TABLE leases ADD COLUMN reopened INTEGER NOT NULL DEFAULT 0")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _time_seconds(now_seconds: Optional[float]) -> float:
