@@ -30,6 +30,7 @@ if not (CHROMIUM and CHROMEDRIVER):
                 allow_module_level=True)
 
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -50,7 +51,8 @@ def server(tmp_path):
     labelers.write_pairs(str(data), [
         {"id": "p0", "prompt": EVIL, "response_a": "A first <i>answer</i>", "response_b": "B first answer"},
         {"id": "p1", "prompt": "The film was", "response_a": "A second", "response_b": "B second"},
-        {"id": "p2", "prompt": "The acting", "response_a": "A third", "response_b": "B third"}])
+        {"id": "p2", "prompt": "The acting", "response_a": "A third", "response_b": "B third"},
+        {"id": "p3", "prompt": "A long one", "response_a": "long answer. " * 2000, "response_b": "short"}])
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.serve", f"--data={data}", f"--port={port}",
@@ -119,7 +121,8 @@ def test_label_by_click_and_keyboard_then_chat_and_compare(server, browser):
     browser.find_element(By.ID, "name").send_keys("alice")
     browser.find_element(By.ID, "go").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "pair"))
-    assert progress(browser) == "0 of 3 labelled"
+    assert progress(browser) == "0 of 4 labelled"
+    assert "How to label" in browser.find_element(By.ID, "instructions").text
     # The prompt with <script> shows as typed, and runs nothing.
     assert browser.find_element(By.ID, "prompt").text == EVIL and no_alert(browser)
     assert "A first <i>answer</i>" in (browser.find_element(By.ID, "left").text,
@@ -128,17 +131,50 @@ def test_label_by_click_and_keyboard_then_chat_and_compare(server, browser):
     shown_left = [browser.execute_script("return document.getElementById('left').textContent;")]
 
     browser.find_element(By.ID, "btn-left").click()  # by clicking
-    wait_for(browser, lambda d: progress(d) == "1 of 3 labelled")
+    wait_for(browser, lambda d: progress(d) == "1 of 4 labelled")
+    assert "Saved: Left is better" in browser.find_element(By.ID, "saved").text  # visibly confirmed
     shown_left.append(browser.execute_script("return document.getElementById('left').textContent;"))
-    browser.find_element(By.TAG_NAME, "body").send_keys("2")  # by keyboard: right
-    wait_for(browser, lambda d: progress(d) == "2 of 3 labelled")
-    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)  # by keyboard: left
-    wait_for(browser, lambda d: progress(d) == "3 of 3 labelled" and d.find_elements(By.ID, "done"))
-
     store = LS.LabelStore(str(data / LS.STORE_FILE))
+    # Browser shortcuts are not answers: Ctrl+S (save page), Alt+2, Ctrl+Right.
+    body = browser.find_element(By.TAG_NAME, "body")
+    ActionChains(browser).key_down(Keys.CONTROL).send_keys("s").key_up(Keys.CONTROL).perform()
+    ActionChains(browser).key_down(Keys.ALT).send_keys("2").key_up(Keys.ALT).perform()
+    ActionChains(browser).key_down(Keys.CONTROL).send_keys(Keys.ARROW_RIGHT).key_up(Keys.CONTROL).perform()
+    time.sleep(1.0)
+    assert len(store.answers()) == 1 and progress(browser) == "1 of 4 labelled"
+    body.send_keys("2")  # by keyboard: right
+    wait_for(browser, lambda d: progress(d) == "2 of 4 labelled")
+    # Undo (u): the pair comes back, and the new answer supersedes the old one.
+    browser.find_element(By.TAG_NAME, "body").send_keys("u")
+    wait_for(browser, lambda d: progress(d) == "1 of 4 labelled" or "replaces" in d.find_element(By.ID, "saved").text)
+    wait_for(browser, lambda d: d.execute_script("return document.getElementById('left').textContent;")
+             == shown_left[1])
+    browser.find_element(By.TAG_NAME, "body").send_keys("2")
+    wait_for(browser, lambda d: progress(d) == "2 of 4 labelled" and "Saved" in d.find_element(By.ID, "saved").text)
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_LEFT)  # by keyboard: left
+    wait_for(browser, lambda d: progress(d) == "3 of 4 labelled")
+
+    # A phone: the long response does not push the choices off screen, and the answers stack.
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+    browser.refresh()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "btn-skip"))
+    geometry = browser.execute_script(
+        "const r = (id) => document.getElementById(id).getBoundingClientRect();"
+        "return [r('btn-skip').top, r('btn-skip').bottom, window.innerHeight, r('left').top, r('right').top,"
+        "        r('left').left, r('right').left];")
+    skip_top, skip_bottom, height, left_top, right_top, left_x, right_x = geometry
+    assert 0 <= skip_top and skip_bottom <= height, geometry  # the bar is on screen
+    assert right_top > left_top and abs(left_x - right_x) < 1, geometry  # one column
+    screenshot(browser, "serve_queue_phone.png")
+    browser.find_element(By.ID, "btn-skip").click()
+    wait_for(browser, lambda d: progress(d) == "3 of 3 labelled, 1 skipped" and d.find_elements(By.ID, "done"))
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
     answers = store.answers()
     assert [(a.pair_id, a.position, a.annotator) for a in answers] == [
-        ("p0", "left", "alice"), ("p1", "right", "alice"), ("p2", "left", "alice")]
+        ("p0", "left", "alice"), ("p1", "right", "alice"), ("p2", "left", "alice"), ("p3", "skip", "alice")]
+    assert answers[1].supersedes is not None and len(store.answers(superseded=True)) == 5
     # What the person saw on the left is what the store says they preferred (the order was recorded).
     prefs = {p["metadata"]["id"]: p for p in store.preferences()}
     assert prefs["p0"]["chosen"] == shown_left[0]
@@ -146,15 +182,27 @@ def test_label_by_click_and_keyboard_then_chat_and_compare(server, browser):
 
     # Chat: one turn, which (compare_every=1) shows two sampled answers and asks which is better.
     browser.get(base + "/chat")
-    browser.find_element(By.ID, "chat-prompt").send_keys(EVIL)
+    # A prompt longer than the policy reads is refused, saying so on the page, and nothing is stored.
+    browser.find_element(By.ID, "chat-prompt").send_keys("x" * 1000)
     browser.find_element(By.ID, "send").click()
+    wait_for(browser, lambda d: "shorten it" in d.find_element(By.ID, "status").text, timeout=120)
+    assert not [p for p in store.pairs() if p.source == "chat"]
+    browser.find_element(By.ID, "chat-prompt").clear()
+    browser.find_element(By.ID, "chat-prompt").send_keys(EVIL)
+    ActionChains(browser).double_click(browser.find_element(By.ID, "send")).perform()  # sends once
     wait_for(browser, lambda d: d.find_elements(By.ID, "chat-left"), timeout=120)
+    time.sleep(1.0)
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".turn")) == 1
+    assert len([p for p in store.pairs() if p.source == "chat"]) == 1
+    # A reload before answering offers the comparison again.
+    browser.refresh()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".turn.pending pre.left"))
     # textContent: exactly what was put on the page (Selenium's .text normalises whitespace).
     left_text, right_text = browser.execute_script(
-        "return ['chat-left', 'chat-right'].map((id) => document.getElementById(id).textContent);")
-    assert browser.find_element(By.CSS_SELECTOR, "#compare pre.you").text == EVIL and no_alert(browser)
+        "return ['left', 'right'].map((c) => document.querySelector('.turn.pending pre.' + c).textContent);")
+    assert browser.find_element(By.CSS_SELECTOR, ".turn.pending pre.you").text == EVIL and no_alert(browser)
     screenshot(browser, "serve_chat.png")
-    browser.find_element(By.ID, "chat-btn-right").click()
+    browser.find_element(By.CSS_SELECTOR, ".turn.pending button[data-position=right]").click()
     wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".picked"))
 
     chat_answers = [a for a in store.answers() if a.pair_id.startswith("chat-")]
