@@ -213,3 +213,14 @@ def test_launch_of_an_unknown_command_is_one_line_before_any_process_starts(caps
     err = capsys.readouterr().err.strip()
     assert err == ("rlhf-jax: config error: launch: 'frobnicate' is not a command launch runs; expected one of "
                    "train, sweep, pipeline, compare, rounds after `--`")
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_up_front(tmp_path, capsys):
+    from rlhf_jax.apps import cli
+
+    pretrain = os.path.join(ROOT, "experiments", "reviews", "pretrain.py")
+    assert cli.main(["train", f"--config={pretrain}", f"--workdir={tmp_path / 'run'}",
+                     "--config.model.max_len=100000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "config.model:" in err and "GiB for the train state alone" in err, err
+    assert not (tmp_path / "run").exists()

@@ -17,11 +17,15 @@ one line in STAGES.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 import sys
 import time
 
+import jax
+
+from rlhf_jax.models import model as model_lib
 from rlhf_jax.runtime import checkpoints, checks, config as config_lib, distributed
 from rlhf_jax.stages import runs
 
@@ -59,6 +63,7 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
     its first checkpoint undoes this command's writes: a new workdir is removed, an existing
     one gets its config.json back."""
     validate(config)
+    check_memory(config)
     module = stage_module(config.stage)
     if allow_config_change:
         checkpoints.check_workdir_fits(workdir, module.abstract_state(config))
@@ -80,6 +85,28 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
             raise
         checkpoints.mark_finished(workdir, f"{config.get('num_steps', '')}")
     return state
+
+
+def check_memory(config) -> None:
+    """Refuse, up front, a model whose train state alone cannot fit: float32 params, their
+    gradient and two Adam moments (16 bytes a parameter) per seed, against this machine's memory
+    (host RAM on CPU, the device's limit elsewhere). Activations come on top, so this catches the
+    hopeless (`--config.model.max_len=100000000`: a 51 GB position table), not the marginal."""
+    if "model" not in config or "vocab_size" not in config.model:  # (the snack learner's model is not one)
+        return
+    members = int(config.get("num_seeds", 1) or 1)
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(model_lib.abstract_params(config.model, "lm")[1]))
+    needed = 16 * params * members
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        available = (device.memory_stats() or {}).get("bytes_limit", 0) * jax.local_device_count()
+    if available and needed > available:
+        raise config_lib.ConfigError(
+            f"config.model: {params / 1e6:,.0f}M parameters x {members} seed(s) need about {needed / 2**30:,.1f} GiB for "
+            f"the train state alone (params, gradient, Adam's two moments in float32), more than the "
+            f"{available / 2**30:,.1f} GiB this machine has; shrink the model (max_len, d_model, vocab_size, ...)")
 
 
 def _undo(workdir: str, existed: bool, config_path: str, saved_config: bytes | None) -> None:
