@@ -38,7 +38,7 @@ def reward_config():
     c.data = datasets.preferences_jsonl("", validation_fraction=0.25)
     c.data_dir = "/tmp/rlhf_jax_multiprocess_data"
     c.log_every, c.checkpoint_every, c.eval_every = 1, 3, 3
-    c.normalize.update(num_prompts=8, samples_per_prompt=2, max_new_tokens=8, batch_size=8)
+    c.normalize.update(num_prompts=8, samples_per_prompt=2, max_prompt_len=16, max_new_tokens=8, batch_size=8)
     return c
 
 

@@ -295,6 +295,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    joined = False
     try:
         if argv[:1] == ["launch"]:
             return cmd_launch(argv)
@@ -303,21 +304,26 @@ def main(argv=None):
         if overrides and args.command not in DISTRIBUTED_COMMANDS:
             raise config_lib.ConfigError(f"--config.* overrides do not apply to `{args.command}`")
         if getattr(args, "distributed", False):  # Before anything touches a device.
-            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                                   args.distributed_timeout_s)
+            joined = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                                            args.distributed_timeout_s)
         args.fn(args, overrides)
+        return 0
     except config_lib.UserError as e:
-        return _one_line(f"{e.kind}: {e}", debug)
+        code = _one_line(f"{e.kind}: {e}", debug)
     except (OSError, UnicodeError) as e:  # a path that is missing, unreadable, unwritable, not UTF-8
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        return _one_line(f"file error: {where}{e.strerror if getattr(e, 'strerror', None) else e}", debug)
+        code = _one_line(f"file error: {where}{e.strerror if getattr(e, 'strerror', None) else e}", debug)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
         print("rlhf-jax: stopped by Ctrl-C (a training run checkpointed its last step: the same command "
               "resumes it)", file=sys.stderr)
-        return 130
-    return 0
+        code = 130
+    if joined:  # One process of several failed: leave now. JAX's exit handler would wait for the
+        sys.stdout.flush()  # others in a shutdown barrier (they wait for this one) and end in a
+        sys.stderr.flush()  # DEADLINE_EXCEEDED traceback that buries the line above.
+        os._exit(code)
+    return code
 
 
 def _one_line(message: str, debug: bool) -> int:
