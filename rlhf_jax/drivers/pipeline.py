@@ -11,6 +11,12 @@ Stages hand off through checkpoints: SFT starts from pre-training, the reward mo
 model, DPO from SFT (policy, reference, and the policy its pairs are sampled from). At the end:
 `curves.png` (the last stage's headline metrics against step) and `report.md` (the SFT and the
 trained policy judged by rlhf_jax.models.evaluation on held-out prompts, and their responses).
+
+A pipeline whose config names a `verifier` ('module:fn' of fn(prompt, response) -> 1.0 | 0.0,
+e.g. experiments/arithmetic/pipeline.py) has a checkable task: no reward model, the RL stage's
+`reward_function` is the verifier, and the report is accuracy on held-out problems instead
+(`write_accuracy_report`). Both reports write `report.json`: {"sft": {...}, "rl": {...},
+"rl_stage", "held_out": {the prompts and sampling settings}}.
 """
 
 from __future__ import annotations
@@ -66,7 +72,10 @@ CURVES = {"ppo": ("objective/scores", "objective/gold_scores", "objective/kl"),
 def write_report(config, workdir: str):
     """curves.png of the policy stage's headline metrics; report.md: the SFT and the trained
     policy judged by the shared evaluation (rlhf_jax.models.evaluation: gold score, KL to SFT, reward
-    model score of samples on held-out prompts) and their responses side by side."""
+    model score of samples on held-out prompts) and their responses side by side. With a
+    `verifier` in the config: write_accuracy_report."""
+    if config.get("verifier"):
+        return write_accuracy_report(config, workdir)
     final = [name for name in config.stages if name in runs.RL_STAGES][-1]
     final_dir = os.path.join(workdir, final)
     rows = metrics_lib.read_metrics(final_dir)
@@ -141,9 +150,109 @@ def shown_path(path: str) -> str:
 
 
 def held_out_prompts(config) -> list[str]:
-    """`report_prompts`, or the first `num_report_prompts` prompts of SFT's validation split."""
+    """`report_prompts`, or the first `num_report_prompts` prompts of SFT's `report_split`
+    (default 'validation'; the arithmetic task reports on 'test')."""
     if config.report_prompts:
         return list(config.report_prompts)
 
-    source = builders.load_dataset(config.sft.data, config.sft.data_dir)["validation"]
+    source = builders.load_dataset(config.sft.data, config.sft.data_dir)[config.get("report_split", "validation")]
     return loaders.prompt_texts(source, range(min(config.num_report_prompts, len(source))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks with a verifier: accuracy on held-out problems.
+
+ACCURACY_CURVES = ("objective/scores", "val/mean_response_length", "policy/entropy_avg", "objective/kl")
+
+
+def write_accuracy_report(config, workdir: str):
+    """curves.png of the RL stage (objective/scores is the verifier's mean on the train prompts:
+    training accuracy); report.md and report.json: the SFT and the RL policy on the same held-out
+    problems, each decoded two ways with the same keys for both policies:
+
+        greedy    one argmax response per problem -> accuracy (the headline number)
+        sampled   report_samples_per_prompt responses per problem at report_temperature ->
+                  mean accuracy over them, and pass@k for k in report_pass_k (unbiased, from
+                  those samples): how often some sample is right, the ceiling RL can sharpen
+                  towards without learning anything new.
+    Plus mean response length of right and of wrong responses, and a table of responses.
+    """
+    final = [name for name in config.stages if name in runs.RL_STAGES][-1]
+    final_dir = os.path.join(workdir, final)
+    rows = metrics_lib.read_metrics(final_dir)
+    metrics = [m for m in ACCURACY_CURVES if any(m in r for r in rows)]
+    curves = plotting.plot_runs([final_dir], metrics, os.path.join(workdir, "curves.png"), labels=[final])
+
+    verifier = labelers.load_function(config.verifier)
+    prompts = held_out_prompts(config)
+    tokenizer = make_tokenizer(config[final].get("tokenizer"))
+    k = int(config.report_samples_per_prompt)
+    ks = tuple(int(n) for n in config.report_pass_k if int(n) <= k)
+    decoding = dict(max_prompt_len=int(config[final].max_prompt_len),
+                    max_new_tokens=int(config[final].max_new_tokens), seed=int(config.get("report_seed", 0)))
+    greedy = evaluation.make_accuracy_evaluator(tokenizer, prompts, verifier, greedy=True, batch_size=256,
+                                                **decoding)
+    sampled = evaluation.make_accuracy_evaluator(tokenizer, prompts, verifier, samples_per_prompt=k, ks=ks,
+                                                 temperature=float(config.report_temperature), batch_size=512,
+                                                 **decoding)
+    results = {}
+    for stage, stage_dir in (("sft", os.path.join(workdir, "sft")), (final, final_dir)):
+        _, graphdef, params = runs.load_policy(stage_dir)
+        results[stage] = {"greedy": greedy(graphdef, params), "sampled": sampled(graphdef, params)}
+
+    def numbers(stage: str) -> dict:
+        g, s = results[stage]["greedy"], results[stage]["sampled"]
+        out = {"accuracy": g["accuracy"], "accuracy_sem": g["accuracy_sem"],
+               "sampled_accuracy": s["accuracy"], "sampled_accuracy_sem": s["accuracy_sem"]}
+        out.update({f"pass@{n}": s[f"pass@{n}"] for n in ks})
+        out.update({key: s[key] for key in ("length", "length_correct", "length_incorrect")})
+        return out
+
+    summary = {"sft": numbers("sft"), "rl": numbers(final), "rl_stage": final, "verifier": config.verifier,
+               "held_out": {"split": config.get("report_split", "validation") if not config.report_prompts else "report_prompts",
+                            "prompts": len(prompts),
+                            "accuracy": "greedy decoding, one response per problem",
+                            "sampled_accuracy": f"mean over {k} samples per problem at temperature "
+                                                f"{config.report_temperature}",
+                            "pass@k": f"unbiased estimate from the same {k} samples per problem",
+                            "samples_per_prompt": k, "temperature": float(config.report_temperature),
+                            "max_new_tokens": decoding["max_new_tokens"]}}
+    config_lib.write_json_atomic(os.path.join(workdir, "report.json"), summary)
+
+    label = f"RL ({config[final].get('loss', final)})"
+    s_sft, s_rl = summary["sft"], summary["rl"]
+    lines = ["# Verifiable-reward pipeline report", "", f"workdir: `{shown_path(workdir)}`  ",
+             f"verifier: `{config.verifier}`", "",
+             f"Held-out: {len(prompts)} problems of the {summary['held_out']['split']} split (no problem, nor its "
+             f"mirror image, is in train). Greedy: one argmax response per problem. Sampled: {k} responses per "
+             f"problem at temperature {config.report_temperature} (the same keys for both policies); pass@k is the "
+             f"unbiased estimate from them. Responses of at most {decoding['max_new_tokens']} tokens.", "",
+             f"**Accuracy (greedy): SFT {s_sft['accuracy']:.3f} -> {label} {s_rl['accuracy']:.3f} "
+             f"({s_rl['accuracy'] - s_sft['accuracy']:+.3f})**", "",
+             "| policy | greedy accuracy | sampled accuracy | " + " | ".join(f"pass@{n}" for n in ks)
+             + " | length (right / wrong) |",
+             "|---|---|---|" + "---|" * len(ks) + "---|"]
+    for stage, m in (("SFT", s_sft), (label, s_rl)):
+        lines.append(f"| {stage} | {m['accuracy']:.3f} +- {m['accuracy_sem']:.3f} | "
+                     f"{m['sampled_accuracy']:.3f} +- {m['sampled_accuracy_sem']:.3f} | "
+                     + " | ".join(f"{m[f'pass@{n}']:.3f}" for n in ks)
+                     + f" | {m['length_correct']:.1f} / {m['length_incorrect']:.1f} |")
+    lines += ["", "(+- one standard error over problems; lengths in tokens, of the sampled responses.)", ""]
+    if rows:
+        first, last = rows[0], rows[-1]
+        lines += [f"{label} training metrics (train prompts, logged means), steps {first['step']} and {last['step']}:", "",
+                  "| metric | first | last |", "|---|---|---|"]
+        lines += [f"| {m} | {first.get(m, float('nan')):.4f} | {last.get(m, float('nan')):.4f} |" for m in metrics]
+        lines.append("")
+    lines += [f"## Held-out problems, greedy, before (SFT) and after ({label})", ""]
+    for i, prompt in enumerate(prompts[:config.report_table_rows]):
+        lines.append(f"**{prompt}**")
+        for stage, name in (("sft", "SFT"), (final, label)):
+            g = results[stage]["greedy"]
+            mark = "right" if g["correct"][i] else "wrong"
+            lines.append(f"- {name} ({mark}): {g['samples'][i][1].strip()!r}")
+        lines.append("")
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"curves: {curves}\nreport: {os.path.join(workdir, 'report.md')}", flush=True)
+    return summary
