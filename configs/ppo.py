@@ -291,3 +291,25 @@ def reinforce_pp(num_steps: int = 100, samples_per_prompt: int = 8) -> ml_collec
     c.aggregation = "token_mean"
     c.kl_placement, c.kl_estimator, c.kl_coef = "reward", "k1", 0.01
     return c
+
+
+ALGORITHM_FIELDS = ("loss", "advantage_scaling", "objective", "clip_low", "clip_high", "aggregation", "max_len",
+                    "kl_placement", "kl_estimator", "kl_coef", "adaptive_kl", "whiten_advantages", "dynamic_sampling",
+                    "oversample", "overlong_buffer", "overlong_penalty_factor", "mask_truncated", "ppo_epochs",
+                    "num_minibatches")
+
+
+def with_algorithm(task: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """A task's RL config (model, data, reward, lengths, batch, optimizer) with the algorithmic
+    choices (ALGORITHM_FIELDS) of the preset named `preset` (e.g. 'dapo'); the lengths a preset
+    derives from the budget (Dr. GRPO's max_len, DAPO's overlong buffer) are re-derived from the
+    task's max_new_tokens. What an ablation over the presets runs on one task."""
+    algorithm = globals()[preset](task.num_steps, task.samples_per_prompt)
+    c = ml_collections.ConfigDict(task.to_dict())
+    for key in ALGORITHM_FIELDS:
+        c[key] = algorithm[key]
+    if algorithm.max_len:
+        c.max_len = c.max_new_tokens
+    if algorithm.overlong_buffer:
+        c.overlong_buffer = max(c.max_new_tokens // 5, 1)
+    return c

@@ -249,3 +249,18 @@ def test_held_out_evaluation_runs_every_eval_every_steps(sft_run, tmp_path):
     assert all("val/scores" in r and ("val/length_correct" in r or "val/length_incorrect" in r) for r in rows)
     with pytest.raises(config_lib.ConfigError, match=r"config\.eval_every=2: the held-out evaluation"):
         registry.validate(preset_config("grpo", sft_run, eval_every=2))
+
+
+def test_with_algorithm_keeps_the_task_and_takes_the_presets_choices(sft_run):
+    task = preset_config("grpo", sft_run)  # a task config: toy prompts, lengths, lr
+    task.max_new_tokens = 10
+    for name in PRESETS:
+        c = ppo_configs.with_algorithm(task, name)
+        preset = getattr(ppo_configs, name)()
+        assert (c.prompts, c.max_new_tokens, c.optimizer.learning_rate, c.reward_function) == \
+            (task.prompts, 10, task.optimizer.learning_rate, task.reward_function)
+        for key in ppo_configs.ALGORITHM_FIELDS:
+            if key not in ("max_len", "overlong_buffer"):
+                assert c[key] == preset[key], (name, key)
+        assert c.max_len == (10 if preset.max_len else 0) and c.overlong_buffer == (2 if preset.overlong_buffer else 0)
+        registry.validate(c)
