@@ -162,8 +162,11 @@ SCALED_DOWN = [
 ]
 
 
-# Bars from the measured scaled-down run (to be filled from its report).
-SFT_BAR = 0.02
+# Measured on this scaled-down run (2026-12-07, 2-core CPU sandbox, 4 min): SFT greedy 0.035,
+# pass@4 0.14; GRPO greedy 0.035, sampled 0.033 (SFT 0.039). The bars: half SFT's measured
+# pass@4 (a policy that never solves a problem gives GRPO no signal), and GRPO within 0.05 of
+# SFT's greedy accuracy (~4 standard errors at 200 problems).
+SFT_PASS_AT_4_BAR = 0.07
 LOSS_TOLERANCE = 0.05
 
 
@@ -184,9 +187,9 @@ def test_verifier_pipeline_reports_held_out_accuracy_without_a_reward_model(arit
     assert report["held_out"]["samples_per_prompt"] == 4
     for policy in ("sft", "rl"):
         assert {"accuracy", "sampled_accuracy", "pass@1", "pass@4"} <= set(report[policy]), report[policy]
-    # SFT learned the format and some arithmetic (measured: SFT_MEASURED), so GRPO has signal;
-    # pass@4 >= pass@1 (the estimator's monotonicity, on real samples).
-    assert report["sft"]["accuracy"] > SFT_BAR, report["sft"]
+    # SFT learned the format and some arithmetic, so GRPO has signal; pass@4 >= pass@1 (the
+    # estimator's monotonicity, on real samples).
+    assert report["sft"]["pass@4"] > SFT_PASS_AT_4_BAR, report["sft"]
     assert report["sft"]["pass@4"] >= report["sft"]["pass@1"]
     assert "Accuracy (greedy): SFT" in open(os.path.join(workdir, "report.md")).read()
 
