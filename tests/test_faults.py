@@ -137,14 +137,20 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 SNACK = os.path.join(ROOT, "experiments", "snack_bandit.py")
 
 
-def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
-    workdir = str(tmp_path / "termed")
+def endless_snack_run(workdir: str):
+    """(command, process) of a snack run that never checkpoints by itself, once it has logged 5 rows."""
     command = [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={SNACK}", f"--workdir={workdir}",
                "--config.num_steps=100000000", "--config.checkpoint_every=100000000"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 60
     while time.time() < deadline and len(metrics_lib.read_metrics(workdir)) < 5:
         time.sleep(0.2)
+    return command, proc
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
+    workdir = str(tmp_path / "termed")
+    command, proc = endless_snack_run(workdir)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM
     last_logged = metrics_lib.read_metrics(workdir)[-1]["step"]
@@ -163,12 +169,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_resumes_there(tmp_path):
 
 def test_ctrl_c_saves_the_current_step_and_exits_130_with_one_line(tmp_path):
     workdir = str(tmp_path / "interrupted")
-    command = [sys.executable, "-m", "rlhf_jax.apps.cli", "train", f"--config={SNACK}", f"--workdir={workdir}",
-               "--config.num_steps=100000000", "--config.checkpoint_every=100000000"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(metrics_lib.read_metrics(workdir)) < 5:
-        time.sleep(0.2)
+    _, proc = endless_snack_run(workdir)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
