@@ -237,14 +237,16 @@ def dapo(num_steps: int = 100, samples_per_prompt: int = 8) -> ml_collections.Co
     clip-higher (eps_low 0.2, eps_high 0.28); the token-level loss (token_mean); dynamic sampling
     (groups whose rewards are all equal are dropped; the paper resamples until the batch is full,
     here a static oversample of 3 batches); soft overlong punishment over the last fifth of the
-    budget (the paper: 4096 of 20480 tokens, factor 1); no KL term; group-normalised advantages.
-    (The paper's G = 16 samples.)"""
+    budget (the paper: 4096 of 20480 tokens, factor 1); no KL term; group-normalised advantages;
+    16 gradient updates per rollout (the paper: mini-batches of 512 of 512 x 16 responses), without
+    which the ratio never leaves 1 and clip-higher changes nothing. (The paper's G = 16 samples.)"""
     c = _critic_free(base(num_steps), "grpo", samples_per_prompt)
     c.advantage_scaling = "group"
     c.objective, c.clip_low, c.clip_high = "clip", 0.2, 0.28
     c.aggregation = "token_mean"
     c.kl_placement, c.kl_coef = "none", 0.0
     c.dynamic_sampling, c.oversample = True, 3
+    c.num_minibatches = 16
     c.overlong_buffer, c.overlong_penalty_factor = max(c.max_new_tokens // 5, 1), 1.0
     return c
 

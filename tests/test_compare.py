@@ -116,7 +116,7 @@ def test_ablation_table_and_contrasts_from_the_runs_metrics(tmp_path):
     np.testing.assert_allclose(summary["dr_grpo"]["eval/scores"]["end"], (0.25, 0.01))
     text = (tmp_path / "ablation.md").read_text()
     assert "| grpo | 0.05 +- 0.01 -> 0.25 +- 0.01 | 11 +- 1 -> 25 +- 1 | 4 | - |" in text
-    assert "change +14" in text and "change -1" in text
-    assert text.count("**consistent with**") == 1 and text.count("**not reproduced by**") == 1
+    assert "change +14" in text and "change -1" in text and "seed spread of 1.4" in text
+    assert text.count("**consistent with**") == 1 and text.count("**contradicted by**") == 1
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "ablation.json").read_text())["dr_grpo"]["steps"] == 4

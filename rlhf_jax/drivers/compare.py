@@ -238,8 +238,10 @@ def summarize_curves(config, trained) -> dict:
 
 def contrast_lines(config, summary: dict) -> list[str]:
     """One paragraph per config.contrasts entry (baseline, treatment, metric, claim): the change of
-    `metric` from the start to the end of training under each method, and whether the claimed
-    direction (the treatment's change below the baseline's) holds here."""
+    `metric` from the start to the end of training under each method, and the verdict: the claim
+    (the treatment's change below the baseline's) is consistent with this run when the gap
+    exceeds the seeds' spread (the two end values' std, added in quadrature), contradicted when
+    it is as large the other way, and undecided in between."""
     lines = []
     for baseline, treatment, metric, claim in config.contrasts:
         if baseline not in summary or treatment not in summary:
@@ -253,10 +255,13 @@ def contrast_lines(config, summary: dict) -> list[str]:
             continue
         described = "; ".join(f"{name}: {c[1][0]:.3g} -> {c[2][0]:.3g} (change {c[0]:+.3g}, end +- {c[2][1]:.2g} "
                               "over seeds)" for name, c in changes.items())
-        holds = changes[treatment][0] < changes[baseline][0]
+        gap = changes[baseline][0] - changes[treatment][0]  # > 0: as claimed
+        spread = float(np.hypot(changes[baseline][2][1], changes[treatment][2][1]))
+        verdict = ("consistent with" if gap > spread else "contradicted by" if -gap > spread
+                   else "not decided by")
         lines += [f"- {claim}", f"  `{metric}`, first vs last {config.window} logged values: {described}. "
-                  f"Here the {treatment} change is {'below' if holds else 'not below'} the {baseline} one: "
-                  f"**{'consistent with' if holds else 'not reproduced by'}** this run.", ""]
+                  f"The {treatment} change is {abs(gap):.3g} {'below' if gap > 0 else 'above'} the {baseline} one, "
+                  f"against a seed spread of {spread:.2g}: the claim is **{verdict}** this run.", ""]
     return lines
 
 
