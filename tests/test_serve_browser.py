@@ -29,7 +29,7 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("chromium / chromedriver missing (apt-get install chromium chromium-driver; scripts/test.sh does)",
                 allow_module_level=True)
 
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -97,7 +97,10 @@ def progress(driver):
 
 
 def wait_for(driver, condition, timeout=60):
-    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+    """Poll `condition` until true; an element the page replaced between finding and reading it
+    (stale) just means "not yet", so the poll goes on."""
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: condition(d))
 
 
 def no_alert(driver):
