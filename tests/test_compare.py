@@ -105,18 +105,19 @@ def test_ablation_table_and_contrasts_from_the_runs_metrics(tmp_path):
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return name, 0.0, str(run_dir)
 
-    trained = [fake_run("grpo", [10, 12, 20, 30]), fake_run("dr_grpo", [10, 11, 10, 9])]
+    trained = [fake_run("grpo", [10, 12, 14, 16, 18, 20, 25, 30]), fake_run("dr_grpo", [10, 11, 10, 10, 9, 9, 9, 9])]
     config = config_lib.ml_collections.ConfigDict(dict(
-        sft="sft", num_seeds=3, window=2, curves=("eval/scores", "val/length_incorrect"),
+        sft="sft", num_seeds=3, window=5, curves=("eval/scores", "val/length_incorrect"),
         contrasts=(("grpo", "dr_grpo", "val/length_incorrect", "incorrect responses grow under GRPO only"),
                    ("dr_grpo", "grpo", "val/length_incorrect", "the same claim, reversed"))))
     summary = compare.write_curves(config, str(tmp_path), trained)
+    # window 2 = a quarter of the 8 logged values
     assert summary["grpo"]["val/length_incorrect"]["start"] == (11.0, 1.0)
-    assert summary["grpo"]["val/length_incorrect"]["end"] == (25.0, 1.0)
-    np.testing.assert_allclose(summary["dr_grpo"]["eval/scores"]["end"], (0.25, 0.01))
+    assert summary["grpo"]["val/length_incorrect"]["end"] == (27.5, 1.0)
+    np.testing.assert_allclose(summary["dr_grpo"]["eval/scores"]["end"], (0.65, 0.01))
     text = (tmp_path / "ablation.md").read_text()
-    assert "| grpo | 0.05 +- 0.01 -> 0.25 +- 0.01 | 11 +- 1 -> 25 +- 1 | 4 | - |" in text
-    assert "change +14" in text and "change -1" in text and "seed spread of 1.4" in text
+    assert "| grpo | 0.05 +- 0.01 -> 0.65 +- 0.01 | 11 +- 1 -> 27.5 +- 1 | 8 | - |" in text
+    assert "change +16.5" in text and "change -1.5" in text and "seed spread of 1.4" in text
     assert text.count("**consistent with**") == 1 and text.count("**contradicted by**") == 1
     assert (tmp_path / "curves.png").stat().st_size > 0
-    assert json.loads((tmp_path / "ablation.json").read_text())["dr_grpo"]["steps"] == 4
+    assert json.loads((tmp_path / "ablation.json").read_text())["dr_grpo"]["steps"] == 8

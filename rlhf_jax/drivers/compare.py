@@ -212,10 +212,13 @@ def plot_frontier(summary: list[dict], out: str, knobs: dict) -> str:
 
 
 def _at(rows: list[dict], metric: str, where: str, window: int) -> tuple[float, float] | None:
-    """(mean, std over seeds) of `metric` averaged over its first or last `window` logged values."""
+    """(mean, std over seeds) of `metric` averaged over its first or last logged values: `window`
+    of them, but at most a quarter of them (a held-out evaluation logged 7 times is compared
+    first value against last, not over windows that overlap)."""
     have = [r for r in rows if isinstance(r.get(metric), (int, float))]
     if not have:
         return None
+    window = min(window, max(1, len(have) // 4))
     have = have[:window] if where == "start" else have[-window:]
     mean = float(np.mean([r[metric] for r in have]))
     std = float(np.mean([r.get(metric + "_std", 0.0) for r in have]))
@@ -259,7 +262,7 @@ def contrast_lines(config, summary: dict) -> list[str]:
         spread = float(np.hypot(changes[baseline][2][1], changes[treatment][2][1]))
         verdict = ("consistent with" if gap > spread else "contradicted by" if -gap > spread
                    else "not decided by")
-        lines += [f"- {claim}", f"  `{metric}`, first vs last {config.window} logged values: {described}. "
+        lines += [f"- {claim}", f"  `{metric}`, start vs end: {described}. "
                   f"The {treatment} change is {abs(gap):.3g} {'below' if gap > 0 else 'above'} the {baseline} one, "
                   f"against a seed spread of {spread:.2g}: the claim is **{verdict}** this run.", ""]
     return lines
@@ -271,7 +274,8 @@ def write_curves(config, workdir: str, trained) -> dict:
     plotting.plot_runs([run_dir for _, _, run_dir in trained], list(config.curves),
                        os.path.join(workdir, "curves.png"), labels=names)
     lines = ["# Ablation", "", f"SFT run `{config.sft}`, {config.num_seeds} seeds per method (mean +- std over "
-             f"seeds); start / end = the mean of the first / last {config.window} logged values of each metric.", ""]
+             f"seeds); start / end = the mean of the first / last {config.window} logged values of each metric "
+             "(at most a quarter of them: a metric logged 7 times, first against last).", ""]
     head = [m for m in config.curves]
     lines += ["| method | " + " | ".join(f"{m} start -> end" for m in head) + " | steps | train s |",
               "|---|" + "---|" * (len(head) + 2)]
