@@ -411,6 +411,13 @@ def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len
     return loss, metrics
 
 
+def zero_spread_groups(scores, samples_per_prompt: int):
+    """[G] bool: the groups (K consecutive rows of [G * K] scores) whose K scores are all equal,
+    which a group baseline gives no gradient."""
+    grouped = scores.reshape(-1, samples_per_prompt)
+    return jnp.all(grouped == grouped[:, :1], axis=1)
+
+
 def keep_informative_groups(samples: Rollout, scores, samples_per_prompt: int, num_groups: int):
     """DAPO's dynamic sampling with static shapes: of the G sampled groups (K rows each), keep
     `num_groups`, those whose K scores are not all equal first (in sampling order); when fewer
@@ -420,8 +427,7 @@ def keep_informative_groups(samples: Rollout, scores, samples_per_prompt: int, n
     samples: a Rollout of G * K rows; scores: [G * K]. Returns (samples of num_groups * K rows,
     their scores, kept [num_groups] bool: the slot holds an informative group).
     """
-    grouped = scores.reshape(-1, samples_per_prompt)
-    informative = jnp.any(grouped != grouped[:, :1], axis=1)  # [G]
+    informative = ~zero_spread_groups(scores, samples_per_prompt)  # [G]
     order = jnp.argsort(~informative, stable=True)[:num_groups]
     kept = informative[order]
     rows = (order[:, None] * samples_per_prompt + jnp.arange(samples_per_prompt)).reshape(-1)
@@ -446,8 +452,7 @@ def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, sco
     sampled_kl = jnp.where(mask, losses.kl_penalty(samples.logprobs, samples.ref_logprobs, c.kl_estimator), 0.0)
     extra = {}
     if c.samples_per_prompt > 1:  # TRL's name: groups carrying no gradient under a group baseline
-        grouped = scores.reshape(-1, c.samples_per_prompt)
-        extra["frac_reward_zero_std"] = jnp.mean(jnp.all(grouped == grouped[:, :1], axis=1).astype(jnp.float32))
+        extra["frac_reward_zero_std"] = jnp.mean(zero_spread_groups(scores, c.samples_per_prompt).astype(jnp.float32))
     if c.mask_truncated:  # a response cut off by max_new_tokens is not trained on (DAPO's overlong filtering)
         samples = samples.replace(response_mask=samples.response_mask * samples.has_eos[:, None])
     if c.dynamic_sampling:
@@ -739,7 +744,12 @@ def score_metrics(config, raw_scores, lengths, prefix: str) -> dict:
             has = where.any(axis=1)
             if has.any():  # the seeds that have such responses
                 per_seed[prefix + name] = ((lengths * where).sum(axis=1) / np.maximum(where.sum(axis=1), 1))[has]
-    if config.num_seeds > 1:
+    return seed_metrics(per_seed, config.num_seeds)
+
+
+def seed_metrics(per_seed: dict, num_seeds: int) -> dict:
+    """Host metrics {name: [S] values}: mean and `_std` over the seeds, or the one seed's value."""
+    if num_seeds > 1:
         return metrics_lib.seed_summary(per_seed)
     return {k: float(v[0]) for k, v in per_seed.items()}
 
@@ -797,8 +807,7 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
     if setup.gold_function is not None:
         gold = mesh_lib.host_copy(decoded.scores(setup.gold_function, like=samples.has_eos))
         per_seed = np.asarray(gold, np.float32).reshape(c.num_seeds, -1).mean(axis=1)
-        metrics.update(metrics_lib.seed_summary({"objective/gold_scores": per_seed}) if seeded
-                       else {"objective/gold_scores": float(per_seed[0])})
+        metrics.update(seed_metrics({"objective/gold_scores": per_seed}, c.num_seeds))
     table = None
     if want_table:
         b = len(decoded.responses) // c.num_seeds  # seed 0's rows (of this process)
