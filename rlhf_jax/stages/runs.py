@@ -149,9 +149,8 @@ def read_handoff(workdir: str, kind: str | None = None) -> dict:
     if stage not in POLICY_STAGES + ("reward",):
         raise NoPolicy(f"{workdir} is a {stage!r} run, which hands off no language-model policy or reward model")
     if not checkpoints.is_finished(workdir):
-        manager_steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()) \
-            if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
-        last = f"its last checkpoint is step {manager_steps[-1]}" if manager_steps else "it has no checkpoint"
+        step = checkpoints.latest_step(workdir)
+        last = f"its last checkpoint is step {step}" if step is not None else "it has no checkpoint"
         raise config_lib.CheckpointError(f"{workdir}: the {stage} run has not finished ({last}; no "
                                          f"{HANDOFF_DIR}/{HANDOFF_FILE}): run its command again to finish it")
     raise config_lib.CheckpointError(
