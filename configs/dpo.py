@@ -39,6 +39,7 @@ def dpo_stage(*, num_steps=200, batch_size=16, seq_len=192, learning_rate=1e-5, 
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
+    c.init_from_unfinished = False  # True: init_from may be an unfinished run (its last checkpoint), said when it starts.
     c.reference_from = ""  # '' = init_from; another policy run: the frozen reference
     c.data = datasets.preferences("preferences")
     c.data_dir = "~/.cache/rlhf_jax/datasets"

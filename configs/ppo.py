@@ -82,6 +82,7 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
+    c.init_from_unfinished = False  # True: init_from may be an unfinished run (its last checkpoint), said when it starts.
     c.reference_from = ""  # '' = init_from; another policy run: the frozen reference (rounds: the SFT run)
     c.reward_model = ""
     c.reward_function = ""

@@ -85,6 +85,7 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
+    c.init_from_unfinished = False  # True: init_from may be an unfinished run (its last checkpoint), said when it starts.
     c.continue_from = ""  # a reward run to continue from (its params and head) instead of SFT + a new head
     c.data = datasets.preferences("")
     c.data_dir = "~/.cache/rlhf_jax/datasets"

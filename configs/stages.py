@@ -16,6 +16,7 @@ def language_model_stage(stage, *, num_steps, batch_size=16, seq_len=256, learni
     c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""  # Workdir of an earlier run whose params start this one.
+    c.init_from_unfinished = False  # True: init_from may be an unfinished run (its last checkpoint), said when it starts.
     c.init_from_hf = ""  # Or a local Hugging Face folder (config.json + *.safetensors).
     c.data = None  # Filled by the experiment (configs/datasets.py).
     c.data_dir = "~/.cache/rlhf_jax/datasets"

@@ -4,6 +4,7 @@ checkpoints, safe hand-offs, DONE last, data errors and the labeller as one line
 import glob
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -324,6 +325,40 @@ def test_a_command_failing_on_its_inputs_gives_a_finished_run_its_config_back(tm
     assert str(empty) in err
     assert (tmp_path / "run" / "config.json").read_bytes() == saved
     assert checkpoints.is_finished(str(tmp_path / "run"))
+
+
+def test_an_unfinished_run_is_init_from_only_when_the_config_says_so(tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"{i}.txt").write_text(f"A short document number {i}.\n" * 40)
+    common = ("train", f"--config={PRETRAIN}", "--config.data.name=text_folder", f"--config.data.path={folder}",
+              f"--config.data_dir={tmp_path / 'd'}", "--config.model.d_model=32", "--config.model.num_heads=2",
+              "--config.model.num_kv_heads=2", "--config.batch_size=8", "--config.seq_len=64", "--config.log_every=2",
+              "--config.checkpoint_every=2", "--config.eval_every=0", "--config.data.validation_fraction=0.3")
+    source = tmp_path / "pretrain"
+    assert cli.main([*common, f"--workdir={source}", "--config.num_steps=4"]) == 0
+    model, _, handed_off = runs.load_policy(str(source))
+    # What a run killed after its checkpoint of step 4 of 400 leaves: no hand-off, no DONE.
+    shutil.rmtree(source / runs.HANDOFF_DIR), os.remove(source / "DONE")
+    saved = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**saved, "num_steps": 400}))
+
+    consumer = ("--config.num_steps=2", f"--config.init_from={source}")
+    err = cli_error(capsys, *common, f"--workdir={tmp_path / 'next'}", *consumer)
+    assert "has not finished (its last checkpoint is step 4 of num_steps=400" in err
+    assert "init_from_unfinished=True" in err and not (tmp_path / "next").exists()
+    err = cli_error(capsys, *common, f"--workdir={tmp_path / 'next'}", *consumer,
+                    "--config.init_from_unfinished=True", "--config.lora.rank=4")
+    assert "init_from_unfinished" in err and "LoRA" in err
+
+    # With the flag: the last checkpoint's params, said on stderr (the hand-off held the same step).
+    _, _, params = runs.load_matching_policy(str(source), model, "pretrain", unfinished_ok=True)
+    assert "starting from its checkpoint of step 4 of 400" in capsys.readouterr().err
+    for a, b in zip(jax.tree.leaves(handed_off), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert cli.main([*common, f"--workdir={tmp_path / 'next'}", *consumer, "--config.init_from_unfinished=True"]) == 0
+    assert checkpoints.is_finished(str(tmp_path / "next")) and not checkpoints.is_finished(str(source))
 
 
 # ----------------------------------------------------------------------------- 7. the terminal labeller

@@ -137,7 +137,8 @@ def _prompt_split(config):
 
 def train(config, workdir: str):
     mesh = mesh_lib.make_mesh(config.mesh)
-    model_config, graphdef, init_params = runs.load_matching_policy(config.init_from, config.model, "dpo")
+    model_config, graphdef, init_params = runs.load_matching_policy(config.init_from, config.model, "dpo",
+                                                                    config.get("init_from_unfinished", False))
     ref_params = runs.load_reference(config, init_params, "dpo")
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = preferences.preference_data(config, workdir)

@@ -567,7 +567,8 @@ def init_models(config, tokenizer, optimizer):
     Returns (models, state, frozen): the train state is stacked on a leading seed axis when
     num_seeds > 1; frozen = dict(ref=reference params, reward=reward-model params or None).
     """
-    model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo")
+    model_config, graphdef, policy = runs.load_matching_policy(config.init_from, config.model, "ppo",
+                                                               config.get("init_from_unfinished", False))
     reference = runs.load_reference(config, policy, "ppo")
     reward_graphdef, reward_params, normalization = None, None, {"mean": 0.0, "std": 1.0}
     reward_lora = None

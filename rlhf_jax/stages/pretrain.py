@@ -41,7 +41,8 @@ def init_params_for(config):
     """Random init, or an earlier run's params (`init_from`), or a Hugging Face folder
     (`init_from_hf`). Returns (model_config, graphdef, params)."""
     if config.init_from:
-        return runs.load_matching_policy(config.init_from, config.model, config.stage)
+        return runs.load_matching_policy(config.init_from, config.model, config.stage,
+                                          config.get("init_from_unfinished", False))
     if config.init_from_hf:
         model_config, params = hf_import.load_hf_checkpoint(config.init_from_hf)
         graphdef, _ = model_lib.abstract_params(model_config)

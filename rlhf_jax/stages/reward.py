@@ -181,7 +181,8 @@ def init_reward_params(config):
             raise config_lib.ConfigError(f"reward: config.model differs from the model of {config.continue_from} "
                                          f"(continue_from) in {changed}")
         return model_config, graphdef, params
-    model_config, graphdef, params = runs.load_matching_policy(config.init_from, config.model, "reward")
+    model_config, graphdef, params = runs.load_matching_policy(config.init_from, config.model, "reward",
+                                                                config.get("init_from_unfinished", False))
     graphdef, params = model_lib.replace_head_with_scalar(graphdef, params, model_config, seed=config.seed)
     return model_config, graphdef, params
 

@@ -144,15 +144,18 @@ def read_handoff(workdir: str, kind: str | None = None) -> dict:
             raise checkpoints.DamagedCheckpoint(f"{path}: expected a hand-off of format {FORMAT}")
         _check_kind(workdir, info.get("stage"), kind, info.get("kind"))
         return info
-    stage = config_lib.read_resolved_config(workdir).get("stage")  # (says so when there is no run there)
+    run_config = config_lib.read_resolved_config(workdir)  # (says so when there is no run there)
+    stage = run_config.get("stage")
     _check_kind(workdir, stage, kind, None)
     if stage not in POLICY_STAGES + ("reward",):
         raise NoPolicy(f"{workdir} is a {stage!r} run, which hands off no language-model policy or reward model")
     if not checkpoints.is_finished(workdir):
         step = checkpoints.latest_step(workdir)
         last = f"its last checkpoint is step {step}" if step is not None else "it has no checkpoint"
-        raise config_lib.CheckpointError(f"{workdir}: the {stage} run has not finished ({last}; no "
-                                         f"{HANDOFF_DIR}/{HANDOFF_FILE}): run its command again to finish it")
+        raise config_lib.CheckpointError(f"{workdir}: the {stage} run has not finished ({last} of "
+                                         f"num_steps={run_config.get('num_steps')}; "
+                                         f"no {HANDOFF_DIR}/{HANDOFF_FILE}): run its command again to finish it, or "
+                                         "set --config.init_from_unfinished=True to start from that checkpoint")
     raise config_lib.CheckpointError(
         f"{workdir}: finished before runs wrote {HANDOFF_DIR}/ (2026-12-02): run its `rlhf-jax train` command "
         "again on this workdir; it writes the hand-off from the last checkpoint without training")
@@ -195,10 +198,35 @@ def load_policy(workdir: str, seed_index: int = 0):
     return model_config, graphdef, params
 
 
-def load_matching_policy(workdir: str, model_config, stage: str):
+def load_unfinished_policy(workdir: str):
+    """The policy params of an unfinished run's last checkpoint: (model_config, graphdef, params).
+
+    Only where the checkpoint holds the whole policy as `state['params']`: a pretrain, SFT or
+    DPO run of one seed without LoRA (a LoRA run's checkpoint holds adapters only, a PPO run's
+    a TrainState of several models); any other run has to be finished to hand off."""
+    config = config_lib.read_resolved_config(workdir)
+    stage = config.get("stage")
+    _check_kind(workdir, stage, "policy", None)
+    if stage not in ("pretrain", "sft", "dpo") or lora.enabled(config.get("lora")) or config.get("num_seeds", 1) > 1:
+        raise config_lib.CheckpointError(
+            f"{workdir}: init_from_unfinished reads an unfinished pretrain, SFT or DPO run of one seed without "
+            f"LoRA; this {stage} run has to finish first (run its command again)")
+    step = checkpoints.latest_step(workdir)
+    state = checkpoints.load_state(workdir, supervised_abstract_state(config, "lm")[1], step)
+    print(f"init_from {workdir}: the run has not finished; starting from its checkpoint of step {step} of "
+          f"{config.get('num_steps')} (init_from_unfinished=True)", file=sys.stderr, flush=True)
+    graphdef, _ = model_lib.abstract_params(config.model, "lm")
+    return config.model, graphdef, state["params"]
+
+
+def load_matching_policy(workdir: str, model_config, stage: str, unfinished_ok: bool = False):
     """load_policy, refusing a run whose model is not `model_config`: the calling run's own
-    config.json must describe the params it will save, or they could not be restored."""
-    run_model, graphdef, params = load_policy(workdir)
+    config.json must describe the params it will save, or they could not be restored.
+    `unfinished_ok` (a config's init_from_unfinished): an unfinished run gives its last checkpoint."""
+    if unfinished_ok and not checkpoints.is_finished(workdir):
+        run_model, graphdef, params = load_unfinished_policy(workdir)
+    else:
+        run_model, graphdef, params = load_policy(workdir)
     changed = config_lib.differing_keys(run_model, model_config)
     if changed:
         raise config_lib.ConfigError(
@@ -303,6 +331,10 @@ def score_from_run(workdir: str, prompt: str, response: str) -> float:
 
 
 def check_init_from(c, required: bool = False):
+    c.boolean("init_from_unfinished")
+    if c.get("init_from_unfinished") and c.get("lora.rank"):
+        c.fail("init_from_unfinished", True, "a LoRA run's hand-off merges its adapters into init_from's own "
+               "hand-off: let init_from finish first")
     if c.get("init_from") and c.get("init_from_hf"):
         c.fail("init_from_hf", c.get("init_from_hf"), "set at most one of init_from and init_from_hf")
     if required and not c.get("init_from"):
