@@ -131,6 +131,63 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert metrics_lib.read_metrics(workdir) == metrics_lib.read_metrics(str(tmp_path / "straight"))
 
 
+PRETRAIN = os.path.join(ROOT, "experiments", "reviews", "pretrain.py")
+
+
+def cli_with_file_size_limit(limit: int, *argv):
+    """(exit status, stderr) of `rlhf-jax argv` in a process whose writes fail past `limit` bytes
+    a file (EFBIG: what a full disk does to a writer, without filling this machine's disk)."""
+    # (set in the child itself: preexec_fn would fork this multithreaded JAX process)
+    child = ("import resource, runpy, signal, sys\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (its default action kills the process)\n"
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+             "sys.argv[0] = 'rlhf-jax'\n"
+             "runpy.run_module('rlhf_jax.apps.cli', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", child, *argv], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def test_failed_writes_and_a_cut_checkpoint_end_in_one_line_without_tracebacks(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"{i}.txt").write_text(f"A short document number {i}.\n" * 40)
+    train = ("train", f"--config={PRETRAIN}", f"--workdir={tmp_path / 'run'}", "--config.data.name=text_folder",
+             f"--config.data.path={folder}", f"--config.data_dir={tmp_path / 'd'}", "--config.model.d_model=32",
+             "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.batch_size=8",
+             "--config.seq_len=64", "--config.num_steps=4", "--config.log_every=2", "--config.checkpoint_every=2",
+             "--config.eval_every=0", "--config.data.validation_fraction=0.3")
+    # The dataset's file (about 60 KB) cannot be written.
+    code, err = cli_with_file_size_limit(20_000, *train)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("rlhf-jax: data error: preparing dataset rlhf_text_folder")
+    # The dataset fits, the first checkpoint (files of about 260 KB) does not: Orbax's background
+    # writers fail first, each with its traceback, before the save reports the cause.
+    code, err = cli_with_file_size_limit(200_000, *train)
+    assert code == 2 and "Traceback" not in err, err
+    assert re.match(r"rlhf-jax: checkpoint error: .*checkpoints/2: saving the checkpoint failed .*File too large",
+                    err.strip().splitlines()[-1])
+    assert checkpoints.latest_step(str(tmp_path / "run")) is None
+
+    # A hand-off whose array files are cut short: one line from `sample`, not TensorStore's
+    # callbacks failing on a closed event loop.
+    from configs import models
+    from rlhf_jax.stages import runs
+
+    model = models.tiny()
+    model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=64, max_len=64)
+    runs.save_random_run(str(tmp_path / "sft"), model)
+    for root, _, files in os.walk(tmp_path / "sft" / runs.HANDOFF_DIR):
+        for name in files:
+            if os.path.basename(root) == "d":
+                path = os.path.join(root, name)
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[:len(data) // 2])
+    code, err = cli_with_file_size_limit(2**40, "sample", f"--workdir={tmp_path / 'sft'}", "--prompt=a")
+    assert code == 2 and "Traceback" not in err, err
+    assert "cannot be read, a file is missing or cut short" in err.strip().splitlines()[-1]
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 

@@ -23,6 +23,7 @@ add --debug (anywhere) to see the traceback as well.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -291,10 +292,28 @@ def build_parser():
     return parser
 
 
+def _quiet_background_failures() -> None:
+    """A checkpoint that cannot be written (a full disk) or read (a file cut short) fails in
+    Orbax's background threads, asyncio tasks and TensorStore callbacks first: each prints its
+    traceback (20 or more for one full disk, some only as the tasks are collected at exit, some
+    as exceptions Python ignores) around the one line that names the step and the cause.
+    Without --debug those are dropped: ERROR records with a traceback from the asyncio and absl
+    loggers, and unraisable exceptions. Everything else these loggers say is kept."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+    for name in ("asyncio", "absl"):
+        logging.getLogger(name).addFilter(keep)
+    sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv=None):
+    own_process = argv is None  # (in-process callers, tests among them, keep their own hooks)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if own_process and not debug:
+        _quiet_background_failures()
     joined = False
     try:
         if argv[:1] == ["launch"]:

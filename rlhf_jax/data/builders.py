@@ -446,7 +446,14 @@ class Splits(dict):
 def prepare(builder) -> Splits:
     """Write the dataset unless it is already in builder.data_dir; return {split: Source}."""
     tfds.disable_progress_bar()  # Progress bars would flood the run logs; the datasets are small.
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except DataError:
+        raise
+    except (OSError, RuntimeError) as e:  # A full disk, a quota, an unwritable data_dir: TFDS's
+        # writer says so in a RuntimeError (array_record) or an OSError, deep in a traceback.
+        raise DataError(f"preparing dataset {builder.name} in {builder.data_dir} failed "
+                        f"({type(e).__name__}: {e}); nothing of it is kept, the next run prepares it again") from e
     sources = {split: Source(source) for split, source in builder.as_data_source().items()}
     hint = ""
     if getattr(builder, "path", "") and not getattr(builder, "validation_path", ""):
