@@ -6,6 +6,7 @@ error. The runs are subprocesses (a process joins the runtime once, before it to
 import json
 import os
 import subprocess
+import time
 import sys
 
 import jax
@@ -175,3 +176,22 @@ def test_launch_without_a_command_is_a_clear_error(capsys):
 
     assert cli.main(["launch", "--num_processes=2", "train"]) == 2
     assert "put the command after `--`" in capsys.readouterr().err
+
+
+def test_a_data_error_in_one_process_is_its_own_line_and_stops_the_others_at_once(tmp_path):
+    """Process 0 alone prepares the dataset and fails on it; process 1, waiting for it at a
+    barrier, loses the coordinator and aborts with a stack trace: not shown."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(5):
+        (texts / f"{i}.txt").write_text(f"A short document number {i}.\n" * 40)
+    (texts / "5.txt").write_bytes(b"fine\n\xc3\x28 broken\n")
+    start = time.time()
+    proc = launch(tmp_path / "run", tmp_path / "data", 2, 4, "--config.data.name=text_folder",
+                  f"--config.data.path={texts}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert time.time() - start < 90  # (a collective's timeout would be minutes)
+    lines = proc.stderr.strip().splitlines()
+    assert f"rlhf-jax: data error: {texts / '5.txt'} line 2: not valid UTF-8" in lines[-2]
+    assert lines[-1].startswith("rlhf-jax launch: process 0 of 2 stopped on the error above")
+    assert not any(word in proc.stderr for word in ("Traceback", "Check failure", "DEADLINE_EXCEEDED"))

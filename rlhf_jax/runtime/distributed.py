@@ -24,10 +24,12 @@ chosen before the runtime starts.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -160,6 +162,9 @@ def child_env(process_id: int, num_processes: int, port: int, devices_per_proces
     return env
 
 
+LATENCY_S = 0.5  # how long `launch` holds a child's stderr line before it decides to show it
+
+
 def launch(command: list[str], num_processes: int, devices_per_process: int = 0, port: int = 0,
            grace_s: float = 3.0) -> int:
     """Run `rlhf-jax <command>` as `num_processes` cooperating processes on this machine; return
@@ -176,9 +181,43 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
     if not command:
         raise config_lib.ConfigError("launch: no command after `--` (e.g. -- train --config=... --workdir=...)")
     port = port or free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.cli", *command],
+    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_jax.apps.cli", *command], stderr=subprocess.PIPE,
                               env=child_env(i, num_processes, port, devices_per_process))
              for i in range(num_processes)]
+    # Every stderr line goes through one queue and out LATENCY_S after it arrived: by then a
+    # process that failed has exited or printed its one-line error, even when another process
+    # lost the coordinator (and started its abort trace) in the same instant. From then on the
+    # other processes' dying words (an abort's stack trace, a collective's DEADLINE_EXCEEDED)
+    # would bury that error: only their own one-line errors ('rlhf-jax: ...') pass.
+    lines, failed_early, hidden = queue.Queue(), set(), [0]
+
+    def read(i: int) -> None:
+        for line in iter(procs[i].stderr.readline, b""):
+            if line.startswith(b"rlhf-jax:"):
+                failed_early.add(i)
+            lines.put((time.time(), i, line))
+        lines.put((time.time(), i, None))
+
+    def relay() -> None:
+        open_pipes = num_processes
+        while open_pipes:
+            arrived, i, line = lines.get()
+            if line is None:
+                open_pipes -= 1
+                continue
+            time.sleep(max(0.0, arrived + LATENCY_S - time.time()))
+            others_failed = any(j != i and (j in failed_early or p.poll() not in (None, 0))
+                                for j, p in enumerate(procs))
+            if others_failed and not line.startswith(b"rlhf-jax:"):
+                hidden[0] += 1
+                continue
+            sys.stderr.write(line.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+    relays = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(num_processes)]
+    relays.append(threading.Thread(target=relay, daemon=True))
+    for t in relays:
+        t.start()
 
     def forward(signum, frame):
         for p in procs:
@@ -198,15 +237,22 @@ def launch(command: list[str], num_processes: int, devices_per_process: int = 0,
                 break
             time.sleep(0.1)
         codes = [p.wait() for p in procs]
+        for t in relays:
+            t.join(timeout=5)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if failed is None:
         return 0
     i, code = failed
+    not_shown = f"; {hidden[0]} lines they wrote as they stopped are not shown" if hidden[0] else ""
+    if code == 2:  # a one-line error of its own (bad input): resuming would meet it again
+        print(f"rlhf-jax launch: process {i} of {num_processes} stopped on the error above; the others were "
+              f"stopped (exit statuses {codes}{not_shown})", file=sys.stderr, flush=True)
+        return code
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
     print(f"rlhf-jax launch: process {i} of {num_processes} {how}; the others were stopped "
-          f"(exit statuses {codes}). Run the same command again to resume from the last checkpoint.",
+          f"(exit statuses {codes}{not_shown}). Run the same command again to resume from the last checkpoint.",
           file=sys.stderr, flush=True)
     return code if code > 0 else 1
 
