@@ -155,9 +155,11 @@ def test_plot_command_draws_mean_and_spread(tmp_path):
     assert cli.main(["plot", *workdirs, "--metric=no_such_metric", f"--out={out2}"]) == 2  # one line, no traceback
 
 
-def test_sweep_runs_every_override_group(tmp_path):
+def test_sweep_runs_every_override_group(tmp_path, capsys):
+    # A plot metric no run logs is a warning on the plot, not an error after every run trained.
     assert cli.main(["sweep", f"--config={EXPERIMENT}", f"--workdir={tmp_path}", "--config.num_steps=50",
-                     "--config.checkpoint_every=50"]) == 0
+                     "--config.checkpoint_every=50", "--config.plot_metrics=('bias', 'no_such_metric')"]) == 0
+    assert "plot metric 'no_such_metric' is logged by none of the runs" in capsys.readouterr().err
     runs = sorted(os.listdir(tmp_path))
     assert "learning_rate=0.1,seed=0" in runs and "learning_rate=1.0,seed=1" in runs
     assert os.path.exists(tmp_path / "sweep.png")

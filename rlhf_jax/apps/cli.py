@@ -100,7 +100,7 @@ def cmd_sweep(args, overrides):
         workdirs.append(workdir)
     metrics = config.get("plot_metrics", ())
     if metrics:
-        out = plotting.plot_runs(workdirs, list(metrics), os.path.join(args.workdir, "sweep.png"))
+        out = plotting.plot_runs(workdirs, list(metrics), os.path.join(args.workdir, "sweep.png"), strict=False)
         print(f"plot: {out}")
 
 

@@ -8,6 +8,7 @@ experiment: their curves are averaged (on common steps) and the band is their sp
 from __future__ import annotations
 
 import os
+import sys
 
 import matplotlib
 
@@ -31,7 +32,10 @@ def metric_series(workdir: str, metric: str):
     return steps, values, stds
 
 
-def plot_runs(workdirs, metrics, out: str, group_mean: bool = False, labels=None) -> str:
+def plot_runs(workdirs, metrics, out: str, group_mean: bool = False, labels=None, strict: bool = True) -> str:
+    """One panel per metric, one curve per run (or their mean and spread); saved to `out`.
+    A metric no run logged is an error when asked for by name (`strict`, `rlhf-jax plot`), and a
+    warning written on its panel after a sweep has trained (the runs are not lost to a plot)."""
     if isinstance(metrics, str):
         metrics = [m for m in metrics.split(",") if m]
     labels = labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
@@ -41,7 +45,14 @@ def plot_runs(workdirs, metrics, out: str, group_mean: bool = False, labels=None
         missing = [label for label, s in series if s is None]
         series = [(label, s) for label, s in series if s is not None]
         if not series:
-            raise config_lib.ConfigError(f"--metric={metric!r} is in none of {list(workdirs)}' metrics.jsonl")
+            if strict:
+                raise config_lib.ConfigError(f"--metric={metric!r} is in none of {list(workdirs)}' metrics.jsonl")
+            print(f"warning: plot metric {metric!r} is logged by none of the runs; its panel is empty",
+                  file=sys.stderr)
+            ax.text(0.5, 0.5, f"{metric!r}\nis logged by none of the runs", ha="center", va="center",
+                    transform=ax.transAxes, color="tab:red")
+            ax.set_title(metric)
+            continue
         if missing:
             print(f"note: {metric!r} not logged in {missing}")
         if group_mean and len(series) > 1:
