@@ -64,6 +64,14 @@ Fields (see rlhf_jax/ppo.py):
     eval_every, eval_split, num_eval_prompts   held-out evaluation before every eval_every-th
                            update: samples_per_prompt samples on each of num_eval_prompts prompts of
                            data[eval_split] -> eval/scores (accuracy with a verifier), eval/length_*
+    logprob_check_every    without a value head on the policy the update's old log-probs are the
+                           sampler's (no policy forward per iteration); every logprob_check_every-th
+                           iteration a forward pass recomputes them and rollout/logprob_diff_max,
+                           rollout/logprob_diff_mean are logged (0: never)
+    rollout_dtype          '' (model.dtype) or 'bfloat16' | 'float32': the sampler's compute dtype
+    rollout_correction     'none' | 'tis': truncated importance sampling of each token's term by
+                           min(exp(recomputed - sampler log-prob), rollout_correction_cap) (the
+                           policy forward then runs every iteration; its log-probs are the old ones)
     correct_score          with a reward function: raw reward >= correct_score counts as correct for
                            val/length_correct, val/length_incorrect (and their eval/ twins)
 """
@@ -115,6 +123,10 @@ def base(num_steps: int = 100) -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 0
     c.top_p = 1.0
+    c.logprob_check_every = 10
+    c.rollout_dtype = ""
+    c.rollout_correction = "none"
+    c.rollout_correction_cap = 2.0
     c.missing_eos = "keep"
     c.missing_eos_penalty = -1.0
     c.truncate_token = ""

@@ -44,6 +44,7 @@ __all__ = [
     "reinforce_pp_advantages",
     "overlong_penalty",
     "policy_loss",
+    "tis_weights",
     "aggregate_token_terms",
     "POLICY_LOSS_KINDS",
     "POLICY_LOSS_AGGREGATIONS",
@@ -708,6 +709,7 @@ def policy_loss(
     clip_high=0.2,
     aggregation: str = "token_mean",
     max_len=None,
+    token_weights=None,
 ):
     """Clipped policy-gradient objectives of the GRPO family, with a choice of aggregation.
 
@@ -769,6 +771,9 @@ def policy_loss(
       aggregation: one of ``POLICY_LOSS_AGGREGATIONS``.
       max_len: the constant normaliser of ``seq_mean_token_sum_norm`` (the maximum response
         length, > 0); required by it, ignored by the others.
+      token_weights: optional [B, T] constant weights each ``l_t`` is multiplied by before the
+        aggregation: truncated importance sampling (``tis_weights``) when the rollout's
+        sampler and the trained policy compute log-probs differently.
     Returns:
       ``(loss, metrics)``: the scalar float32 loss and the dict above.
     """
@@ -800,6 +805,8 @@ def policy_loss(
         else:  # cispo
             per_token = -lax.stop_gradient(jnp.clip(ratio, lo, hi)) * adv * logp
         per_token = jnp.where(mask, per_token, 0.0)
+    if token_weights is not None:
+        per_token = per_token * lax.stop_gradient(jnp.where(mask, token_weights, 0).astype(f32))
 
     loss = aggregate_token_terms(per_token, mask, aggregation, max_len)
 
@@ -816,6 +823,18 @@ def policy_loss(
         "approx_kl": 0.5 * masked_mean(jnp.square(lax.stop_gradient(logratio)), mask),
     }
     return loss, metrics
+
+
+def tis_weights(old_logprobs, sampler_logprobs, mask, cap: float):
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; verl's ``tis_imp_ratio_cap``): the rollout's tokens were
+    drawn by a sampler whose log-probs differ from the trainer's (bf16 sampling, another
+    kernel), so each token's term is reweighted by ``min(exp(old_t - sampler_t), cap)``, with
+    ``old`` the trainer's recomputed log-probs at rollout time. [B, T] -> [B, T], 0 at pads;
+    exactly 1 where the two agree."""
+    mask = _bool(mask)
+    logratio = jnp.where(mask, old_logprobs - sampler_logprobs, 0).astype(jnp.float32)
+    return jnp.where(mask, jnp.minimum(jnp.exp(logratio), cap), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

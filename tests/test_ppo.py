@@ -102,6 +102,8 @@ def test_update_on_8_devices_equals_single_device(sft_run):
 
 
 def test_rollout_recomputes_sampler_logprobs_and_kl_starts_at_zero(sft_run):
+    # PPO with a value head on the policy: the rollout runs the policy forward anyway (values),
+    # and its log-probs are the old ones.
     s, prompts = setup(make_config(sft_run, temperature=0.7), 1)
     samples = jax.device_get(s.rollout(s.state, s.frozen, prompts, jax.random.key(3)))
     mask = samples.response_mask.astype(bool)
@@ -112,6 +114,61 @@ def test_rollout_recomputes_sampler_logprobs_and_kl_starts_at_zero(sft_run):
     batch, scores = mesh_lib.shard_batch((samples, zero_scores(samples)), s.mesh)
     _, metrics = s.update(s.state, batch, scores, jax.random.key(4), s.frozen["ref"])
     assert float(metrics["objective/kl"]) == 0.0
+
+
+def test_without_a_value_head_the_sampler_logprobs_are_the_old_ones_and_are_checked(sft_run):
+    """GRPO: no policy forward in the rollout; the check program's recompute agrees to 2e-5."""
+    s, prompts = setup(make_config(sft_run, loss="grpo", samples_per_prompt=2, temperature=0.7), 1)
+    samples = jax.device_get(s.rollout(s.state, s.frozen, prompts, jax.random.key(3)))
+    mask = samples.response_mask.astype(bool)
+    np.testing.assert_array_equal(samples.logprobs, samples.sampler_logprobs)
+    np.testing.assert_array_equal(samples.tis_weights, np.ones_like(samples.tis_weights))
+    recomputed = np.asarray(s.recompute_logprobs(s.state, s.frozen, samples))
+    np.testing.assert_allclose(recomputed[mask], samples.sampler_logprobs[mask], atol=2e-5)
+    assert np.all(recomputed[~mask] == 0)
+    m = ppo.logprob_check_metrics(samples, recomputed)
+    assert 0 < m["rollout/logprob_diff_max"] < 2e-5 and m["rollout/logprob_diff_mean"] <= m["rollout/logprob_diff_max"]
+
+
+def test_a_bfloat16_sampler_is_seen_by_the_check_and_tis_reweights_it(sft_run):
+    float32 = make_config(sft_run, loss="grpo", samples_per_prompt=2, temperature=0.7)
+    bf16 = make_config(sft_run, loss="grpo", samples_per_prompt=2, temperature=0.7, rollout_dtype="bfloat16",
+                       rollout_correction="tis", rollout_correction_cap=2.0)
+    s, prompts = setup(bf16, 1)
+    samples = jax.device_get(s.rollout(s.state, s.frozen, prompts, jax.random.key(3)))
+    mask = samples.response_mask.astype(bool)
+    recomputed = np.asarray(s.recompute_logprobs(s.state, s.frozen, samples))
+    assert ppo.logprob_check_metrics(samples, recomputed)["rollout/logprob_diff_max"] > 1e-3  # bf16 is seen
+    # With TIS the old log-probs are the float32 forward's; each weight is min(exp(old - sampler), cap).
+    np.testing.assert_allclose(samples.logprobs[mask], recomputed[mask], atol=2e-5)
+    expected = np.minimum(np.exp(samples.logprobs.astype(np.float64) - samples.sampler_logprobs), 2.0)
+    np.testing.assert_allclose(samples.tis_weights[mask], expected[mask], rtol=1e-5)
+    assert np.all(samples.tis_weights[~mask] == 0) and np.abs(samples.tis_weights[mask] - 1).max() > 1e-3
+
+    # Where sampler and trainer agree (a float32 sampler) the correction is exactly no correction.
+    plain, _ = setup(float32, 1)
+    corrected, _ = setup(make_config(sft_run, loss="grpo", samples_per_prompt=2, temperature=0.7,
+                                     rollout_correction="tis"), 1)
+    a = jax.device_get(plain.rollout(plain.state, plain.frozen, prompts, jax.random.key(5)))
+    b = jax.device_get(corrected.rollout(corrected.state, corrected.frozen, prompts, jax.random.key(5)))
+    np.testing.assert_array_equal(a.response, b.response)
+    b = b.replace(logprobs=a.sampler_logprobs, tis_weights=np.where(a.response_mask > 0, 1.0, 0.0).astype(np.float32))
+    scores = np.linspace(-1, 1, len(a.has_eos)).astype(np.float32)
+    out = [jax.device_get(x.update(x.state, *mesh_lib.shard_batch((samples_, scores), x.mesh), jax.random.key(2),
+                                   x.frozen["ref"]))
+           for x, samples_ in ((plain, a), (corrected, b))]
+    for u, v in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+        np.testing.assert_array_equal(u, v)
+    assert float(out[1][1]["rollout/tis_weight_mean"]) == 1.0
+
+
+def test_logprob_check_is_logged_every_logprob_check_every_iterations(sft_run, tmp_path):
+    config = make_config(sft_run, loss="rloo", samples_per_prompt=2, num_steps=4, logprob_check_every=2)
+    ppo.train(config, str(tmp_path))
+    rows = metrics_lib.read_metrics(str(tmp_path))
+    checked = [r["step"] for r in rows if "rollout/logprob_diff_max" in r]
+    assert checked == [1, 3]  # iterations 0 and 2 (a row is logged after its update: step + 1)
+    assert all(0 < r["rollout/logprob_diff_max"] < 1e-4 for r in rows if r["step"] in checked)
 
 
 def test_masked_positions_cannot_leak_nan(sft_run):

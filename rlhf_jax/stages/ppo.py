@@ -59,6 +59,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
@@ -80,6 +81,7 @@ GROUP_LOSSES = ("rloo", "grpo")  # baselines from the K samples of a prompt
 VALUE_MODELS = ("policy", "reward_model", "sft")
 MISSING_EOS = ("keep", "penalty")
 KL_PLACEMENTS = ("reward", "loss", "none")
+ROLLOUT_CORRECTIONS = ("none", "tis")
 ADVANTAGE_SCALINGS = ("group", "batch", "none")
 
 
@@ -114,7 +116,11 @@ class Rollout:
     tokens, attention_mask      [B, P + N] int32   prompt (left padded), response (right padded)
     response, response_mask     [B, N] int32       mask 1 up to and including EOS (or the truncate token)
     sampler_logprobs            [B, N] float32     log-probs of the sampled tokens, as sampled
-    logprobs, ref_logprobs      [B, N] float32     recomputed by a forward pass of the policy / reference
+    logprobs                    [B, N] float32     the update's old log-probs: the policy forward's
+                                                   where the rollout runs one (a value head on the
+                                                   policy, rollout_correction='tis'), else the sampler's
+    tis_weights                 [B, N] float32     each token's importance weight (1 without a correction)
+    ref_logprobs                [B, N] float32     by a forward pass of the reference
     values                      [B, N] float32     value estimates (0 without a value function)
     has_eos                     [B] bool           the response ended (EOS or the truncate token)
     reward_model_scores         [B] float32        the reward model's raw (unnormalised) score at the
@@ -128,6 +134,7 @@ class Rollout:
     response_mask: jax.Array
     sampler_logprobs: jax.Array
     logprobs: jax.Array
+    tis_weights: jax.Array
     ref_logprobs: jax.Array
     values: jax.Array
     has_eos: jax.Array
@@ -165,6 +172,7 @@ class Models:
     """The static half of the models (graphdefs, ids, settings): hashable, closed over by jit.
 
     graphdef         policy / reference, head 'lm'
+    sampler_graphdef the policy as the sampler runs it (config.rollout_dtype; same params)
     value_graphdef   'lm_and_scalar' (value_model='policy') or 'scalar' (separate value model)
     reward_graphdef  reward model ('scalar'), or None with a reward function
     reward_lora      the reward run's LoRA config when its adapters ride on the reference's
@@ -176,6 +184,11 @@ class Models:
                  reward_lora=None):
         self.config, self.reward_lora = config, reward_lora
         self.graphdef, self.value_graphdef, self.reward_graphdef = graphdef, value_graphdef, reward_graphdef
+        self.sampler_graphdef = graphdef
+        if config.get("rollout_dtype") and config.rollout_dtype != config.model.dtype:
+            sampler_model = ml_collections.ConfigDict(config.model.to_dict())
+            sampler_model.dtype = config.rollout_dtype
+            self.sampler_graphdef = model_lib.abstract_params(sampler_model, "lm")[0]
         self.eos_id, self.pad_id = int(tokenizer.eos_id), int(tokenizer.pad_id)
         self.truncate_id = _truncate_id(tokenizer, config.truncate_token)
         self.uses_value = config.loss == "ppo"
@@ -226,6 +239,24 @@ def forward(models, params, value_params, tokens, attention_mask, prompt_len: in
     return logprobs, entropy, values
 
 
+def value_forward(models, value_params, tokens, attention_mask, prompt_len: int):
+    """[B, N] values of the response tokens from a separate value model (zeros without one)."""
+    if not models.uses_value:
+        return jnp.zeros(tokens[:, prompt_len:].shape, jnp.float32)
+    positions = model_lib.positions_from_mask(attention_mask)
+    values = model_lib.apply(models.value_graphdef, value_params, tokens, positions, attention_mask)[0]["scalar"]
+    return values[:, prompt_len - 1:-1]
+
+
+def recompute_logprobs(models, state, frozen, samples: "Rollout"):
+    """[B, N] the policy's log-probs of a rollout's response tokens by a full forward pass: what
+    the sampler's log-probs are checked against every logprob_check_every-th iteration."""
+    policy = lora.combine(state.params["policy"], frozen["ref"], models.config.get("lora"))
+    logprobs, _, _ = forward(models, policy, None, samples.tokens, samples.attention_mask, samples.prompt_len,
+                             with_values=False)
+    return jnp.where(samples.response_mask.astype(bool), logprobs, 0.0)
+
+
 def left_align(tokens, mask):
     """Shift each row left past its leading padding, so real tokens start at column 0.
 
@@ -259,7 +290,7 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
     if batch_sharding is not None:  # the repeated batch is split over the devices
         prompt_tokens, prompt_mask = jax.lax.with_sharding_constraint((prompt_tokens, prompt_mask), batch_sharding)
     p = prompt_tokens.shape[1]
-    out = sampling.generate(models.graphdef, policy, prompt_tokens, prompt_mask, rng,
+    out = sampling.generate(models.sampler_graphdef, policy, prompt_tokens, prompt_mask, rng,
                             max_new_tokens=c.max_new_tokens, eos_id=models.eos_id, pad_id=models.pad_id,
                             temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, vmap_axis=vmap_axis)
     response, mask = out["response"], out["response_mask"].astype(bool)
@@ -272,7 +303,18 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
     tokens = jnp.concatenate([prompt_tokens, response], axis=1)
     attention_mask = jnp.concatenate([prompt_mask, mask.astype(jnp.int32)], axis=1)
 
-    logprobs, _, values = forward(models, policy, value, tokens, attention_mask, p)
+    sampler_logprobs = jnp.where(mask, out["logprobs"], 0.0)
+    # The policy forward runs only where something needs it: a value head on the policy, or the
+    # TIS correction (train-precision log-probs). Then its log-probs are the old ones (the KL to
+    # the reference at the first iteration is exactly 0); otherwise the sampler's are.
+    old_logprobs, tis = sampler_logprobs, jnp.ones_like(sampler_logprobs)
+    if c.rollout_correction == "tis" or (models.uses_value and c.value_model == "policy"):
+        recomputed, _, values = forward(models, policy, value, tokens, attention_mask, p)
+        old_logprobs = jnp.where(mask, recomputed, 0.0)
+        if c.rollout_correction == "tis":
+            tis = losses.tis_weights(old_logprobs, sampler_logprobs, mask, c.rollout_correction_cap)
+    else:
+        values = value_forward(models, value, tokens, attention_mask, p)
     ref_logprobs, _, _ = forward(models, frozen["ref"], None, tokens, attention_mask, p, with_values=False)
     reward_model_scores = None
     if models.reward_graphdef is not None:
@@ -283,8 +325,8 @@ def rollout(models, state, frozen, prompts, rng, batch_sharding=None, vmap_axis=
         reward_model_scores = model_lib.reward_scores(models.reward_graphdef, reward,
                                                       *left_align(tokens, attention_mask)).astype(jnp.float32)
     return Rollout(tokens=tokens, attention_mask=attention_mask, response=response,
-                   response_mask=mask.astype(jnp.int32), sampler_logprobs=jnp.where(mask, out["logprobs"], 0.0),
-                   logprobs=jnp.where(mask, logprobs, 0.0), ref_logprobs=jnp.where(mask, ref_logprobs, 0.0),
+                   response_mask=mask.astype(jnp.int32), sampler_logprobs=sampler_logprobs, logprobs=old_logprobs,
+                   tis_weights=tis, ref_logprobs=jnp.where(mask, ref_logprobs, 0.0),
                    values=jnp.where(mask, values, 0.0), has_eos=jnp.any(ends & mask, axis=1),
                    reward_model_scores=reward_model_scores)
 
@@ -386,13 +428,15 @@ def minibatch_loss(models, params, samples: Rollout, adv: Advantages, prompt_len
     logprobs, entropy, values = forward(models, policy, params["value"], samples.tokens,
                                         samples.attention_mask, prompt_len)
     max_len = c.max_len or None
+    tis = samples.tis_weights if c.rollout_correction == "tis" else None
     clipped_loss, pm = losses.policy_loss(logprobs, samples.logprobs, adv.advantages, mask, kind=c.objective,
                                           clip_low=c.clip_low, clip_high=c.clip_high, aggregation=c.aggregation,
-                                          max_len=max_len)
+                                          max_len=max_len, token_weights=tis)
     if c.loss in CLIPPED_LOSSES:
         policy_loss = clipped_loss
     else:
-        policy_loss = losses.reinforce_loss(losses.masked_sum(logprobs, mask, axis=1), adv.seq_advantages)
+        weighted = logprobs if tis is None else logprobs * samples.tis_weights
+        policy_loss = losses.reinforce_loss(losses.masked_sum(weighted, mask, axis=1), adv.seq_advantages)
     kl_loss = jnp.zeros(())
     if c.kl_placement == "loss":  # GRPO: beta * KL(policy || reference) per token, in the loss
         kl = losses.kl_penalty(jnp.where(mask, logprobs, 0.0), jnp.where(mask, samples.ref_logprobs, 0.0),
@@ -502,6 +546,8 @@ def ppo_update(models, optimizer, mesh, state: TrainState, samples: Rollout, sco
         "val/mean_response_length": jnp.mean(lengths),
         "val/advantage_mean": losses.masked_mean(adv.advantages, samples.response_mask.astype(bool)),
         **extra,
+        **({"rollout/tis_weight_mean": losses.masked_mean(sampled.tis_weights, mask)}
+           if c.rollout_correction == "tis" else {}),
     })
     return state.replace(params=params, opt_state=opt_state, kl_coef=kl_coef, baseline=baseline), metrics
 
@@ -547,6 +593,24 @@ def make_update(models, optimizer, mesh, state_shardings, frozen_shardings):
 
     return jax.jit(fn, in_shardings=(state_shardings, batch, batch, None, frozen_shardings["ref"]),
                    out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_recompute_logprobs(models, mesh, state_shardings, frozen_shardings):
+    """jit(recompute_logprobs)(state, frozen, samples) -> [B, N] (a leading seed axis with seeds)."""
+    fn = functools.partial(recompute_logprobs, models)
+    batch = mesh_lib.batch_sharding(mesh)
+    if models.config.num_seeds > 1:
+        fn, batch = jax.vmap(fn, in_axes=(0, None, 0)), mesh_lib.stacked(batch)
+    return jax.jit(fn, in_shardings=(state_shardings, frozen_shardings, batch), out_shardings=batch)
+
+
+def logprob_check_metrics(samples: Rollout, recomputed) -> dict:
+    """How far the sampler's log-probs (the update's old ones) are from a forward pass's, over
+    every real response token: rollout/logprob_diff_max and rollout/logprob_diff_mean."""
+    sampler, recomputed, mask = mesh_lib.host_copy((samples.sampler_logprobs, recomputed, samples.response_mask))
+    diff = np.abs(np.asarray(sampler, np.float64) - np.asarray(recomputed, np.float64))[np.asarray(mask).astype(bool)]
+    return {"rollout/logprob_diff_max": float(diff.max()) if diff.size else 0.0,
+            "rollout/logprob_diff_mean": float(diff.mean()) if diff.size else 0.0}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -629,6 +693,7 @@ class Setup:
     rollout: Callable                # (state, frozen, prompts, rng) -> Rollout
     final_scores: Callable           # (raw_scores, has_eos, lengths) -> scores
     update: Callable                 # (state, samples, scores, rng, ref) -> (state, metrics)
+    recompute_logprobs: Callable     # (state, frozen, samples) -> [B, N] the policy forward's log-probs
     reward_function: Callable | None  # host (prompt, response) -> raw score, or None (reward model)
     gold_function: Callable | None   # host (prompt, response) -> gold score, logged only
     batch_fn: Callable               # step -> dict(step, prompts (placed), texts)
@@ -676,6 +741,7 @@ def build(config) -> Setup:
                  rollout=make_rollout(models, mesh, state_shardings, frozen_shardings),
                  final_scores=jax.jit(functools.partial(final_scores, models)),
                  update=make_update(models, optimizer, mesh, state_shardings, frozen_shardings),
+                 recompute_logprobs=make_recompute_logprobs(models, mesh, state_shardings, frozen_shardings),
                  reward_function=labelers.load_function(config.reward_function) if config.reward_function else None,
                  gold_function=labelers.load_function(config.gold_function) if config.gold_function else None,
                  batch_fn=batch_fn, eval_batch=eval_batch,
@@ -800,8 +866,11 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
     raw_scores = raw_scores_of(setup, samples, decoded)
     lengths = jnp.sum(samples.response_mask, axis=-1)
     scores = setup.final_scores(raw_scores, samples.has_eos, lengths)
+    check = {}
+    if c.logprob_check_every and batch["step"] % c.logprob_check_every == 0:  # (before the update donates the state)
+        check = logprob_check_metrics(samples, setup.recompute_logprobs(state, setup.frozen, samples))
     state, metrics = setup.update(state, samples, scores, keys[..., 1], setup.frozen["ref"])
-    metrics.update(held_out)
+    metrics.update(held_out, **check)
     if setup.reward_function is not None:
         metrics.update(score_metrics(c, raw_scores, lengths, "val/"))
 
@@ -912,6 +981,10 @@ def check_config(c):
         c.fail("advantage_scaling", c.get("advantage_scaling"), f"applies to loss='grpo' only (loss={c.get('loss')!r})")
     for key in ("dynamic_sampling", "mask_truncated"):
         c.boolean(key)
+    c.integer("logprob_check_every", 0)
+    c.choice("rollout_dtype", ("", "float32", "bfloat16"))
+    c.choice("rollout_correction", ROLLOUT_CORRECTIONS)
+    c.number("rollout_correction_cap", 1.0)
     c.integer("oversample", 1)
     c.integer("overlong_buffer", 0)
     if c.get("overlong_buffer") and c.get("overlong_buffer") > c.get("max_new_tokens"):
