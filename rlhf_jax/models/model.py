@@ -52,7 +52,8 @@ FAMILY_DEFAULTS = dict(head_dim=0, qkv_bias=False, qk_norm=False, rope_scaling="
 ROPE_SCALINGS = ("none", "llama3")
 
 
-def _field(config, name):
+def config_field(config, name):
+    """One of the FAMILY_DEFAULTS fields of a model config, its default when the config predates it."""
     return config.get(name, FAMILY_DEFAULTS[name])
 
 
@@ -64,14 +65,14 @@ def stored_model_config(model: dict) -> ml_collections.ConfigDict:
 
 def head_dim(config) -> int:
     """Width of one attention head: `head_dim`, or d_model / num_heads when it is 0 (Qwen3 sets it)."""
-    return _field(config, "head_dim") or config.d_model // config.num_heads
+    return config_field(config, "head_dim") or config.d_model // config.num_heads
 
 
 def _check_config(config) -> None:
-    if not _field(config, "head_dim") and config.d_model % config.num_heads:
+    if not config_field(config, "head_dim") and config.d_model % config.num_heads:
         raise ValueError(f"d_model={config.d_model} is not a multiple of num_heads={config.num_heads} "
                          "(set head_dim to use heads of another width)")
-    if _field(config, "head_dim") < 0:
+    if config_field(config, "head_dim") < 0:
         raise ValueError(f"head_dim={config.head_dim}: expected 0 (d_model / num_heads) or a positive width")
     if config.num_heads % config.num_kv_heads:
         raise ValueError(f"num_heads={config.num_heads} is not a multiple of num_kv_heads={config.num_kv_heads}")
@@ -89,11 +90,11 @@ def _check_config(config) -> None:
         raise ValueError(f"attention_impl={config.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
     if config.dropout != 0.0:
         raise NotImplementedError(f"dropout={config.dropout}: dropout is not implemented; set model.dropout=0.0")
-    if _field(config, "rope_scaling") not in ROPE_SCALINGS:
+    if config_field(config, "rope_scaling") not in ROPE_SCALINGS:
         raise ValueError(f"rope_scaling={config.rope_scaling!r}: expected one of {ROPE_SCALINGS}")
-    if _field(config, "rope_scaling") != "none" and config.positions != "rope":
+    if config_field(config, "rope_scaling") != "none" and config.positions != "rope":
         raise ValueError(f"rope_scaling={config.rope_scaling!r} needs positions='rope'")
-    if _field(config, "qk_norm") and config.norm != "rmsnorm":
+    if config_field(config, "qk_norm") and config.norm != "rmsnorm":
         raise ValueError(f"qk_norm=True needs norm='rmsnorm' (Qwen3's per-head RMSNorm), not {config.norm!r}")
 
 
@@ -110,10 +111,10 @@ def rope_frequencies(config) -> jax.Array:
     """
     d = head_dim(config)
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    if _field(config, "rope_scaling") == "none":
+    if config_field(config, "rope_scaling") == "none":
         return inv_freq
-    factor, old_len = _field(config, "rope_factor"), _field(config, "rope_original_max_len")
-    low, high = _field(config, "rope_low_freq_factor"), _field(config, "rope_high_freq_factor")
+    factor, old_len = config_field(config, "rope_factor"), config_field(config, "rope_original_max_len")
+    low, high = config_field(config, "rope_low_freq_factor"), config_field(config, "rope_high_freq_factor")
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
@@ -175,12 +176,12 @@ class Attention(nnx.Module):
         self.attention_impl = config.get("attention_impl", "einsum")
         d, hd, kvd = config.d_model, config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
         residual_std = config.init_std / math.sqrt(2 * config.num_layers)  # GPT-2 scaled init
-        qkv_bias = config.use_bias or _field(config, "qkv_bias")  # Qwen2: biases on q, k, v but not out
+        qkv_bias = config.use_bias or config_field(config, "qkv_bias")  # Qwen2: biases on q, k, v but not out
         self.query = _linear(config, d, hd, rngs, use_bias=qkv_bias)
         self.key = _linear(config, d, kvd, rngs, use_bias=qkv_bias)
         self.value = _linear(config, d, kvd, rngs, use_bias=qkv_bias)
         self.out = _linear(config, hd, d, rngs, std=residual_std)
-        self.qk_norm = _field(config, "qk_norm")
+        self.qk_norm = config_field(config, "qk_norm")
         if self.qk_norm:  # Qwen3: RMSNorm over each head's width, shared by all heads, before RoPE
             self.query_norm = _norm(config, rngs, width=self.head_dim)
             self.key_norm = _norm(config, rngs, width=self.head_dim)
