@@ -10,7 +10,12 @@ Folders already shipped are never rewritten unless named: the tests' expected lo
 drift with the transformers version that happens to be installed. The GPT-2 and Llama 2 fixtures
 share one random stream (seed 0, in that order), each later family has its own seed.
 
-Each folder gets config.json + model.safetensors (float32, random weights), inputs.npy [2, T]
+hf_chat_tokenizer is a tokenizer only: a byte-level tokenizer.json (256 bytes + <|endoftext|>,
+<|im_start|>, <|im_end|>) whose tokenizer_config.json carries a small ChatML chat template, and
+expected_chat.json: transformers' apply_chat_template(add_generation_prompt=True) text and ids
+for a few prompts (tests/test_tokenizer.py renders them with jinja2 and compares).
+
+Each model folder gets config.json + model.safetensors (float32, random weights), inputs.npy [2, T]
 (row 1 left-padded), attention_mask.npy [2, T] and expected_logits.npy [2, T, V]: the
 transformers forward pass in float32 with position_ids = cumsum(mask) - 1 clipped at 0 (our
 convention for left padding). Every parameter, norms and biases included, gets random noise,
@@ -109,11 +114,64 @@ def llama3():
     return model
 
 
+# Whitespace and tags laid out as real templates are, so that trim_blocks and lstrip_blocks matter.
+CHAT_TEMPLATE = """{% if messages[0]['role'] == 'system' %}
+{% set system = messages[0]['content'] %}
+{% set messages = messages[1:] %}
+{% else %}
+{% set system = 'You are a helpful assistant.' %}
+{% endif %}
+{{ bos_token }}<|im_start|>system
+{{ system }}<|im_end|>
+{% for message in messages %}
+    {% if message['role'] not in ['user', 'assistant'] %}
+        {{ raise_exception('Conversation roles must be user or assistant') }}
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] | trim }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+CHAT_PROMPTS = ["Hello!", "  Two lines\nof text  ", "Çà et là: 3 × 4 = 12?", ""]
+
+
+def chat_tokenizer(name):
+    import json
+
+    import tokenizers
+    from tokenizers import decoders, models as tok_models, pre_tokenizers
+
+    folder = os.path.join(ROOT, name)
+    os.makedirs(folder, exist_ok=True)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = tokenizers.Tokenizer(tok_models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                       pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE), f, indent=2)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = []
+    for prompt in CHAT_PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        expected.append(dict(prompt=prompt, text=text, ids=ids))
+    with open(os.path.join(folder, "expected_chat.json"), "w") as f:
+        json.dump(expected, f, indent=1, ensure_ascii=False)
+    print(f"{folder}: {sorted(os.listdir(folder))}")
+
+
 def main():
     models = {**gpt2_and_llama(), "hf_qwen2_tiny": qwen2(), "hf_qwen3_tiny": qwen3(), "hf_llama3_tiny": llama3()}
-    names = sys.argv[1:] or [n for n in models if not os.path.exists(os.path.join(ROOT, n))]
+    makers = {name: (lambda name, m=m: save(m, name)) for name, m in models.items()}
+    makers["hf_chat_tokenizer"] = chat_tokenizer
+    names = sys.argv[1:] or [n for n in makers if not os.path.exists(os.path.join(ROOT, n))]
     for name in names:
-        save(models[name], name)
+        makers[name](name)
 
 
 if __name__ == "__main__":

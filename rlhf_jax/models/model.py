@@ -531,6 +531,9 @@ def check_model_config(c):
     c.choice("tokenizer.kind", ("byte", "hf"))
     if c.get("tokenizer.kind") == "hf" and not c.get("tokenizer.path"):
         c.fail("tokenizer.path", c.get("tokenizer.path"), "tokenizer.kind='hf' needs the folder holding tokenizer.json")
+    c.boolean("tokenizer.chat_template")
+    if c.get("tokenizer.chat_template") is True and c.get("tokenizer.kind") != "hf":
+        c.fail("tokenizer.chat_template", True, "needs tokenizer.kind='hf' (the template comes with an HF tokenizer)")
 
 
 def check_sequence_config(c):
