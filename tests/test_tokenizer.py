@@ -58,7 +58,8 @@ def test_prompt_batches_and_reward_rows_use_the_template():
 
 def test_chat_template_jinja_file_comes_first(tmp_path):
     shutil.copytree(FOLDER, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "chat_template.jinja").write_text("[{{ messages[0]['content'] }}]{% if add_generation_prompt %}>{% endif %}")
+    template = "[{{ messages[0]['content'] }}]{% if add_generation_prompt %}>{% endif %}"
+    (tmp_path / "chat_template.jinja").write_text(template)
     assert make_tokenizer(tokenizer_config(path=str(tmp_path))).format_prompt("x") == "[x]>"
 
 

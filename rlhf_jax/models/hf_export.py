@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 from rlhf_jax.models import model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
 def hf_architecture(config) -> str:

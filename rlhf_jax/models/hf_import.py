@@ -163,7 +163,8 @@ def _llama_config(hf, arch, path):
     """Llama, Qwen2 and Qwen3 share one layer layout; they differ in biases, q/k norms, head_dim."""
     for key in _MOE_KEYS:
         if hf.get(key):
-            raise NotImplementedError(f"{path}/config.json: {key}={hf[key]!r}: mixture-of-experts layers are not supported")
+            raise NotImplementedError(f"{path}/config.json: {key}={hf[key]!r}: mixture-of-experts layers are "
+                                      "not supported")
     if hf.get("use_sliding_window"):
         raise NotImplementedError(f"{path}/config.json: use_sliding_window={hf['use_sliding_window']!r}: "
                                   "sliding-window attention is not supported")
