@@ -82,7 +82,9 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     c.stage = "reward"
     c.seed = 0
     c.model = models.tiny()
-    c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path=""))
+    # kind 'byte' or 'hf' (path: folder with tokenizer.json); chat_template=True (hf only): prompts
+    # go through the tokenizer's chat template as one user message (instruction-tuned checkpoints).
+    c.tokenizer = ml_collections.ConfigDict(dict(kind="byte", path="", chat_template=False))
     c.lora = lora.off()  # --config.lora.rank=8: train adapters only (rlhf_jax/lora.py)
     c.init_from = ""
     c.init_from_unfinished = False  # True: init_from may be an unfinished run (its last checkpoint), said when it starts.

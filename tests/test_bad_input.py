@@ -165,6 +165,30 @@ def test_config_json_of_a_run_without_checkpoint_is_replaced(tmp_path):
         config_lib.write_resolved_config(snack_config(num_steps=300), workdir)
 
 
+def test_a_run_saved_before_the_family_fields_resumes(tmp_path):
+    """A run whose config.json predates model.head_dim/qkv_bias/qk_norm/rope_* and
+    tokenizer.chat_template resumes under the same command; setting one of them is a change."""
+    import json
+
+    from configs import stages
+
+    workdir = str(tmp_path)
+    config = stages.language_model_stage("sft", num_steps=10)
+    old = config_lib.config_to_dict(config)
+    for key in registry.ADDED_FIELDS:
+        section, name = key.split(".")
+        del old[section][name]
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(old, f)
+    os.makedirs(os.path.join(workdir, "checkpoints", "5"))
+    config_lib.write_resolved_config(config, workdir, added_fields=registry.ADDED_FIELDS)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(old, f)
+    config.tokenizer.chat_template = True
+    with pytest.raises(config_lib.ConfigError, match=r"tokenizer.chat_template"):
+        config_lib.write_resolved_config(config, workdir, added_fields=registry.ADDED_FIELDS)
+
+
 # ----------------------------------------------------------------------------- 1. damaged checkpoints
 
 

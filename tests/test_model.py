@@ -28,7 +28,14 @@ def llama_micro(**overrides):
     return micro(**{**llama, **overrides})
 
 
-ARCHS = {"gpt2": micro, "llama": llama_micro}
+def qwen_llama3_micro(**overrides):
+    """Every family option at once: Qwen2's q/k/v biases, Qwen3's q/k norms and wider heads
+    (4 x 16 > d_model 32), Llama 3's RoPE scaling (original length 16, so all three bands occur)."""
+    family = dict(qkv_bias=True, qk_norm=True, head_dim=16, rope_scaling="llama3", rope_original_max_len=16)
+    return llama_micro(**{**family, **overrides})
+
+
+ARCHS = {"gpt2": micro, "llama": llama_micro, "families": qwen_llama3_micro}
 
 
 def random_tokens(seed, shape, vocab=40):
@@ -206,6 +213,57 @@ def test_config_errors():
         M.init_params(micro(num_kv_heads=3))
     with pytest.raises(ValueError, match="head="):
         M.init_params(micro(), head="value")
+
+
+def test_family_config_errors():
+    with pytest.raises(ValueError, match="rope_scaling='yarn'"):
+        M.init_params(llama_micro(rope_scaling="yarn"))
+    with pytest.raises(ValueError, match="rope_scaling='llama3' needs positions='rope'"):
+        M.init_params(micro(rope_scaling="llama3"))
+    with pytest.raises(ValueError, match="qk_norm=True needs norm='rmsnorm'"):
+        M.init_params(micro(qk_norm=True))
+    with pytest.raises(ValueError, match="head_dim=-2"):
+        M.init_params(micro(head_dim=-2))
+    M.init_params(micro(d_model=30, num_heads=4, head_dim=8))  # head_dim frees d_model from num_heads
+
+
+def test_model_check_names_family_fields():
+    from rlhf_jax.runtime import checks, config as config_lib
+
+    def check(**model):
+        config = config_lib.ml_collections.ConfigDict(dict(model={**llama_micro().to_dict(), **model}))
+        M.check_model_config(checks.Checks(config, ""))
+
+    check(**{k: v for k, v in qwen_llama3_micro().items() if k in M.FAMILY_DEFAULTS})
+    for model, message in [
+        (dict(head_dim=-1), r"model.head_dim=-1: expected an integer >= 0"),
+        (dict(head_dim=7), r"model.head_dim=7: RoPE needs an even head_dim"),
+        (dict(d_model=30), r"model.num_heads=4: expected a divisor of model.d_model=30"),
+        (dict(rope_scaling="yarn"), r"model.rope_scaling='yarn'"),
+        (dict(rope_scaling="llama3", rope_high_freq_factor=1.0), r"model.rope_high_freq_factor=1.0"),
+        (dict(rope_scaling="llama3", rope_factor=0.0), r"model.rope_factor=0.0"),
+        (dict(qkv_bias=1), r"model.qkv_bias=1: expected True or False"),
+        (dict(qk_norm=True, norm="layernorm"), r"model.qk_norm=True: needs model.norm='rmsnorm'"),
+    ]:
+        with pytest.raises(config_lib.ConfigError, match=message):
+            check(**model)
+
+
+def test_configs_without_the_family_fields_build_the_same_model():
+    """Runs stored before head_dim, qkv_bias, qk_norm and rope_scaling existed: same params, same logits."""
+    for make in (micro, llama_micro):
+        config = make()
+        old = config.to_dict()
+        for key in M.FAMILY_DEFAULTS:
+            del old[key]
+        old = M.ml_collections.ConfigDict(old)
+        graphdef, params = M.init_params(config, seed=1)
+        old_graphdef, old_params = M.init_params(old, seed=1)
+        assert jax.tree.structure(params) == jax.tree.structure(old_params)
+        tokens, mask = random_tokens(0, (2, 8)), jnp.ones((2, 8), jnp.int32)
+        np.testing.assert_array_equal(forward(graphdef, params, tokens, mask)[0]["logits"],
+                                      forward(old_graphdef, old_params, tokens, mask)[0]["logits"])
+        assert M.stored_model_config(old.to_dict()).to_dict() == config.to_dict()
 
 
 def test_presets_have_the_same_fields():

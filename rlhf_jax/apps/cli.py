@@ -278,7 +278,7 @@ def build_parser():
     p.add_argument("--max_new_tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=1.0)
     p.set_defaults(fn=cmd_best_of_n)
-    p = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint (GPT-2 or Llama layout)")
+    p = sub.add_parser("export", help="write a run's policy as a Hugging Face checkpoint (GPT-2, Llama, Qwen2 or Qwen3 layout)")
     p.add_argument("--workdir", required=True, help="a run with a policy (pretrain, sft, ppo, dpo)")
     p.add_argument("--out", required=True, help="folder for config.json, model.safetensors (+ tokenizer files)")
     p.add_argument("--seed_index", type=int, default=0, help="which seed of a num_seeds > 1 run")

@@ -521,7 +521,7 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
         data = await read_json(request, {"prompt": text_field(MAX_PROMPT_CHARS)})
         prompt = data["prompt"]
         if prompt_limit is not None:
-            n = len(tokenizer.encode(prompt))
+            n = len(tokenizer.encode_prompt(prompt))
             if n > prompt_limit:
                 raise HTTPError(400, f"prompt: {n} tokens, and the policy reads at most {prompt_limit} (its window of "
                                      f"{window} tokens less the {chat.max_new_tokens} of its answer): shorten it")

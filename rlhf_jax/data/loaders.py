@@ -170,7 +170,7 @@ def sft_batches(source, tokenizer, seq_len: int, batch_size: int, seed: int,
         rows, prompt_lens = [], []
         for example in read(source, indices):
             row, prompt_len = join_prompt_response(
-                tokenizer.encode(as_str(example["prompt"])),
+                tokenizer.encode_prompt(as_str(example["prompt"])),
                 tokenizer.encode(as_str(example["response"])), seq_len, tokenizer.eos_id)
             rows.append(row)
             prompt_lens.append(prompt_len)
@@ -205,7 +205,7 @@ def prompt_batches(source, tokenizer, max_prompt_len: int, batch_size: int, seed
         tokens = np.full((len(indices), P), tokenizer.pad_id, np.int32)
         mask = np.zeros((len(indices), P), np.int32)
         for b, example in enumerate(read(source, indices)):
-            ids = tokenizer.encode(as_str(example["prompt"]))[-P:]
+            ids = tokenizer.encode_prompt(as_str(example["prompt"]))[-P:]
             if ids:
                 tokens[b, P - len(ids):] = ids
                 mask[b, P - len(ids):] = 1
@@ -245,7 +245,7 @@ def preference_batches(source, tokenizer, seq_len: int, batch_size: int, seed: i
         prompt_kept = {"chosen": [], "rejected": []}
         margins = []
         for example in read(source, indices):
-            prompt = tokenizer.encode(as_str(example["prompt"]))
+            prompt = tokenizer.encode_prompt(as_str(example["prompt"]))
             for side in ("chosen", "rejected"):
                 response = tokenizer.encode(as_str(example[side]))
                 row, kept = join_prompt_response(prompt, response, seq_len, tokenizer.eos_id)

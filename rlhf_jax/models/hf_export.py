@@ -1,13 +1,16 @@
-"""Write a policy back out as a Hugging Face checkpoint (GPT-2 or Llama layout), the inverse of
-`hf_import`:
+"""Write a policy back out as a Hugging Face checkpoint (GPT-2, Llama, Qwen2 or Qwen3 layout), the
+inverse of `hf_import`:
 
     files = export_hf(model_config, params, "/tmp/out", tokenizer_path=None)
     # /tmp/out/config.json + model.safetensors: transformers.AutoModelForCausalLM.from_pretrained
 
 The layout follows the model: learned positions + LayerNorm + GELU + biases + tied embeddings is
 GPT-2 (`GPT2LMHeadModel`, byte-vocabulary models included, with their own vocab_size); RoPE +
-RMSNorm + SwiGLU without biases is Llama (`LlamaForCausalLM`, GQA and untied unembedding
-included). Any other mix has no Hugging Face counterpart here and is refused, naming the field.
+RMSNorm + SwiGLU without biases is the Llama family: `Qwen3ForCausalLM` with qk_norm,
+`Qwen2ForCausalLM` with qkv_bias, `LlamaForCausalLM` otherwise (GQA, untied unembedding, head_dim
+and the 'llama3' RoPE scaling in all three; the scaling is written as published checkpoints
+write it: `rope_scaling` with `rope_theta` beside it, which transformers 4 and 5 both read).
+Any other mix has no Hugging Face counterpart here and is refused, naming the field.
 Value and scalar heads are not exported (a policy is its language model). Weights are float32.
 When the run used an HF tokenizer (`tokenizer.kind='hf'`), its files are copied beside the
 weights so the folder loads with `AutoTokenizer` too.
@@ -23,21 +26,30 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from rlhf_jax.models import model
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
 def hf_architecture(config) -> str:
-    """'gpt2' or 'llama' for a model config; ValueError naming the fields that fit neither."""
+    """'gpt2', 'llama', 'qwen2' or 'qwen3' for a model config; ValueError naming the fields that fit none."""
     gpt2 = dict(positions="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True)
     llama = dict(positions="rope", norm="rmsnorm", mlp="swiglu", use_bias=False)
+    qkv_bias, qk_norm = model.config_field(config, "qkv_bias"), model.config_field(config, "qk_norm")
     if all(config[k] == v for k, v in gpt2.items()):
         if config.num_kv_heads != config.num_heads:
             raise ValueError(f"num_kv_heads={config.num_kv_heads} != num_heads={config.num_heads}: GPT-2 has no "
                              "grouped-query attention, so this model has no Hugging Face layout")
+        if model.head_dim(config) * config.num_heads != config.d_model:
+            raise ValueError(f"head_dim={config.head_dim}: GPT-2's heads are d_model / num_heads wide, so this "
+                             "model has no Hugging Face layout")
         return "gpt2"
     if all(config[k] == v for k, v in llama.items()):
-        return "llama"
+        if qkv_bias and qk_norm:
+            raise ValueError("qkv_bias=True with qk_norm=True: Qwen2 has no q/k norms and Qwen3 no q/k/v-only "
+                             "biases, so this model has no Hugging Face layout")
+        return "qwen3" if qk_norm else "qwen2" if qkv_bias else "llama"
     fields = {k: config[k] for k in gpt2}
     raise ValueError(f"model {fields} is neither GPT-2 ({gpt2}) nor Llama ({llama}): no Hugging Face layout")
 
@@ -49,7 +61,7 @@ def export_hf(config, params, out_dir: str, tokenizer_path: str | None = None) -
     any head: only the language model is written)."""
     arch = hf_architecture(config)
     flat = {tuple(path): np.asarray(leaf[...], np.float32) for path, leaf in nnx.to_flat_state(params)}
-    tensors, hf_config = (_gpt2(flat, config) if arch == "gpt2" else _llama(flat, config))
+    tensors, hf_config = (_gpt2(flat, config) if arch == "gpt2" else _llama(flat, config, arch))
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")]
     with open(written[0], "w") as f:
@@ -102,7 +114,11 @@ def _gpt2(flat, config):
     return tensors, hf_config
 
 
-def _llama(flat, config):
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _llama(flat, config, arch):
+    """Llama, Qwen2 (+ q/k/v biases) and Qwen3 (+ q/k norms) share every other tensor name."""
     tensors = {
         "model.embed_tokens.weight": flat[("embed", "embedding")],
         "model.norm.weight": flat[("final_norm", "scale")],
@@ -118,12 +134,31 @@ def _llama(flat, config):
             tensors[h + theirs + ".weight"] = layer[ours + ("kernel",)].T  # nn.Linear stores [out, in]
         tensors[h + "input_layernorm.weight"] = layer[("attn_norm", "scale")]
         tensors[h + "post_attention_layernorm.weight"] = layer[("mlp_norm", "scale")]
+        if arch == "qwen2":
+            for ours in (("attn", "query"), ("attn", "key"), ("attn", "value")):
+                tensors[h + names[ours] + ".bias"] = layer[ours + ("bias",)]
+        if arch == "qwen3":
+            tensors[h + "self_attn.q_norm.weight"] = layer[("attn", "query_norm", "scale")]
+            tensors[h + "self_attn.k_norm.weight"] = layer[("attn", "key_norm", "scale")]
     hf_config = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=config.vocab_size,
+        architectures=[ARCHITECTURES[arch]], model_type=arch, vocab_size=config.vocab_size,
         hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        head_dim=config.d_model // config.num_heads, max_position_embeddings=config.max_len,
-        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu", attention_bias=False,
-        mlp_bias=False, tie_word_embeddings=bool(config.tie_embeddings), initializer_range=config.init_std,
+        head_dim=model.head_dim(config), max_position_embeddings=config.max_len,
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu",
+        tie_word_embeddings=bool(config.tie_embeddings), initializer_range=config.init_std,
         torch_dtype="float32")
+    if arch == "llama":
+        hf_config.update(attention_bias=False, mlp_bias=False)
+    else:  # every layer full attention (Qwen's sliding window is off)
+        hf_config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers,
+                         layer_types=["full_attention"] * config.num_layers)
+    if arch == "qwen3":
+        hf_config.update(attention_bias=False)  # True would put biases on o_proj as well
+    if model.config_field(config, "rope_scaling") == "llama3":
+        hf_config["rope_scaling"] = dict(
+            rope_type="llama3", factor=model.config_field(config, "rope_factor"),
+            low_freq_factor=model.config_field(config, "rope_low_freq_factor"),
+            high_freq_factor=model.config_field(config, "rope_high_freq_factor"),
+            original_max_position_embeddings=model.config_field(config, "rope_original_max_len"))
     return tensors, hf_config

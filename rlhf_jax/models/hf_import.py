@@ -1,4 +1,4 @@
-"""Load a local Hugging Face checkpoint (GPT-2 or Llama architecture) into our Transformer.
+"""Load a local Hugging Face checkpoint (GPT-2, Llama, Qwen2 or Qwen3) into our Transformer.
 
     config, params = load_hf_checkpoint("/path/to/gpt2")       # folder: config.json + *.safetensors
     graphdef, _ = model.abstract_params(config)                 # or: graphdef_for(config)
@@ -6,12 +6,14 @@
 
 Weights are read with `safetensors.numpy` (never pickle). The returned params have exactly the
 structure of `init_params(config, head='lm')` (block params stacked on a leading layer axis); the vocabulary is the checkpoint's own (not
-padded). Supported: `GPT2LMHeadModel` and `LlamaForCausalLM` (default RoPE, no rope scaling,
-head_dim = hidden_size / num_attention_heads). Anything else is refused with a message naming the
-file and the key.
+padded). Supported: `GPT2LMHeadModel`, and the Llama family: `LlamaForCausalLM` (Llama 2 and 3.x,
+with the 'llama3' RoPE scaling), `Qwen2ForCausalLM` (q/k/v biases) and `Qwen3ForCausalLM`
+(per-head q/k RMSNorm, head_dim apart from hidden_size / num_attention_heads); GQA, tied or
+untied embeddings. Anything else (mixture of experts, sliding-window layers, other RoPE types,
+partial rotary, attention or MLP biases elsewhere) is refused with one line naming the file and the key.
 
 Layout notes: GPT-2 stores Conv1D weights as [in, out] (our kernel layout) with q, k, v fused in
-`c_attn`; Llama stores nn.Linear weights as [out, in] (transposed here). Llama's q/k projections
+`c_attn`; Llama, Qwen2 and Qwen3 store nn.Linear weights as [out, in] (transposed here). Llama's q/k projections
 use the same "rotate half" RoPE layout as `model.apply_rope`, so no permutation is needed.
 """
 
@@ -37,8 +39,8 @@ def load_hf_checkpoint(path: str):
     if arch == "gpt2":
         config = _gpt2_config(hf_config, path)
         flat = _gpt2_params(weights, config, path)
-    else:
-        config = _llama_config(hf_config, path)
+    else:  # llama, qwen2, qwen3: one layout, told apart by the config's qkv_bias and qk_norm
+        config = _llama_config(hf_config, arch, path)
         flat = _llama_params(weights, config, path)
     return config, _to_state(flat, config, path)
 
@@ -62,15 +64,20 @@ def _read_config(path):
         return json.load(f)
 
 
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
+
+
 def _architecture(hf_config, path):
     archs = hf_config.get("architectures") or []
     model_type = hf_config.get("model_type")
-    if "GPT2LMHeadModel" in archs or (not archs and model_type == "gpt2"):
-        return "gpt2"
-    if "LlamaForCausalLM" in archs or (not archs and model_type == "llama"):
-        return "llama"
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    if not archs and model_type in ARCHITECTURES.values():
+        return model_type
     raise NotImplementedError(f"{path}/config.json: architectures={archs} model_type={model_type!r} is not "
-                              "supported (GPT2LMHeadModel, LlamaForCausalLM)")
+                              f"supported ({', '.join(ARCHITECTURES)})")
 
 
 def _read_safetensors(path):
@@ -148,31 +155,75 @@ def _gpt2_params(weights, config, path):
 # Llama
 
 
-def _llama_config(hf, path):
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise NotImplementedError(f"{path}/config.json: rope_type={rope_type!r} is not supported (default RoPE only)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+# Keys whose presence alone means a model we do not build (mixture of experts).
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def _llama_config(hf, arch, path):
+    """Llama, Qwen2 and Qwen3 share one layer layout; they differ in biases, q/k norms, head_dim."""
+    for key in _MOE_KEYS:
+        if hf.get(key):
+            raise NotImplementedError(f"{path}/config.json: {key}={hf[key]!r}: mixture-of-experts layers are "
+                                      "not supported")
+    if hf.get("use_sliding_window"):
+        raise NotImplementedError(f"{path}/config.json: use_sliding_window={hf['use_sliding_window']!r}: "
+                                  "sliding-window attention is not supported")
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise NotImplementedError(f"{path}/config.json: layer_types={sorted(layer_types)}: only 'full_attention' "
+                                  "layers are supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise NotImplementedError(f"{path}/config.json: hidden_act={hf['hidden_act']!r} is not supported (silu)")
+    # Qwen2 has q/k/v biases whatever its config says; Llama and Qwen3's attention_bias puts one on
+    # o_proj as well, which our model does not have.
+    if arch != "qwen2" and hf.get("attention_bias", False):
+        raise NotImplementedError(f"{path}/config.json: attention_bias={hf['attention_bias']!r} is not supported "
+                                  f"for {arch} (biases on q, k, v and o)")
+    if hf.get("mlp_bias", False):
+        raise NotImplementedError(f"{path}/config.json: mlp_bias={hf['mlp_bias']!r} is not supported")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", d // heads) != d // heads:
-        raise NotImplementedError(f"{path}/config.json: head_dim={hf['head_dim']} != hidden_size / "
-                                  f"num_attention_heads = {d // heads} is not supported")
-    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
-    if attention_bias or mlp_bias:
-        raise NotImplementedError(f"{path}/config.json: attention_bias={attention_bias}, mlp_bias={mlp_bias}: "
-                                  "biases are not supported for Llama checkpoints")
+    width = hf.get("head_dim") or d // heads
     config = presets.llama_tiny()
     config.update(dict(vocab_size=hf["vocab_size"], max_len=hf.get("max_position_embeddings", 2048), d_model=d,
                        num_layers=hf["num_hidden_layers"], num_heads=heads,
                        num_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
-                       positions="rope", rope_theta=float(theta), norm="rmsnorm",
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", use_bias=False,
+                       head_dim=0 if width * heads == d else width,  # 0: the usual d / heads
+                       positions="rope", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
+                       use_bias=False, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                        init_std=hf.get("initializer_range", 0.02)))
+    config.update(_rope_fields(hf, path))
     return config
+
+
+def _rope_fields(hf, path):
+    """rope_theta and the 'llama3' scaling, from `rope_scaling` (published checkpoints, rope_theta
+    beside it) or `rope_parameters` (transformers >= 5, rope_theta inside it)."""
+    sources = {key: hf[key] for key in ("rope_parameters", "rope_scaling") if hf.get(key)}
+    types = {key: rope.get("rope_type", rope.get("type", "default")) for key, rope in sources.items()}
+    for key, rope_type in types.items():
+        if rope_type not in ("default", "llama3"):
+            raise NotImplementedError(f"{path}/config.json: {key}.rope_type={rope_type!r} is not supported "
+                                      "('default', 'llama3')")
+    if len(set(types.values())) > 1:
+        raise NotImplementedError(f"{path}/config.json: rope_parameters and rope_scaling disagree on rope_type {types}")
+    rope = {**sources.get("rope_scaling", {}), **sources.get("rope_parameters", {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    where = "rope_parameters" if "rope_parameters" in sources else "rope_scaling"
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise NotImplementedError(f"{path}/config.json: partial_rotary_factor={partial!r} is not supported (1.0)")
+    fields = dict(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if rope_type == "llama3":
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            if key not in rope:
+                raise KeyError(f"{path}/config.json: {where}.{key} is missing (needed by rope_type 'llama3')")
+        # transformers falls back to max_position_embeddings when this is absent
+        original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        fields.update(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+                      rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]), rope_original_max_len=int(original))
+    return fields
 
 
 def _llama_params(weights, config, path):
@@ -197,6 +248,12 @@ def _llama_params(weights, config, path):
             block + ("mlp", "up", "kernel"): get(h + "mlp.up_proj.weight").T,
             block + ("mlp", "down", "kernel"): get(h + "mlp.down_proj.weight").T,
         })
+        if config.qkv_bias:  # Qwen2
+            for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+                flat[block + ("attn", ours, "bias")] = get(h + f"self_attn.{theirs}.bias")
+        if config.qk_norm:  # Qwen3
+            flat[block + ("attn", "query_norm", "scale")] = get(h + "self_attn.q_norm.weight")
+            flat[block + ("attn", "key_norm", "scale")] = get(h + "self_attn.k_norm.weight")
     return flat
 
 

@@ -1,4 +1,4 @@
-"""Decoder-only transformer (GPT-2 and Llama styles) and its functional API.
+"""Decoder-only transformer (GPT-2, Llama, Qwen2 and Qwen3 styles) and its functional API.
 
 The module is a plain `flax.nnx` module; training and sampling code use it functionally:
 
@@ -44,9 +44,36 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+# Fields added after the first checkpoints were written: a stored config without them means these
+# defaults (plain RoPE, no q/k/v biases or q/k norms, head_dim = d_model / num_heads), so old
+# runs keep their params tree and logits.
+FAMILY_DEFAULTS = dict(head_dim=0, qkv_bias=False, qk_norm=False, rope_scaling="none", rope_factor=8.0,
+                       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192)
+ROPE_SCALINGS = ("none", "llama3")
+
+
+def config_field(config, name):
+    """One of the FAMILY_DEFAULTS fields of a model config, its default when the config predates it."""
+    return config.get(name, FAMILY_DEFAULTS[name])
+
+
+def stored_model_config(model: dict) -> ml_collections.ConfigDict:
+    """The ConfigDict of a model dict stored by a run, with the fields it predates at their defaults
+    (so it compares equal to a current config of the same model)."""
+    return ml_collections.ConfigDict({**FAMILY_DEFAULTS, **model})
+
+
+def head_dim(config) -> int:
+    """Width of one attention head: `head_dim`, or d_model / num_heads when it is 0 (Qwen3 sets it)."""
+    return config_field(config, "head_dim") or config.d_model // config.num_heads
+
+
 def _check_config(config) -> None:
-    if config.d_model % config.num_heads:
-        raise ValueError(f"d_model={config.d_model} is not a multiple of num_heads={config.num_heads}")
+    if not config_field(config, "head_dim") and config.d_model % config.num_heads:
+        raise ValueError(f"d_model={config.d_model} is not a multiple of num_heads={config.num_heads} "
+                         "(set head_dim to use heads of another width)")
+    if config_field(config, "head_dim") < 0:
+        raise ValueError(f"head_dim={config.head_dim}: expected 0 (d_model / num_heads) or a positive width")
     if config.num_heads % config.num_kv_heads:
         raise ValueError(f"num_heads={config.num_heads} is not a multiple of num_kv_heads={config.num_kv_heads}")
     if config.positions not in ("learned", "rope"):
@@ -63,16 +90,42 @@ def _check_config(config) -> None:
         raise ValueError(f"attention_impl={config.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
     if config.dropout != 0.0:
         raise NotImplementedError(f"dropout={config.dropout}: dropout is not implemented; set model.dropout=0.0")
+    if config_field(config, "rope_scaling") not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling={config.rope_scaling!r}: expected one of {ROPE_SCALINGS}")
+    if config_field(config, "rope_scaling") != "none" and config.positions != "rope":
+        raise ValueError(f"rope_scaling={config.rope_scaling!r} needs positions='rope'")
+    if config_field(config, "qk_norm") and config.norm != "rmsnorm":
+        raise ValueError(f"qk_norm=True needs norm='rmsnorm' (Qwen3's per-head RMSNorm), not {config.norm!r}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, Llama ("rotate half") convention. x [B, T, N, D], positions [B, T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+def rope_frequencies(config) -> jax.Array:
+    """[head_dim / 2] float32 inverse frequencies: theta^(-2i/D), then the config's rope_scaling.
+
+    'llama3' is transformers' `_compute_llama3_parameters` (Llama 3.1+): wavelengths longer than
+    original_max_len / low_freq_factor are slowed by `rope_factor`, those shorter than
+    original_max_len / high_freq_factor are kept, and the band between is interpolated smoothly.
+    """
+    d = head_dim(config)
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if config_field(config, "rope_scaling") == "none":
+        return inv_freq
+    factor, old_len = config_field(config, "rope_factor"), config_field(config, "rope_original_max_len")
+    low, high = config_field(config, "rope_low_freq_factor"), config_field(config, "rope_high_freq_factor")
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, Llama ("rotate half") convention. x [B, T, N, D], positions [B, T],
+    inv_freq [D/2] (`rope_frequencies`)."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -101,34 +154,41 @@ def attention(q, key, value, mask, impl: str = "einsum"):
     return jax.nn.dot_product_attention(q, key, value, mask=mask[:, None], implementation=impl)
 
 
-def _norm(config, rngs):
+def _norm(config, rngs, width=None):
     dtype = _dtype(config.dtype)
     if config.norm == "layernorm":
-        return nnx.LayerNorm(config.d_model, epsilon=config.norm_eps, use_bias=config.use_bias,
+        return nnx.LayerNorm(width or config.d_model, epsilon=config.norm_eps, use_bias=config.use_bias,
                              use_fast_variance=False, dtype=dtype, rngs=rngs)
-    return nnx.RMSNorm(config.d_model, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+    return nnx.RMSNorm(width or config.d_model, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
 
 
-def _linear(config, d_in, d_out, rngs, std=None):
-    return nnx.Linear(d_in, d_out, use_bias=config.use_bias, dtype=_dtype(config.dtype),
+def _linear(config, d_in, d_out, rngs, std=None, use_bias=None):
+    use_bias = config.use_bias if use_bias is None else use_bias
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=_dtype(config.dtype),
                       kernel_init=nnx.initializers.normal(std or config.init_std), rngs=rngs)
 
 
 class Attention(nnx.Module):
     def __init__(self, config, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.d_model // config.num_heads
-        self.rope_theta = config.rope_theta if config.positions == "rope" else None
+        self.head_dim = head_dim(config)
+        self.rope = config.positions == "rope"
         self.attention_impl = config.get("attention_impl", "einsum")
         d, hd, kvd = config.d_model, config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
         residual_std = config.init_std / math.sqrt(2 * config.num_layers)  # GPT-2 scaled init
-        self.query = _linear(config, d, hd, rngs)
-        self.key = _linear(config, d, kvd, rngs)
-        self.value = _linear(config, d, kvd, rngs)
+        qkv_bias = config.use_bias or config_field(config, "qkv_bias")  # Qwen2: biases on q, k, v but not out
+        self.query = _linear(config, d, hd, rngs, use_bias=qkv_bias)
+        self.key = _linear(config, d, kvd, rngs, use_bias=qkv_bias)
+        self.value = _linear(config, d, kvd, rngs, use_bias=qkv_bias)
         self.out = _linear(config, hd, d, rngs, std=residual_std)
+        self.qk_norm = config_field(config, "qk_norm")
+        if self.qk_norm:  # Qwen3: RMSNorm over each head's width, shared by all heads, before RoPE
+            self.query_norm = _norm(config, rngs, width=self.head_dim)
+            self.key_norm = _norm(config, rngs, width=self.head_dim)
 
-    def __call__(self, x, positions, mask, cache=None, layer=None, cache_index=None):
-        """x [B, T, d_model], positions [B, T], mask [B, T, S] bool (True = may attend).
+    def __call__(self, x, positions, mask, inv_freq, cache=None, layer=None, cache_index=None):
+        """x [B, T, d_model], positions [B, T], mask [B, T, S] bool (True = may attend),
+        inv_freq [D/2] RoPE frequencies (unused with learned positions).
 
         cache: None, or {'k', 'v'} [L, B, S, K, D] for every layer; this layer's (`layer`, traced)
         new keys/values go to slots [cache_index, cache_index + T). Only the new tokens are
@@ -140,8 +200,10 @@ class Attention(nnx.Module):
         q = self.query(x).reshape(b, t, h, d)
         key = self.key(x).reshape(b, t, k, d)
         value = self.value(x).reshape(b, t, k, d)
-        if self.rope_theta is not None:
-            q, key = apply_rope(q, positions, self.rope_theta), apply_rope(key, positions, self.rope_theta)
+        if self.qk_norm:
+            q, key = self.query_norm(q), self.key_norm(key)
+        if self.rope:
+            q, key = apply_rope(q, positions, inv_freq), apply_rope(key, positions, inv_freq)
         if cache is not None:
             start = (layer, 0, cache_index, 0, 0)
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], key[None].astype(cache["k"].dtype), start),
@@ -175,8 +237,8 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(config, rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, cache=None, layer=None, cache_index=None):
-        y, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer, cache_index)
+    def __call__(self, x, positions, mask, inv_freq, cache=None, layer=None, cache_index=None):
+        y, cache = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, layer, cache_index)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache
@@ -246,9 +308,10 @@ class Transformer(nnx.Module):
 
         block_graphdef, stacked_params = nnx.split(self.blocks)
         kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        inv_freq = rope_frequencies(config) if config.positions == "rope" else None
 
         def run_block(x, kv, layer_params, layer):
-            return nnx.merge(block_graphdef, layer_params)(x, positions, mask, kv, layer, index)
+            return nnx.merge(block_graphdef, layer_params)(x, positions, mask, inv_freq, kv, layer, index)
 
         if config.remat:  # recompute each block in the backward pass: activations of one layer live
             run_block = jax.checkpoint(run_block)
@@ -315,7 +378,7 @@ def init_cache(config, batch_size: int, max_len: int, dtype=None):
      'mask': [B, S] bool (True where the slot holds a real token), 'index': int32 (next slot)}
     """
     dtype = dtype or _dtype(config.dtype)
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.d_model // config.num_heads)
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, head_dim(config))
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "mask": jnp.zeros((batch_size, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
@@ -416,7 +479,7 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
     are free. The attention term is not halved for causality. T defaults to config.max_len.
     """
     t = seq_len or config.max_len
-    d, hd = config.d_model, config.d_model // config.num_heads
+    d, hd = config.d_model, head_dim(config)
     attn = d * config.num_heads * hd * 2 + d * config.num_kv_heads * hd * 2
     mlp = (3 if config.mlp == "swiglu" else 2) * d * config.d_ff
     n = config.num_layers * (attn + mlp) + d * config.vocab_size
@@ -430,14 +493,32 @@ def check_model_config(c):
     """The decoder-only transformer (rlhf_jax.models.model; configs/models.py)."""
     for key in ("vocab_size", "max_len", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
         c.integer("model." + key, 1)
+    c.integer("model.head_dim", 0)
     d_model, heads, kv_heads = c.get("model.d_model"), c.get("model.num_heads"), c.get("model.num_kv_heads")
-    if d_model % heads:
-        c.fail("model.num_heads", heads, f"expected a divisor of model.d_model={d_model}")
+    width = c.get("model.head_dim")
+    if not width and d_model % heads:
+        c.fail("model.num_heads", heads, f"expected a divisor of model.d_model={d_model} (or set model.head_dim)")
     if heads % kv_heads:
         c.fail("model.num_kv_heads", kv_heads, f"expected a divisor of model.num_heads={heads}")
     c.choice("model.positions", ("learned", "rope"))
-    if c.get("model.positions") == "rope" and (d_model // heads) % 2:
-        c.fail("model.num_heads", heads, f"RoPE needs an even head_dim (d_model / num_heads = {d_model // heads})")
+    width = width or d_model // heads
+    if c.get("model.positions") == "rope" and width % 2:
+        c.fail("model.head_dim" if c.get("model.head_dim") else "model.num_heads", c.get("model.head_dim") or heads,
+               f"RoPE needs an even head_dim (here {width})")
+    c.choice("model.rope_scaling", ROPE_SCALINGS)
+    if c.get("model.rope_scaling") == "llama3":
+        if c.get("model.positions") != "rope":
+            c.fail("model.rope_scaling", "llama3", "needs model.positions='rope'")
+        c.positive("model.rope_factor")
+        c.positive("model.rope_low_freq_factor")
+        c.positive("model.rope_original_max_len")
+        low, high = c.get("model.rope_low_freq_factor"), c.get("model.rope_high_freq_factor")
+        if checks.MISSING not in (low, high) and high <= low:
+            c.fail("model.rope_high_freq_factor", high, f"expected more than model.rope_low_freq_factor={low}")
+    c.boolean("model.qkv_bias")
+    c.boolean("model.qk_norm")
+    if c.get("model.qk_norm") is True and c.get("model.norm") != "rmsnorm":
+        c.fail("model.qk_norm", True, "needs model.norm='rmsnorm' (Qwen3's per-head RMSNorm)")
     c.choice("model.norm", ("layernorm", "rmsnorm"))
     c.choice("model.mlp", ("gelu", "swiglu"))
     c.choice("model.dtype", ("float32", "bfloat16"))
@@ -450,6 +531,9 @@ def check_model_config(c):
     c.choice("tokenizer.kind", ("byte", "hf"))
     if c.get("tokenizer.kind") == "hf" and not c.get("tokenizer.path"):
         c.fail("tokenizer.path", c.get("tokenizer.path"), "tokenizer.kind='hf' needs the folder holding tokenizer.json")
+    c.boolean("tokenizer.chat_template")
+    if c.get("tokenizer.chat_template") is True and c.get("tokenizer.kind") != "hf":
+        c.fail("tokenizer.chat_template", True, "needs tokenizer.kind='hf' (the template comes with an HF tokenizer)")
 
 
 def check_sequence_config(c):

@@ -7,15 +7,22 @@ real default):
     max_len         longest sequence the model sees (size of the learned position table)
     d_model         residual stream width
     num_layers      transformer blocks
-    num_heads       query heads; head_dim = d_model // num_heads
+    num_heads       query heads
+    head_dim        width of one head; 0 means d_model // num_heads (Qwen3 sets it apart)
     num_kv_heads    key/value heads (GQA); equal to num_heads for plain multi-head attention
     d_ff            hidden width of the MLP
     positions       'learned' (GPT-2) or 'rope' (Llama)
     rope_theta      RoPE base frequency (read only when positions == 'rope')
+    rope_scaling    'none', or 'llama3' (Llama 3.1+ frequency scaling, with the four fields below)
+    rope_factor, rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len
+                    the 'llama3' scaling's factor, low_freq_factor, high_freq_factor and
+                    original_max_position_embeddings (read only when rope_scaling == 'llama3')
     norm            'layernorm' (GPT-2) or 'rmsnorm' (Llama)
     norm_eps        epsilon of the norms
     mlp             'gelu' (tanh approximation, as GPT-2) or 'swiglu' (Llama)
     use_bias        biases in the attention and MLP projections (and LayerNorm)
+    qkv_bias        biases on the query, key and value projections only (Qwen2; implied by use_bias)
+    qk_norm         RMSNorm over each query and key head before RoPE (Qwen3; needs norm='rmsnorm')
     tie_embeddings  unembedding is the transposed token embedding
     dtype           compute dtype: 'float32' or 'bfloat16' (logits always come back float32)
     param_dtype     parameter dtype: 'float32'
@@ -37,13 +44,21 @@ def _base(**overrides) -> ml_collections.ConfigDict:
         num_layers=2,
         num_heads=4,
         num_kv_heads=4,
+        head_dim=0,
         d_ff=512,
         positions="learned",
         rope_theta=10000.0,
+        rope_scaling="none",
+        rope_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_len=8192,
         norm="layernorm",
         norm_eps=1e-5,
         mlp="gelu",
         use_bias=True,
+        qkv_bias=False,
+        qk_norm=False,
         tie_embeddings=True,
         dtype="float32",
         param_dtype="float32",

@@ -176,7 +176,7 @@ def encode_prompts(tokenizer, texts, max_prompt_len: int, *, add_bos: bool = Fal
     tokens = np.full((len(texts), max_prompt_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(texts), max_prompt_len), np.int32)
     for row, text in enumerate(texts):
-        ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(text))
+        ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode_prompt(text))
         ids = ids[-max_prompt_len:] if max_prompt_len > 0 else []
         if ids:
             tokens[row, -len(ids):] = ids
@@ -194,7 +194,7 @@ def decode_responses(tokenizer, response, response_mask) -> list[str]:
 def encode_prompt_responses(tokenizer, prompts, responses, seq_len: int):
     """prompt + response + EOS rows, right-padded: (tokens, mask) [N, seq_len] int32 NumPy arrays,
     the rows the reward model is trained on (loaders.preference_batches) and scores."""
-    rows = [loaders.join_prompt_response(tokenizer.encode(p), tokenizer.encode(r), seq_len,
+    rows = [loaders.join_prompt_response(tokenizer.encode_prompt(p), tokenizer.encode(r), seq_len,
                                          tokenizer.eos_id)[0] for p, r in zip(prompts, responses)]
     tokens = np.full((len(rows), seq_len), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), seq_len), np.int32)
@@ -213,7 +213,7 @@ def generate_texts(graphdef, params, tokenizer, prompts, *, max_new_tokens, rng,
     if max_prompt_len + max_new_tokens > window:
         raise ValueError(window_error(max_prompt_len, max_new_tokens, window))
     tokens, mask = encode_prompts(tokenizer, prompts, max_prompt_len)
-    cut = [p for p in prompts if len(tokenizer.encode(p)) > max_prompt_len]
+    cut = [p for p in prompts if len(tokenizer.encode_prompt(p)) > max_prompt_len]
     if cut:
         warnings.warn(f"{len(cut)} of {len(prompts)} prompts are longer than {max_prompt_len} tokens; "
                       f"the model sees their last {max_prompt_len} (e.g. {cut[0][-40:]!r})", stacklevel=2)

@@ -170,18 +170,28 @@ def has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
-def write_resolved_config(config, workdir: str, allow_change: bool = False, write: bool = True) -> None:
+def write_resolved_config(config, workdir: str, allow_change: bool = False, write: bool = True,
+                          added_fields: dict | None = None) -> None:
     """Write `<workdir>/config.json`; on resume, refuse a config that differs from the saved one.
 
     Only a workdir with a checkpoint holds an experiment to protect: a run that failed before
     its first checkpoint (a missing file, a bad path) is simply started again with the
-    corrected command."""
+    corrected command. `added_fields` ({dotted key: default}) are fields newer than some saved
+    runs: where the config has one and the saved config's section lacks it, it held its default."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     resolved = config_to_dict(config)
     if os.path.exists(path) and not allow_change and has_checkpoint(workdir):
         with open(path) as f:
             saved = json.load(f)
+        for key, default in (added_fields or {}).items():
+            *parents, name = key.split(".")
+            section, current = saved, resolved
+            for part in parents:
+                section = section.get(part) if isinstance(section, dict) else None
+                current = current.get(part) if isinstance(current, dict) else None
+            if isinstance(section, dict) and isinstance(current, dict) and name in current:
+                section.setdefault(name, default)  # (only where this config has the field: not the snack's model)
         changed = differing_keys(saved, resolved)
         if changed:
             raise ConfigError(

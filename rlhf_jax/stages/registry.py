@@ -37,6 +37,10 @@ STAGES = {
     "ppo": "rlhf_jax.stages.ppo",
     "dpo": "rlhf_jax.stages.dpo",
 }
+# Fields added after runs were saved (Qwen/Llama 3 model options, chat templates): resuming such
+# a run reads their absence as the defaults it was trained with, not as a changed config.
+ADDED_FIELDS = {**{f"model.{key}": value for key, value in model_lib.FAMILY_DEFAULTS.items()},
+                "tokenizer.chat_template": False}
 POLICY_STAGES = runs.POLICY_STAGES  # (kept here for code that read it from the registry)
 NoPolicy = runs.NoPolicy
 
@@ -75,7 +79,7 @@ def run_stage(config, workdir: str, allow_config_change: bool = False):
         try:
             # Every process checks a resumed workdir's config; process 0 alone writes it.
             config_lib.write_resolved_config(config, workdir, allow_change=allow_config_change,
-                                             write=distributed.is_main_process())
+                                             write=distributed.is_main_process(), added_fields=ADDED_FIELDS)
             state = module.train(config, workdir)
         except checkpoints.Diverged as e:  # The loop knows the step and metric; name the stage too.
             raise checkpoints.Diverged(f"stage {config.stage} ({workdir}): {e}") from e

@@ -192,7 +192,7 @@ def load_policy(workdir: str, seed_index: int = 0):
     info = read_handoff(workdir, "policy")
     if not 0 <= seed_index < info["members"]:  # (JAX would clamp an index out of range, silently)
         raise ValueError(f"seed_index={seed_index}: {workdir} trained num_seeds={info['members']}")
-    model_config = ml_collections.ConfigDict(info["model"])
+    model_config = model_lib.stored_model_config(info["model"])
     graphdef, abstract = model_lib.abstract_params(model_config, "lm")
     params = _member(_restore(workdir, info, "params", abstract, info["members"]), seed_index)
     return model_config, graphdef, params
@@ -271,7 +271,7 @@ def load_reward_model(workdir: str, merge_lora: bool = True):
     With merge_lora=False a LoRA reward run gives {'lora', 'scalar_head'} only (the caller holds
     the trunk: the run its base names, info['base'])."""
     info = reward_model_info(workdir)
-    model_config = ml_collections.ConfigDict(info["model"])
+    model_config = model_lib.stored_model_config(info["model"])
     graphdef, abstract = model_lib.abstract_params(model_config, "scalar")
     if info.get("lora") and not merge_lora:
         lora_config = ml_collections.ConfigDict(info["lora"])
