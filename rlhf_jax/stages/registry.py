@@ -37,10 +37,13 @@ STAGES = {
     "ppo": "rlhf_jax.stages.ppo",
     "dpo": "rlhf_jax.stages.dpo",
 }
-# Fields added after runs were saved (Qwen/Llama 3 model options, chat templates): resuming such
-# a run reads their absence as the defaults it was trained with, not as a changed config.
+# Fields added after runs were saved (Qwen/Llama 3 model options, chat templates, unfinished
+# init_from runs, the rollout's log-prob options): resuming such a run reads their absence as the
+# defaults it was trained with, not as a changed config.
 ADDED_FIELDS = {**{f"model.{key}": value for key, value in model_lib.FAMILY_DEFAULTS.items()},
-                "tokenizer.chat_template": False}
+                "tokenizer.chat_template": False, "init_from_unfinished": False,
+                "logprob_check_every": 10, "rollout_dtype": "", "rollout_correction": "none",
+                "rollout_correction_cap": 2.0}
 POLICY_STAGES = runs.POLICY_STAGES  # (kept here for code that read it from the registry)
 NoPolicy = runs.NoPolicy
 
