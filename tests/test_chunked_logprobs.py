@@ -48,7 +48,7 @@ def assert_trees_close(a, b, atol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=atol)
 
 
-# 3 * 12 = 36 tokens: 5 and 16 do not divide them; 0 = all at once
+# B 3 x T 12: chunks of 1 and of 5 positions (16 // 3; 12 is not a multiple), 0 = all at once
 @pytest.mark.parametrize("tied, chunk, temperature", [(True, 5, 1.0), (False, 5, 0.7), (True, 16, 0.7),
                                                       (False, 0, 1.0)])
 def test_logprobs_and_entropy_equal_full_logits_values_and_gradients(tied, chunk, temperature):
@@ -87,7 +87,8 @@ def test_next_token_loss_equals_full_logits_value_metrics_and_gradients(tied):
 
     def chunked(params):
         outputs, _ = M.apply(graphdef, params, tokens, positions, mask, logits=False)
-        return lm_head.next_token_loss(outputs["hidden"], outputs["unembedding"], tokens, loss_mask, 7)
+        # chunks of 15 // 3 = 5 positions: 12 = 5 + 5 + 2
+        return lm_head.next_token_loss(outputs["hidden"], outputs["unembedding"], tokens, loss_mask, 15)
 
     (ref_loss, ref_metrics), ref_grad = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
     (loss, metrics), grad = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)

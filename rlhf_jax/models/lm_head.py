@@ -5,13 +5,14 @@
                                                           targets, temperature, chunk_size)
 
 Why: the float32 logits [B, T, V] of a 4 x 512 batch at V = 151,936 are 1.2 GB, and the gradient
-of a log-softmax holds several arrays of that size. Here the B * T tokens are unembedded
-`chunk_size` at a time in a `lax.map`, each chunk under `jax.checkpoint`: the forward keeps only
-per-token numbers, the backward recomputes one chunk's logits at a time. The results equal
+of a log-softmax holds several arrays of that size. Here the tokens are unembedded about
+`chunk_size` at a time (all rows, a few positions) in a `lax.map`, each chunk under
+`jax.checkpoint`: the forward keeps only per-token numbers, the backward recomputes one chunk's
+logits at a time. The results equal
 losses.token_logprobs / entropy_from_logits / next_token_loss on the full logits to float32
 rounding (tests/test_chunked_logprobs.py).
 
-Shapes: B batch, T tokens, D d_model, V vocabulary, N = B * T.
+Shapes: B batch, T tokens, D d_model, V vocabulary.
 """
 
 from __future__ import annotations
@@ -36,33 +37,32 @@ def token_logprobs_and_entropy(hidden, unembedding, targets, temperature=1.0, ch
     hidden [B, T, D]: the model's output after the final norm (outputs['hidden']);
     unembedding [V, D]: outputs['unembedding'] (the embedding when tied);
     targets [B, T] int: hidden[:, t] scores targets[:, t] (no shifting here).
-    chunk_size: tokens (of the B * T) unembedded at a time; 0, or at least B * T, unembeds all
-    at once (the reference computation).
+    chunk_size: tokens unembedded at a time, as every row's next chunk_size // B positions (the
+    batch axis stays whole, so a batch sharded over devices stays sharded); 0, or a chunk that
+    covers all T positions, unembeds all at once (the reference computation).
     Returns (logprobs [B, T] float32, entropy [B, T] float32 (nats), is_argmax [B, T] bool:
-    the target is the highest logit, first one on ties).
+    the target is the highest logit, the first one on ties).
     """
     b, t, d = hidden.shape
-    n = b * t
+    targets = jnp.asarray(targets).astype(jnp.int32)
 
-    def stats(h, y):  # h [C, D], y [C] -> three [C]; the equations of losses.token_logprobs / entropy_from_logits
+    def stats(h, y):  # h [..., D], y [...]: the equations of losses.token_logprobs / entropy_from_logits
         scaled = logits(h, unembedding) / temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
-        target_logp = jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+        target_logp = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
         probs = jnp.exp(logp)
         entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
         return target_logp, entropy, jnp.argmax(scaled, axis=-1) == y
 
-    h, y = hidden.reshape(n, d), jnp.asarray(targets).reshape(n).astype(jnp.int32)
-    if chunk_size <= 0 or chunk_size >= n:
-        out = stats(h, y)
-    else:
-        pad = -n % chunk_size  # the padded tokens' statistics are computed and dropped
-        h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk_size, d)
-        y = jnp.pad(y, (0, pad)).reshape(-1, chunk_size)
-        # checkpoint: the backward recomputes a chunk's logits instead of saving every chunk's
-        out = jax.lax.map(lambda hy: jax.checkpoint(stats)(*hy), (h, y))
-        out = [x.reshape(-1)[:n] for x in out]
-    return tuple(x.reshape(b, t) for x in out)
+    steps = max(1, chunk_size // b)  # positions per chunk
+    if chunk_size <= 0 or steps >= t:
+        return stats(hidden, targets)
+    pad = -t % steps  # the padded positions' statistics are computed and dropped
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, steps, d).swapaxes(0, 1)  # [T / steps, B, steps, D]
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, steps).swapaxes(0, 1)
+    # checkpoint: the backward recomputes one chunk's logits at a time instead of saving every chunk's
+    out = jax.lax.map(lambda hy: jax.checkpoint(stats)(*hy), (h, y))
+    return tuple(x.swapaxes(0, 1).reshape(b, -1)[:, :t] for x in out)
 
 
 def next_token_loss(hidden, unembedding, tokens, loss_mask, chunk_size: int = 0):
