@@ -46,23 +46,27 @@ def token_logprobs_and_entropy(hidden, unembedding, targets, temperature=1.0, ch
     b, t, d = hidden.shape
     targets = jnp.asarray(targets).astype(jnp.int32)
 
-    def stats(h, y):  # h [..., D], y [...]: the equations of losses.token_logprobs / entropy_from_logits
-        scaled = logits(h, unembedding) / temperature
+    def stats(h, y):  # h [N, D], y [N] -> three [N]: the equations of losses.token_logprobs / entropy_from_logits
+        scaled = logits(h, unembedding) / temperature  # 2-D: a [B, S, D] einsum costs XLA extra [B, S, V] copies
         logp = jax.nn.log_softmax(scaled, axis=-1)
-        target_logp = jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        target_logp = jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
         probs = jnp.exp(logp)
         entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)
         return target_logp, entropy, jnp.argmax(scaled, axis=-1) == y
 
     steps = max(1, chunk_size // b)  # positions per chunk
     if chunk_size <= 0 or steps >= t:
-        return stats(hidden, targets)
+        return tuple(x.reshape(b, t) for x in stats(hidden.reshape(b * t, d), targets.reshape(b * t)))
     pad = -t % steps  # the padded positions' statistics are computed and dropped
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, steps, d).swapaxes(0, 1)  # [T / steps, B, steps, D]
-    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, steps).swapaxes(0, 1)
-    # checkpoint: the backward recomputes one chunk's logits at a time instead of saving every chunk's
-    out = jax.lax.map(lambda hy: jax.checkpoint(stats)(*hy), (h, y))
-    return tuple(x.swapaxes(0, 1).reshape(b, -1)[:, :t] for x in out)
+
+    def chunks(x):  # [B, T, ...] -> [T / steps, B * steps, ...]: chunk c is every row's positions c * steps ...
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(b, -1, steps, *x.shape[2:]).swapaxes(0, 1)
+        return x.reshape(x.shape[0], b * steps, *x.shape[3:])
+
+    # checkpoint: the backward recomputes one chunk's logits at a time instead of saving every chunk's.
+    out = jax.lax.map(lambda hy: jax.checkpoint(stats)(*hy), (chunks(hidden), chunks(targets)))  # [T/steps, B*steps]
+    return tuple(x.reshape(-1, b, steps).swapaxes(0, 1).reshape(b, -1)[:, :t] for x in out)
 
 
 def next_token_loss(hidden, unembedding, tokens, loss_mask, chunk_size: int = 0):
