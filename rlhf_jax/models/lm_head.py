@@ -38,9 +38,9 @@ def token_logprobs_and_entropy(hidden, unembedding, targets, temperature=1.0, ch
     hidden [B, T, D]: the model's output after the final norm (outputs['hidden']);
     unembedding [V, D]: outputs['unembedding'] (the embedding when tied);
     targets [B, T] int: hidden[:, t] scores targets[:, t] (no shifting here).
-    chunk_size: tokens unembedded at a time, as every row's next chunk_size // B positions (the
-    batch axis stays whole, so a batch sharded over devices stays sharded); 0, or a chunk that
-    covers all T positions, unembeds all at once (the reference computation).
+    chunk_size: tokens unembedded at a time, as every row's next max(1, chunk_size // B)
+    positions (the batch axis stays whole, so a batch sharded over devices stays sharded); 0,
+    or a chunk that covers all T positions, unembeds all at once (the reference computation).
     Returns (logprobs [B, T] float32, entropy [B, T] float32 (nats), is_argmax [B, T] bool:
     the target is the highest logit, the first one on ties).
     """
