@@ -14,6 +14,14 @@ reference) and runs one iteration (2 prompts x 2 samples, 16 new tokens), then r
 A reward *model* would add one more full copy of the weights to both sides (its own params); this
 benchmark uses a reward function, and also prints held_bytes + one param copy for that case.
 Appends to experiments/results/bench_memory.jsonl with the machine and date.
+
+    python experiments/bench_memory.py --lm_loss [--size llama_tiny] [--vocab 151936] [--batch 4] [--seq 512]
+
+instead compiles (never runs) the gradient of the LM loss twice and reports XLA's temp memory
+(`memory_analysis().temp_size_in_bytes`): the old path, [B, T, V] float32 logits and
+losses.next_token_loss, against the stage's own loss (pretrain.language_model_loss: lm_head in
+chunks of model.logits_chunk tokens), and their ratio. The goal of issue 20: at V = 151,936,
+4 x 512 tokens, the llama_tiny trunk, at most 0.2x of the full logits' temp memory.
 """
 
 import argparse
@@ -60,13 +68,63 @@ def measure(size: str, layers: int, rank: int) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def lm_loss_temp_bytes(size: str, vocab: int, batch: int, seq: int, chunk: int) -> dict:
+    """Temp bytes of the compiled LM-loss gradient, full logits against lm_head's chunks."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs import models
+    from rlhf_jax import losses
+    from rlhf_jax.models import model as model_lib
+    from rlhf_jax.stages import pretrain
+
+    model = getattr(models, size)()
+    model.vocab_size, model.max_len = vocab, max(model.max_len, seq)
+    if chunk >= 0:
+        model.logits_chunk = chunk
+    graphdef, params = model_lib.abstract_params(model)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+
+    def full_logits_loss(params, graphdef, batch):
+        outputs, _ = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
+        return losses.next_token_loss(outputs["logits"], batch["tokens"], batch["loss_mask"])
+
+    def temp_bytes(loss_fn):
+        def grad(params, tokens):
+            ones = jnp.ones_like(tokens)
+            batch = {"tokens": tokens, "positions": model_lib.positions_from_mask(ones), "attention_mask": ones,
+                     "loss_mask": ones}
+            return jax.grad(lambda p: loss_fn(p, graphdef, batch)[0])(params)
+        return int(jax.jit(grad).lower(params, tokens).compile().memory_analysis().temp_size_in_bytes)
+
+    full, chunked = temp_bytes(full_logits_loss), temp_bytes(pretrain.language_model_loss)
+    return {"case": "lm_loss_grad_temp", "size": size, "vocab_size": vocab, "batch": batch, "seq_len": seq,
+            "logits_chunk": int(model.logits_chunk), "backend": jax.default_backend(),
+            "full_logits_temp_bytes": full, "chunked_temp_bytes": chunked, "chunked_over_full": chunked / full}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--size", default="gpt2_124m")
+    parser.add_argument("--size", default=None, help="gpt2_124m (llama_tiny with --lm_loss)")
     parser.add_argument("--layers", type=int, default=0)
     parser.add_argument("--ranks", default="0,8")
     parser.add_argument("--child", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--lm_loss", action="store_true", help="the LM loss's gradient: full logits vs chunks")
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=-1, help="model.logits_chunk (-1: the preset's)")
     args = parser.parse_args()
+    if args.lm_loss:
+        from rlhf_jax.runtime import benchmarking
+
+        result = lm_loss_temp_bytes(args.size or "llama_tiny", args.vocab, args.batch, args.seq, args.chunk)
+        for key in ("full_logits_temp_bytes", "chunked_temp_bytes"):
+            print(f"{key:32s} {result[key] / 2**20:10.1f} MiB")
+        print(f"{'chunked_over_full':32s} {result['chunked_over_full']:10.3f}")
+        print("written to", benchmarking.record_result("bench_memory", result))
+        return
+    args.size = args.size or "gpt2_124m"
     if args.child >= 0:
         print(json.dumps(measure(args.size, args.layers, args.child)))
         return

@@ -14,6 +14,9 @@ Conventions used throughout:
   under (``loss/policy_avg``, ``policy/clipfrac_avg``, ...).
 * Log-probs, entropies and losses are computed in float32 whatever the input dtype (bf16
   logits lose too much precision in ``log_softmax``).
+* The language-model losses here take [B, T, V] logits: they are the reference. The stages
+  compute the same equations from hidden states in chunks of tokens, never holding [B, T, V]
+  (``rlhf_jax.models.lm_head``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The module is a plain `flax.nnx` module; training and sampling code use it funct
     graphdef, params = init_params(config, head='lm', seed=0)
     outputs, cache = apply(graphdef, params, tokens, positions, attention_mask)   # jittable
     outputs['logits']   # [B, T, V] float32
+    outputs, cache = apply(graphdef, params, tokens, positions, attention_mask, logits=False)
+    outputs['hidden'], outputs['unembedding']   # [B, T, d_model], [V, d_model]: for lm_head's chunks
 
 Shapes: B batch, T new tokens, S cache slots, V vocabulary, D head_dim, H query heads,
 K key/value heads (GQA: each key/value head serves H // K query heads).
@@ -13,6 +15,10 @@ Heads ('head' argument):
     'lm'             outputs['logits'] [B, T, V]         (policy, SFT, reference model)
     'scalar'         outputs['scalar'] [B, T]            (reward model: unembedding replaced)
     'lm_and_scalar'  both                                (policy with a value head)
+
+Log-probs, entropies and the next-token loss are computed from the hidden states by
+`lm_head` in chunks of `config.logits_chunk` tokens, never holding [B, T, V] logits
+(`sequence_logprobs` here, and the stages); `logits=True` is for sampling and tests.
 
 Padding: `attention_mask[B, T]` is 1 on real tokens. Pad tokens are never attended to; their
 own outputs are finite but meaningless. `positions[B, T]` are explicit, so left-padded prompts
@@ -34,9 +40,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.models import lm_head
 from rlhf_jax.runtime import checks
 
 HEADS = ("lm", "scalar", "lm_and_scalar")
+LOGITS_CHUNK = 256  # presets' logits_chunk: [256, 151936] f32 logits are 156 MB
 _MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax, never NaN
 
 
@@ -283,10 +291,18 @@ class Transformer(nnx.Module):
         if head in ("scalar", "lm_and_scalar"):
             self.scalar_head = _scalar_head(config, rngs)
 
-    def __call__(self, tokens, positions, attention_mask, cache=None):
+    def unembedding(self):
+        """[V, d_model]: the token embedding when tied, else the transposed unembedding kernel."""
+        if self.config.tie_embeddings:
+            return self.embed.embedding[...]
+        return self.unembed.kernel[...].T
+
+    def __call__(self, tokens, positions, attention_mask, cache=None, logits: bool = True):
         """tokens, positions, attention_mask: [B, T] int. cache: None or from `init_cache`.
 
         Returns (outputs, cache): outputs {'logits': [B, T, V] f32} and/or {'scalar': [B, T] f32};
+        with logits=False, {'hidden': [B, T, d_model] (after the final norm, compute dtype),
+        'unembedding': [V, d_model]} in place of 'logits', for `lm_head`.
         cache is the updated cache (index advanced by T), or None without one.
         """
         config = self.config
@@ -325,13 +341,10 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
 
         outputs = {}
-        if self.head in ("lm", "lm_and_scalar"):
-            # Float32 accumulation and output even in bf16: PPO's probability ratios need it.
-            if config.tie_embeddings:
-                weights, spec = self.embed.embedding[...], "btd,vd->btv"
-            else:
-                weights, spec = self.unembed.kernel[...], "btd,dv->btv"
-            outputs["logits"] = jnp.einsum(spec, x, weights.astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.head in ("lm", "lm_and_scalar") and logits:
+            outputs["logits"] = lm_head.logits(x, self.unembedding())
+        elif self.head in ("lm", "lm_and_scalar"):
+            outputs["hidden"], outputs["unembedding"] = x, self.unembedding()
         if self.head in ("scalar", "lm_and_scalar"):
             outputs["scalar"] = self.scalar_head(x.astype(jnp.float32))[..., 0]
         if cache is not None:
@@ -361,9 +374,15 @@ def _init_state(config, head, key):
     return nnx.split(Transformer(config, head=head, rngs=nnx.Rngs(key)))[1]
 
 
-def apply(graphdef, params, tokens, positions, attention_mask, cache=None):
+def apply(graphdef, params, tokens, positions, attention_mask, cache=None, logits: bool = True):
     """Pure forward pass: `Transformer.__call__` on `nnx.merge(graphdef, params)`. Jittable."""
-    return nnx.merge(graphdef, params)(tokens, positions, attention_mask, cache)
+    return nnx.merge(graphdef, params)(tokens, positions, attention_mask, cache, logits)
+
+
+def logits_chunk(graphdef, params) -> int:
+    """Tokens `lm_head` unembeds at a time for this model (config.logits_chunk; runs saved
+    before the field existed get the presets' default)."""
+    return int(model_config(graphdef, params).get("logits_chunk", LOGITS_CHUNK))
 
 
 def model_config(graphdef, params) -> ml_collections.FrozenConfigDict:
@@ -419,9 +438,9 @@ def sequence_logprobs(graphdef, params, tokens, attention_mask, target_mask, tem
     never a target). Logits are divided by `temperature`, as when the tokens were sampled.
     """
     positions = positions_from_mask(attention_mask)
-    outputs, _ = apply(graphdef, params, tokens, positions, attention_mask)
-    logp = jax.nn.log_softmax(outputs["logits"][:, :-1] / temperature, axis=-1)
-    token_logp = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    outputs, _ = apply(graphdef, params, tokens, positions, attention_mask, logits=False)
+    token_logp, _, _ = lm_head.token_logprobs_and_entropy(outputs["hidden"][:, :-1], outputs["unembedding"],
+                                                          tokens[:, 1:], temperature, logits_chunk(graphdef, params))
     return jnp.sum(jnp.where(jnp.asarray(target_mask)[:, 1:].astype(bool), token_logp, 0.0), axis=-1)
 
 
@@ -525,6 +544,7 @@ def check_model_config(c):
     c.choice("model.attention_impl", ATTENTION_IMPLS)
     c.choice("model.param_dtype", ("float32",))
     c.choice("model.dropout", (0.0,))
+    c.integer("model.logits_chunk", 0)
     c.positive("model.norm_eps")
     c.positive("model.init_std")
     c.positive("model.rope_theta")

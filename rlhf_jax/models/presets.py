@@ -27,6 +27,8 @@ real default):
     dtype           compute dtype: 'float32' or 'bfloat16' (logits always come back float32)
     param_dtype     parameter dtype: 'float32'
     remat           recompute each block in the backward pass (jax.checkpoint)
+    logits_chunk    tokens unembedded at a time by the log-prob, entropy and loss paths
+                    (rlhf_jax.models.lm_head), which never hold [B, T, V] logits; 0 = all at once
     attention_impl  'einsum' (our two einsums), 'xla' or 'cudnn' (jax.nn.dot_product_attention;
                     'cudnn' = fused flash attention on NVIDIA GPUs, bf16 only)
     dropout         must be 0.0: dropout is not implemented (the model raises otherwise)
@@ -63,6 +65,7 @@ def _base(**overrides) -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         remat=False,
+        logits_chunk=256,
         attention_impl="einsum",
         dropout=0.0,
         init_std=0.02,

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import loaders
+from rlhf_jax.models import lm_head
 from rlhf_jax.models.model import apply, grow_cache, init_cache, model_config, positions_from_mask
 
 
@@ -104,8 +105,9 @@ def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *,
     cache = init_cache(config, batch, prompt_len + chunk_ends[0])
 
     # Prefill: the whole prompt in one call. With left padding, the last column is every row's
-    # last real token, so its logits predict the first response token.
-    outputs, cache = apply(graphdef, params, prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache)
+    # last real token, so its logits predict the first response token: only those are computed.
+    outputs, cache = apply(graphdef, params, prompt_tokens, positions_from_mask(prompt_mask), prompt_mask, cache,
+                           logits=False)
 
     def not_finished(state, chunk_end):
         unfinished_rows = jnp.sum(~state["done"])
@@ -137,7 +139,7 @@ def _generate(graphdef, params, prompt_tokens, prompt_mask, rng, temperature, *,
     state = {
         "step": jnp.zeros((), jnp.int32),
         "done": jnp.zeros((batch,), bool),
-        "logits": outputs["logits"][:, -1],
+        "logits": lm_head.logits(outputs["hidden"][:, -1], outputs["unembedding"]),
         "position": jnp.sum(prompt_mask, axis=-1).astype(jnp.int32),  # next position per row
         "cache": cache,
         "response": jnp.full((batch, max_new_tokens), pad_id, jnp.int32),

@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "experiments", "results")
 
 
 def machine_info() -> dict:

@@ -67,7 +67,7 @@ from tensorboardX import SummaryWriter
 
 from rlhf_jax import losses
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.models import lora, model as model_lib, sampling
+from rlhf_jax.models import lm_head, lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.people import labelers
 from rlhf_jax.runtime import config as config_lib, distributed, mesh as mesh_lib, metrics as metrics_lib, run as run_lib
@@ -215,7 +215,8 @@ def forward(models, params, value_params, tokens, attention_mask, prompt_len: in
 
     params: policy (or reference) params; value_params: params['value'] of the train state.
     tokens, attention_mask [B, P + N] (prompt left padded, response right padded).
-    Logits are divided by the sampling temperature, as when the tokens were drawn.
+    Logits are divided by the sampling temperature, as when the tokens were drawn; they are
+    computed in chunks of the model's logits_chunk tokens (lm_head), never all at once.
     Returns logprobs [B, N], entropy [B, N], values [B, N] (zeros without a value model, or
     with with_values=False: the reference).
     """
@@ -224,17 +225,17 @@ def forward(models, params, value_params, tokens, attention_mask, prompt_len: in
     values = None
     if with_values and models.config.value_model == "policy":
         outputs, _ = model_lib.apply(models.value_graphdef, with_value_head(params, value_params), tokens,
-                                     positions, attention_mask)
+                                     positions, attention_mask, logits=False)
         values = outputs["scalar"]
     else:
-        outputs, _ = model_lib.apply(models.graphdef, params, tokens, positions, attention_mask)
+        outputs, _ = model_lib.apply(models.graphdef, params, tokens, positions, attention_mask, logits=False)
         if with_values:
             values = model_lib.apply(models.value_graphdef, value_params, tokens, positions, attention_mask)[0]["scalar"]
     # Position t predicts token t + 1: the response tokens are predicted from P - 1 ... P + N - 2.
-    logits = outputs["logits"][:, prompt_len - 1:-1] / models.config.temperature
     response = tokens[:, prompt_len:]
-    logprobs = losses.token_logprobs(logits, response)
-    entropy = losses.entropy_from_logits(logits)
+    logprobs, entropy, _ = lm_head.token_logprobs_and_entropy(
+        outputs["hidden"][:, prompt_len - 1:-1], outputs["unembedding"], response, models.config.temperature,
+        model_lib.logits_chunk(models.graphdef, params))
     values = jnp.zeros(response.shape, jnp.float32) if values is None else values[:, prompt_len - 1:-1]
     return logprobs, entropy, values
 

@@ -1,6 +1,7 @@
 """Pre-training and supervised fine-tuning of the decoder-only language model.
 
-Both stages minimise next-token cross-entropy (`losses.next_token_loss`); they differ only in
+Both stages minimise next-token cross-entropy (`lm_head.next_token_loss`: `losses.next_token_loss`
+computed in chunks of tokens, never holding [B, T, V] logits); they differ only in
 their batches:
   - stage 'pretrain': packed windows of text, every token a target;
   - stage 'sft':      prompt + response + EOS, the loss on response tokens (and EOS) only, and
@@ -22,9 +23,8 @@ import os
 import jax
 import numpy as np
 
-from rlhf_jax import losses
 from rlhf_jax.data import builders, loaders
-from rlhf_jax.models import hf_import, lora, model as model_lib, sampling
+from rlhf_jax.models import hf_import, lm_head, lora, model as model_lib, sampling
 from rlhf_jax.models.tokenizer import make_tokenizer
 from rlhf_jax.runtime import distributed, mesh as mesh_lib, run as run_lib
 from rlhf_jax.runtime.optim import check_optimizer_config, make_optimizer, make_train_step
@@ -56,8 +56,10 @@ def init_params_for(config):
 
 def language_model_loss(params, graphdef, batch):
     """Next-token cross-entropy of a batch dict(tokens, positions, attention_mask, loss_mask)."""
-    outputs, _ = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"])
-    return losses.next_token_loss(outputs["logits"], batch["tokens"], batch["loss_mask"])
+    outputs, _ = model_lib.apply(graphdef, params, batch["tokens"], batch["positions"], batch["attention_mask"],
+                                 logits=False)
+    return lm_head.next_token_loss(outputs["hidden"], outputs["unembedding"], batch["tokens"], batch["loss_mask"],
+                                   model_lib.logits_chunk(graphdef, params))
 
 
 def make_eval_fn(graphdef, mesh, batches, num_batches: int, unigram_loss: float, policy_of=lambda s: s["params"]):
