@@ -53,10 +53,13 @@ def _dtype(name: str):
 
 
 # Fields added after the first checkpoints were written: a stored config without them means these
-# defaults (plain RoPE, no q/k/v biases or q/k norms, head_dim = d_model / num_heads), so old
-# runs keep their params tree and logits.
+# defaults (plain RoPE, no q/k/v biases or q/k norms, head_dim = d_model / num_heads, logits in
+# chunks of 256 tokens), so old runs keep their params tree and logits.
 FAMILY_DEFAULTS = dict(head_dim=0, qkv_bias=False, qk_norm=False, rope_scaling="none", rope_factor=8.0,
-                       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192)
+                       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+                       logits_chunk=LOGITS_CHUNK)
+# How a model is computed, not what it is: a run may start from another's params with other values.
+COMPUTE_FIELDS = ("dtype", "remat", "logits_chunk", "attention_impl")
 ROPE_SCALINGS = ("none", "llama3")
 
 
