@@ -104,7 +104,7 @@ def fake_rollout(rows, n=3):
     full = lambda dtype, width: np.broadcast_to(r, (rows, width)).astype(dtype)
     return ppo.Rollout(tokens=full(np.int32, 2 + n), attention_mask=np.ones((rows, 2 + n), np.int32),
                        response=full(np.int32, n), response_mask=np.ones((rows, n), np.int32),
-                       sampler_logprobs=full(np.float32, n), logprobs=full(np.float32, n),
+                       sampler_logprobs=full(np.float32, n), logprobs=full(np.float32, n), tis_weights=full(np.float32, n),
                        ref_logprobs=full(np.float32, n), values=full(np.float32, n),
                        has_eos=np.ones(rows, bool), reward_model_scores=None)
 
