@@ -175,9 +175,12 @@ def test_a_run_saved_before_the_family_fields_resumes(tmp_path):
     workdir = str(tmp_path)
     config = stages.language_model_stage("sft", num_steps=10)
     old = config_lib.config_to_dict(config)
-    for key in registry.ADDED_FIELDS:
-        section, name = key.split(".")
-        del old[section][name]
+    for key in registry.ADDED_FIELDS:  # (those of other stages, e.g. PPO's rollout options, are absent)
+        *parents, name = key.split(".")
+        section = old
+        for part in parents:
+            section = section[part]
+        section.pop(name, None)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(old, f)
     os.makedirs(os.path.join(workdir, "checkpoints", "5"))

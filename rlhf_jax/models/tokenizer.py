@@ -18,9 +18,14 @@ where the assistant's answer begins. Responses and documents are encoded as they
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from dataclasses import dataclass
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenizers import Tokenizer
 
@@ -132,12 +137,6 @@ def _compile_chat_template(source: str):
     """Jinja set up as transformers' `_compile_jinja_template`: sandboxed, trim_blocks, lstrip_blocks,
     loop controls, raise_exception, strftime_now, a tojson that keeps non-ASCII, and a no-op
     {% generation %} block (transformers uses it to find the assistant's tokens)."""
-    import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class GenerationBlock(jinja2.ext.Extension):
         tags = {"generation"}
 
