@@ -392,10 +392,10 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
                                      request))
         body = (progress + saved + instructions_block() +
                 f"<section id=pair data-pair-id='{_attr(lease.pair_id)}'>"
-                f"<h2>Prompt</h2><pre id=prompt>{_text(lease.pair.prompt)}</pre>"
+                f"<h2>Prompt</h2>{_pre('id=prompt', lease.pair.prompt)}"
                 "<div class=sides>"
-                f"<div class=side><h3>Left <kbd>1</kbd></h3><pre id=left>{_text(lease.left)}</pre></div>"
-                f"<div class=side><h3>Right <kbd>2</kbd></h3><pre id=right>{_text(lease.right)}</pre></div></div>"
+                f"<div class=side><h3>Left <kbd>1</kbd></h3>{_pre('id=left', lease.left)}</div>"
+                f"<div class=side><h3>Right <kbd>2</kbd></h3>{_pre('id=right', lease.right)}</div></div>"
                 "<div class='buttons bar' id=bar>"
                 "<button id=btn-left data-position=left>Left is better (1, &larr;)</button>"
                 "<button id=btn-tie data-position=tie>Tie (t)</button>"
@@ -454,9 +454,9 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
             return RedirectResponse("/login", status_code=303)
         # Comparisons sampled before a reload (or a restart) and not answered yet are asked again.
         pending = "".join(
-            f"<div class='turn pending' data-pair-id='{_attr(lease.pair_id)}'><pre class=you>{_text(lease.pair.prompt)}"
-            f"</pre><div class=sides><pre class=left>{_text(lease.left)}</pre><pre class=right>{_text(lease.right)}"
-            "</pre></div><div class='buttons bar'>" + "".join(
+            f"<div class='turn pending' data-pair-id='{_attr(lease.pair_id)}'>{_pre('class=you', lease.pair.prompt)}"
+            f"<div class=sides>{_pre('class=left', lease.left)}{_pre('class=right', lease.right)}"
+            "</div><div class='buttons bar'>" + "".join(
                 f"<button data-position={position}>{_text(_POSITION_WORDS[position])}</button>"
                 for position in label_store.POSITIONS) + "</div></div>"
             for lease in await run_in_threadpool(store.held_comparisons, name))
@@ -633,6 +633,12 @@ _POSITION_WORDS = {"left": "Left is better", "right": "Right is better", "tie": 
 def _text(value) -> str:
     """Any text as HTML text: <, >, &, quotes escaped, so a response with <script> shows as typed."""
     return html.escape(str(value), quote=True)
+
+
+def _pre(attributes: str, value) -> str:
+    """A <pre> showing `value` exactly: the HTML parser drops one newline right after <pre>, so
+    one is put there for it to drop (a response may begin with a newline of its own)."""
+    return f"<pre {attributes}>\n{_text(value)}</pre>"
 
 
 def _attr(value) -> str:
