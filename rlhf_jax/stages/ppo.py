@@ -210,6 +210,15 @@ def with_value_head(params, head):
     return nnx.State({**params, "scalar_head": head})
 
 
+def value_forward(models, value_params, tokens, attention_mask, prompt_len: int):
+    """[B, N] values of the response tokens from a separate value model (zeros without one)."""
+    if not models.uses_value:
+        return jnp.zeros(tokens[:, prompt_len:].shape, jnp.float32)
+    positions = model_lib.positions_from_mask(attention_mask)
+    values = model_lib.apply(models.value_graphdef, value_params, tokens, positions, attention_mask)[0]["scalar"]
+    return values[:, prompt_len - 1:-1]
+
+
 def forward(models, params, value_params, tokens, attention_mask, prompt_len: int, with_values: bool = True):
     """Log-probs, entropies and values of the response tokens of full sequences.
 
@@ -221,32 +230,20 @@ def forward(models, params, value_params, tokens, attention_mask, prompt_len: in
     with with_values=False: the reference).
     """
     positions = model_lib.positions_from_mask(attention_mask)
-    with_values = with_values and models.uses_value
-    values = None
-    if with_values and models.config.value_model == "policy":
+    response = tokens[:, prompt_len:]
+    # Position t predicts token t + 1: the response tokens are predicted from P - 1 ... P + N - 2.
+    if with_values and models.uses_value and models.config.value_model == "policy":
         outputs, _ = model_lib.apply(models.value_graphdef, with_value_head(params, value_params), tokens,
                                      positions, attention_mask, logits=False)
-        values = outputs["scalar"]
+        values = outputs["scalar"][:, prompt_len - 1:-1]
     else:
         outputs, _ = model_lib.apply(models.graphdef, params, tokens, positions, attention_mask, logits=False)
-        if with_values:
-            values = model_lib.apply(models.value_graphdef, value_params, tokens, positions, attention_mask)[0]["scalar"]
-    # Position t predicts token t + 1: the response tokens are predicted from P - 1 ... P + N - 2.
-    response = tokens[:, prompt_len:]
+        values = (value_forward(models, value_params, tokens, attention_mask, prompt_len) if with_values
+                  else jnp.zeros(response.shape, jnp.float32))
     logprobs, entropy, _ = lm_head.token_logprobs_and_entropy(
         outputs["hidden"][:, prompt_len - 1:-1], outputs["unembedding"], response, models.config.temperature,
         model_lib.logits_chunk(models.graphdef, params))
-    values = jnp.zeros(response.shape, jnp.float32) if values is None else values[:, prompt_len - 1:-1]
     return logprobs, entropy, values
-
-
-def value_forward(models, value_params, tokens, attention_mask, prompt_len: int):
-    """[B, N] values of the response tokens from a separate value model (zeros without one)."""
-    if not models.uses_value:
-        return jnp.zeros(tokens[:, prompt_len:].shape, jnp.float32)
-    positions = model_lib.positions_from_mask(attention_mask)
-    values = model_lib.apply(models.value_graphdef, value_params, tokens, positions, attention_mask)[0]["scalar"]
-    return values[:, prompt_len - 1:-1]
 
 
 def recompute_logprobs(models, state, frozen, samples: "Rollout"):

@@ -227,13 +227,15 @@ def load_matching_policy(workdir: str, model_config, stage: str, unfinished_ok: 
         run_model, graphdef, params = load_unfinished_policy(workdir)
     else:
         run_model, graphdef, params = load_policy(workdir)
-    changed = [k for k in config_lib.differing_keys(run_model, model_config) if k not in model_lib.COMPUTE_FIELDS]
+    differing = config_lib.differing_keys(run_model, model_config)
+    changed = [k for k in differing if k not in model_lib.COMPUTE_FIELDS]
     if changed:
         raise config_lib.ConfigError(
             f"{stage}: config.model differs from the model of {workdir} (its hand-off) in {changed}; "
             "set --config.model.* to match")
-    # The same params, computed as this run says (a bfloat16 run from a float32 one, other chunks).
-    return model_config, model_lib.abstract_params(model_config, "lm")[0], params
+    if differing:  # the same params, computed as this run says (a bfloat16 run from a float32 one)
+        graphdef = model_lib.abstract_params(model_config, "lm")[0]
+    return model_config, graphdef, params
 
 
 def load_reference(config, policy, stage: str):
