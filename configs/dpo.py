@@ -51,6 +51,7 @@ def dpo_stage(*, num_steps=200, batch_size=16, seq_len=192, learning_rate=1e-5, 
     c.precompute_ref_logps = True
     c.batch_size = batch_size
     c.seq_len = seq_len
+    c.pad_to_multiple = 64  # rows padded to the batch's longest, rounded up to a multiple (0: to seq_len)
     c.num_steps = num_steps
     c.optimizer = optimizers.adam(learning_rate, grad_clip_norm=1.0, schedule="linear",
                                   warmup_steps=max(num_steps // 10, 1), decay_steps=num_steps)

@@ -94,6 +94,7 @@ def reward_stage(*, num_steps, batch_size=16, seq_len=256, learning_rate=1e-4):
     c.preferences = preference_generation()
     c.batch_size = batch_size
     c.seq_len = seq_len
+    c.pad_to_multiple = 64  # rows padded to the batch's longest, rounded up to a multiple (0: to seq_len)
     c.num_steps = num_steps
     c.optimizer = optimizers.adamw(learning_rate, weight_decay=0.0, schedule="cosine",
                                    warmup_steps=max(num_steps // 20, 1), decay_steps=num_steps)

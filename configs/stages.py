@@ -24,6 +24,8 @@ def language_model_stage(stage, *, num_steps, batch_size=16, seq_len=256, learni
     c.data_dir = "~/.cache/rlhf_jax/datasets"
     c.batch_size = batch_size
     c.seq_len = seq_len
+    if stage == "sft":  # (pre-training packs full windows)
+        c.pad_to_multiple = 64  # rows padded to the batch's longest, rounded up to a multiple (0: to seq_len)
     c.num_steps = num_steps
     c.optimizer = optimizers.adamw(learning_rate, weight_decay=0.01, schedule="cosine",
                                    warmup_steps=max(num_steps // 20, 1), decay_steps=num_steps)

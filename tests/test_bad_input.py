@@ -167,7 +167,7 @@ def test_config_json_of_a_run_without_checkpoint_is_replaced(tmp_path):
 
 def test_a_run_saved_before_the_family_fields_resumes(tmp_path):
     """A run whose config.json predates model.head_dim/qkv_bias/qk_norm/rope_* and
-    tokenizer.chat_template resumes under the same command; setting one of them is a change."""
+    tokenizer.chat_template (or pad_to_multiple) resumes under the same command; setting one of them is a change."""
     import json
 
     from configs import stages

@@ -561,6 +561,7 @@ def check_model_config(c):
 
 def check_sequence_config(c):
     c.integer("seq_len", 2)
+    c.integer("pad_to_multiple", 0)
     seq_len, max_len = c.get("seq_len"), c.get("model.max_len")
     if seq_len is not checks.MISSING and max_len is not checks.MISSING and seq_len > max_len:
         c.fail("seq_len", seq_len, f"expected at most model.max_len={max_len}")

@@ -67,7 +67,7 @@ def pair_loss(params, graphdef, batch, loss_config):
 # ----------------------------------------------------------------------------- reference log-probs
 
 
-def all_pair_batches(source, tokenizer, seq_len: int, batch_size: int) -> list:
+def all_pair_batches(source, tokenizer, seq_len: int, batch_size: int, pad_to_multiple: int = 0) -> list:
     """Every pair of a source, in stored order, as fixed-size batches (the last one padded by
     repeating the first pair; `n` says how many rows are real): [(batch, n)]."""
     examples = loaders.read_all(source)
@@ -75,8 +75,8 @@ def all_pair_batches(source, tokenizer, seq_len: int, batch_size: int) -> list:
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         padded = chunk + [examples[0]] * (batch_size - len(chunk))
-        out.append((loaders.preference_batches(padded, tokenizer, seq_len, batch_size, 0, shuffle=False)[0],
-                    len(chunk)))
+        out.append((loaders.preference_batches(padded, tokenizer, seq_len, batch_size, 0, shuffle=False,
+                                                pad_to_multiple=pad_to_multiple)[0], len(chunk)))
     return out
 
 
@@ -166,13 +166,16 @@ def train(config, workdir: str):
     policy_of = (lambda params: params) if base is None else (lambda params: merged(params, base))
 
     # Reference log-probs: once for every pair (train and held-out), or per batch.
+    pad = config.get("pad_to_multiple", 0)
     logprob_fn = jax.jit(lambda params, batch: pair_logprobs(graphdef, params, batch))
     uses_ref = config.loss.kind != "simpo"  # SimPO is reference-free
     train_ref = None
     if config.precompute_ref_logps and uses_ref:
         train_ref = logprobs_of_all_pairs(
-            logprob_fn, ref_params, all_pair_batches(data["train"], tokenizer, config.seq_len, config.batch_size))
-    train_batches = [loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size, seed)
+            logprob_fn, ref_params, all_pair_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
+                                                    pad))
+    train_batches = [loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size, seed,
+                                                pad_to_multiple=pad)
                      for seed in run_lib.seeds_of(config)]
 
     def with_ref(batch):
@@ -189,6 +192,8 @@ def train(config, workdir: str):
         per_seed = [with_ref(batches[step]) for batches in train_batches]
         if num_seeds == 1:
             return mesh_lib.shard_batch(per_seed[0], mesh)
+        width = max(b["chosen_tokens"].shape[1] for b in per_seed)
+        per_seed = [loaders.widen(b, width, tokenizer.pad_id) for b in per_seed]
         sharding = mesh_lib.stacked(mesh_lib.batch_sharding(mesh))
         return {k: mesh_lib.put_global(np.stack([b[k] for b in per_seed]), sharding)
                 for k in per_seed[0]}
@@ -200,7 +205,7 @@ def train(config, workdir: str):
         held_out_ref = np.zeros([0, 2], np.float32)
         if "validation" in data and len(data["validation"]):
             examples = loaders.read_all(data["validation"])[:config.eval_max_pairs or None]
-            batches = all_pair_batches(examples, tokenizer, config.seq_len, config.batch_size)
+            batches = all_pair_batches(examples, tokenizer, config.seq_len, config.batch_size, pad)
             lengths = np.concatenate([np.stack([b["chosen_loss_mask"].sum(1), b["rejected_loss_mask"].sum(1)], 1)[:n]
                                       for b, n in batches])
             held_out = {"batches": batches, "lengths": lengths}

@@ -84,8 +84,10 @@ def make_eval_fn(graphdef, mesh, batches, num_batches: int, unigram_loss: float,
 
 def batches_for(config, source, tokenizer, shuffle=True, seed=None):
     seed = config.seed if seed is None else seed
-    make = loaders.pretrain_batches if config.stage == "pretrain" else loaders.sft_batches
-    return make(source, tokenizer, config.seq_len, config.batch_size, seed, shuffle=shuffle)
+    if config.stage == "pretrain":  # (packed windows: every row is full)
+        return loaders.pretrain_batches(source, tokenizer, config.seq_len, config.batch_size, seed, shuffle=shuffle)
+    return loaders.sft_batches(source, tokenizer, config.seq_len, config.batch_size, seed, shuffle=shuffle,
+                               pad_to_multiple=config.get("pad_to_multiple", 0))
 
 
 def train(config, workdir: str):

@@ -39,11 +39,13 @@ STAGES = {
 }
 # Fields added after runs were saved (Qwen/Llama 3 model options, chat templates, unfinished
 # init_from runs, the rollout's log-prob options): resuming such a run reads their absence as the
-# defaults it was trained with, not as a changed config.
+# defaults it was trained with, not as a changed config. How a run computes (logits_chunk,
+# pad_to_multiple: the same values to float rounding) takes today's default: an old run resumes
+# with it.
 ADDED_FIELDS = {**{f"model.{key}": value for key, value in model_lib.FAMILY_DEFAULTS.items()},
                 "tokenizer.chat_template": False, "init_from_unfinished": False,
                 "logprob_check_every": 10, "rollout_dtype": "", "rollout_correction": "none",
-                "rollout_correction_cap": 2.0}
+                "rollout_correction_cap": 2.0, "pad_to_multiple": 64}
 POLICY_STAGES = runs.POLICY_STAGES  # (kept here for code that read it from the registry)
 NoPolicy = runs.NoPolicy
 

@@ -193,7 +193,7 @@ def train(config, workdir: str):
     tokenizer = make_tokenizer(config.tokenizer, model_config.vocab_size)
     data = preferences.preference_data(config, workdir)
     train_batches = loaders.preference_batches(data["train"], tokenizer, config.seq_len, config.batch_size,
-                                               config.seed)
+                                               config.seed, pad_to_multiple=config.get("pad_to_multiple", 0))
     optimizer = make_optimizer(config.optimizer)
     lora_config = config.get("lora")
     trainable, base = lora.split(params, lora_config, config.seed, heads=("scalar_head",))
