@@ -65,9 +65,9 @@ Fields (see rlhf_jax/ppo.py):
                            update: samples_per_prompt samples on each of num_eval_prompts prompts of
                            data[eval_split] -> eval/scores (accuracy with a verifier), eval/length_*
     logprob_check_every    without a value head on the policy the update's old log-probs are the
-                           sampler's (no policy forward per iteration); every logprob_check_every-th
-                           iteration a forward pass recomputes them and rollout/logprob_diff_max,
-                           rollout/logprob_diff_mean are logged (0: never)
+                           sampler's (no policy forward per iteration); at every logprob_check_every-th
+                           iteration (logged rows N, 2N, ...) a forward pass recomputes them and
+                           rollout/logprob_diff_max, rollout/logprob_diff_mean are logged (0: never)
     rollout_dtype          '' (model.dtype) or 'bfloat16' | 'float32': the sampler's compute dtype
     rollout_correction     'none' | 'tis': truncated importance sampling of each token's term by
                            min(exp(recomputed - sampler log-prob), rollout_correction_cap) (the

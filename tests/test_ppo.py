@@ -164,7 +164,7 @@ def test_logprob_check_is_logged_every_logprob_check_every_iterations(sft_run, t
     ppo.train(config, str(tmp_path))
     rows = metrics_lib.read_metrics(str(tmp_path))
     checked = [r["step"] for r in rows if "rollout/logprob_diff_max" in r]
-    assert checked == [1, 3]  # iterations 0 and 2 (a row is logged after its update: step + 1)
+    assert checked == [2, 4]  # the 2nd and 4th iterations (a row is logged after its update)
     assert all(0 < r["rollout/logprob_diff_max"] < 1e-4 for r in rows if r["step"] in checked)
 
 

@@ -865,7 +865,8 @@ def ppo_step(setup: Setup, state: TrainState, batch, rng):
     lengths = jnp.sum(samples.response_mask, axis=-1)
     scores = setup.final_scores(raw_scores, samples.has_eos, lengths)
     check = {}
-    if c.logprob_check_every and batch["step"] % c.logprob_check_every == 0:  # (before the update donates the state)
+    # At iterations N, 2N, ... (logged rows N, 2N): a run shorter than N never compiles the check.
+    if c.logprob_check_every and (batch["step"] + 1) % c.logprob_check_every == 0:  # (before the update donates the state)
         check = logprob_check_metrics(samples, setup.recompute_logprobs(state, setup.frozen, samples))
     state, metrics = setup.update(state, samples, scores, keys[..., 1], setup.frozen["ref"])
     metrics.update(held_out, **check)
