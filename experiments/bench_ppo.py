@@ -43,10 +43,12 @@ TRL allocates its caches; median and best of the next `--iterations` are reporte
           Trainer logging (logging_steps=1 so that per-step completion lengths can be checked).
 
 Work that differs by design (see the report printed at the end):
-    * ours always recomputes the policy log-probs in the rollout; TRL GRPO skips that pass when
-      num_iterations == steps_per_generation == 1 (it uses the detached log-probs of the loss
-      forward), TRL RLOO always does it. So for GRPO ours runs one more forward pass.
-    * TRL computes log-probs with a chunked fused LM head; ours materialises [B, N, V] logits.
+    * the old log-probs: ours (since 2026-12-07) takes the sampler's, so its rollout runs no
+      policy forward (the check forward every logprob_check_every=10 iterations falls outside
+      the timed ones); TRL GRPO skips that pass when num_iterations == steps_per_generation == 1
+      (it uses the detached log-probs of the loss forward), TRL RLOO always does it.
+    * both compute log-probs without [B, N, V] logits in the loss: TRL with its chunked fused LM
+      head, ours with models/lm_head.py (chunks of model.logits_chunk = 256 tokens).
     * ours is one jitted XLA program per phase; TRL is eager PyTorch with Python per-token
       generation (transformers `generate`, `disable_compile=True`).
     * JAX and PyTorch each use their own CPU thread pools (default sizes unless --torch_threads);
