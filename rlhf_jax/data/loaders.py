@@ -32,7 +32,7 @@ is cut from the right and loses its EOS.
 Padding: SFT and preference rows are padded to seq_len, or with `pad_to_multiple=m > 0` only to
 the batch's longest row rounded up to a multiple of m (at most seq_len). Trailing padding changes
 nothing a causal model computes at the real tokens, and a step costs about its width (T=192
-instead of 256: 0.64x the time of a tiny-model step on CPU), so short batches run faster, while
+instead of 256: 0.64-0.75x the time of a tiny-model step on CPU, experiments/bench_padding.py), so short batches run faster, while
 at most seq_len / m widths reach the jitted step (each compiles once).
 """
 
