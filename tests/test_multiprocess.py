@@ -1,6 +1,6 @@
 """Many processes under jax.distributed (CPU, gloo): `rlhf-jax launch` with 2 processes x 4
 devices gives what 1 process x 8 devices gives, a process killed mid-run stops the launch and the
-same command resumes to the uninterrupted end state, and a coordinator nobody runs is a clear
+same command resumes to the end state of the uninterrupted run, and a coordinator nobody runs is a clear
 error. The runs are subprocesses (a process joins the runtime once, before it touches a device)."""
 
 import json
@@ -21,14 +21,21 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXPERIMENT = os.path.join(ROOT, "tests", "multiprocess_experiment.py")
 
 
+# The launched processes run XLA's CPU kernels on one thread each. Two of them beside the other
+# pytest-xdist worker on 2 cores otherwise spin their thread pools against each other: the 2-process
+# PPO test took 126 s with a busy neighbour and 102 s with these flags (2026-12-07, 2-core sandbox).
+# Kernel threading does not change what a run computes beyond float rounding (compared to 1e-5).
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def launch(workdir, data_dir, num_processes, devices_per_process, *overrides, env=None, stage="pretrain",
            timeout=240):
+    env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "rlhf_jax.apps.cli", "launch", f"--num_processes={num_processes}",
          f"--devices_per_process={devices_per_process}", "--", "train", f"--config={EXPERIMENT}:{stage}",
          f"--workdir={workdir}", f"--config.data_dir={data_dir}", *overrides],
-        env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, capture_output=True, text=True, cwd=ROOT,
-        timeout=timeout)
+        env={**os.environ, "PYTHONPATH": ROOT, **env}, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def train_in_this_process(workdir, data_dir, *overrides, stage="pretrain"):
@@ -39,18 +46,16 @@ def train_in_this_process(workdir, data_dir, *overrides, stage="pretrain"):
     registry.run_stage(config, workdir)
 
 
-def assert_same_params(a_workdir, b_workdir, exact=False, params=lambda state: state["params"]):
+def assert_same_params(a_workdir, b_workdir, params=lambda state: state["params"]):
     _, a = registry.load_run(a_workdir)
     _, b = registry.load_run(b_workdir)
     a, b = params(a), params(b)
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
         x, y, name = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)
-        if exact:
-            np.testing.assert_array_equal(x, y, err_msg=name)
-        elif "['key']['bias']" in name:
-            # Its gradient is exactly 0 (softmax ignores a shift of every key's logit), so what it
-            # gets is rounding noise, which Adam scales up to ~lr-sized random steps: compared
-            # by size only.
+        if "['key']['bias']" in name or "['scalar_head']['bias']" in name:
+            # Their gradients are exactly 0 (softmax ignores a shift of every key's logit; the
+            # Bradley-Terry loss sees only reward differences), so what they get is rounding noise,
+            # which Adam scales up to ~lr-sized random steps: compared by size only.
             assert np.abs(x).max() < 1e-3 and np.abs(y).max() < 1e-3, name
         else:
             # 8 devices sum their gradients in another order on 2 processes (gloo) than on 1.
@@ -68,42 +73,41 @@ def assert_same_metrics(a_workdir, b_workdir):
 
 @pytest.fixture(scope="module")
 def pretrain_runs(tmp_path_factory):
-    """The same pre-training run on 1 process x 8 devices and on 2 processes x 4 devices."""
+    """The same pre-training run on 1 process x 8 devices and on 2 processes x 4 devices, the
+    latter killed mid-run and resumed by the same command (one launch fewer than an uninterrupted
+    2-process run beside a killed one; the resumed run must still equal the 1-process run)."""
     root = tmp_path_factory.mktemp("pretrain")
     out = {"root": root, "data": str(root / "data")}
     out["one"], out["two"] = str(root / "one"), str(root / "two")
     train_in_this_process(out["one"], out["data"])
-    proc = launch(out["two"], out["data"], 2, 4)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out["two_stderr"] = proc.stderr
+    # Process 1 dies (SIGKILL) after step 4; the checkpoint of step 3 is on disk.
+    out["killed"] = launch(out["two"], out["data"], 2, 4,
+                           env={"RLHF_JAX_FAULT_AFTER_STEP": "4", "RLHF_JAX_FAULT_PROCESS": "1"})
+    out["killed_finished"] = checkpoints.is_finished(out["two"])
+    out["resumed"] = launch(out["two"], out["data"], 2, 4)  # the same command again
     return out
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(pretrain_runs):
-    one, two = pretrain_runs["one"], pretrain_runs["two"]
-    assert_same_metrics(one, two)
-    assert_same_params(one, two)
-    assert checkpoints.is_finished(two)
-    # One progress line per step shown, not one per process; one "done".
-    assert pretrain_runs["two_stderr"].count("step 6/6") == 1
+def test_killed_process_stops_the_launch_and_the_rerun_resumes(pretrain_runs):
+    killed, resumed = pretrain_runs["killed"], pretrain_runs["resumed"]
+    assert killed.returncode != 0
+    assert "process 1 of 2 was killed by SIGKILL" in killed.stderr and "resume" in killed.stderr
+    assert not pretrain_runs["killed_finished"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "from step 3" in resumed.stderr
+    assert checkpoints.is_finished(pretrain_runs["two"])
+    # One progress line per step shown, not one per process.
+    assert resumed.stderr.count("step 6/6") == 1
 
 
 @pytest.mark.slow
-def test_killed_process_stops_the_launch_and_the_rerun_resumes(pretrain_runs):
-    killed = str(pretrain_runs["root"] / "killed")
-    # Process 1 dies (SIGKILL) after step 4; the checkpoint of step 3 is on disk.
-    proc = launch(killed, pretrain_runs["data"], 2, 4,
-                  env={"RLHF_JAX_FAULT_AFTER_STEP": "4", "RLHF_JAX_FAULT_PROCESS": "1"})
-    assert proc.returncode != 0
-    assert "process 1 of 2 was killed by SIGKILL" in proc.stderr and "resume" in proc.stderr
-    assert not checkpoints.is_finished(killed)
-
-    proc = launch(killed, pretrain_runs["data"], 2, 4)  # the same command again
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" in proc.stderr and "from step 3" in proc.stderr
-    assert_same_params(killed, pretrain_runs["two"], exact=True)
-    assert metrics_lib.read_metrics(killed) == metrics_lib.read_metrics(pretrain_runs["two"])
+def test_two_processes_equal_one_process(pretrain_runs):
+    """The killed-and-resumed 2-process run ends where the uninterrupted 1-process run does: every
+    logged row (the resumed steps' rows included, none twice) and the parameters."""
+    assert pretrain_runs["resumed"].returncode == 0, pretrain_runs["resumed"].stderr[-3000:]
+    assert_same_metrics(pretrain_runs["one"], pretrain_runs["two"])
+    assert_same_params(pretrain_runs["one"], pretrain_runs["two"])
 
 
 @pytest.mark.slow
@@ -130,7 +134,8 @@ def test_reward_stage_two_processes_equal_one_process(tmp_path):
     # The rewards' normalisation on SFT samples (every process samples; process 0 writes it).
     a, b = (json.load(open(os.path.join(w, "reward_normalization.json"))) for w in (one, two))
     assert a["num_samples"] == b["num_samples"] > 0
-    assert (a["mean"], a["std"]) == pytest.approx((b["mean"], b["std"]), rel=1e-5)
+    # The mean carries the scalar head's bias, rounding noise of either run (above): by size.
+    assert a["mean"] == pytest.approx(b["mean"], abs=1e-3) and a["std"] == pytest.approx(b["std"], rel=1e-5)
 
 
 @pytest.mark.slow
