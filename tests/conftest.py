@@ -26,3 +26,24 @@ def pytest_collection_modifyitems(config, items):
     first = ("test_pipeline_e2e.py", "test_multiprocess.py", "test_compare.py", "test_rounds.py")
     rank = lambda item: next((i for i, name in enumerate(first) if item.nodeid.split("::")[0].endswith(name)), len(first))
     items.sort(key=rank)  # (stable: the order within a file is kept)
+
+
+if os.environ.get("RLHF_JAX_TEST_CPU_LOG"):
+    import json
+    import time
+
+    import pytest
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        """RLHF_JAX_TEST_CPU_LOG=<file>: one JSON line per test with its wall and CPU seconds (this
+        process and the subprocesses it waited for), setup and teardown included. A test whose CPU
+        is far below its wall waits (sleeps, timeouts, I/O) rather than computes: the suite's
+        time is the sum of both, and only the second shrinks by computing less."""
+        wall, cpu = time.time(), os.times()
+        yield
+        end = os.times()
+        used = sum(getattr(end, f) - getattr(cpu, f) for f in ("user", "system", "children_user", "children_system"))
+        with open(os.environ["RLHF_JAX_TEST_CPU_LOG"], "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "wall_s": round(time.time() - wall, 2), "cpu_s": round(used, 2),
+                                "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}) + "\n")
