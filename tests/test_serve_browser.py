@@ -50,7 +50,7 @@ def server(tmp_path):
     data = tmp_path / "labels"
     labelers.write_pairs(str(data), [
         {"id": "p0", "prompt": EVIL, "response_a": "A first <i>answer</i>", "response_b": "B first answer"},
-        {"id": "p1", "prompt": "The film was", "response_a": "\nA second", "response_b": "B second"},
+        {"id": "p1", "prompt": "The film was", "response_a": "\nA\r\nsecond\r", "response_b": "B second"},
         {"id": "p2", "prompt": "The acting", "response_a": "A third", "response_b": "B third"},
         {"id": "p3", "prompt": "A long one", "response_a": "long answer. " * 2000, "response_b": "short"}])
     port = free_port()
@@ -138,7 +138,7 @@ def test_label_by_click_and_keyboard_then_chat_and_compare(server, browser):
     assert "Saved: Left is better" in browser.find_element(By.ID, "saved").text  # visibly confirmed
     shown_left.append(browser.execute_script("return document.getElementById('left').textContent;"))
     shown_right = browser.execute_script("return document.getElementById('right').textContent;")
-    assert {shown_left[1], shown_right} == {"\nA second", "B second"}  # exactly: a leading newline too
+    assert {shown_left[1], shown_right} == {"\nA\r\nsecond\r", "B second"}  # exactly: a leading newline, CRs too
     store = LS.LabelStore(str(data / LS.STORE_FILE))
     # Browser shortcuts are not answers: Ctrl+S (save page), Alt+2, Ctrl+Right.
     body = browser.find_element(By.TAG_NAME, "body")

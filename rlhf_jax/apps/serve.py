@@ -631,8 +631,10 @@ _POSITION_WORDS = {"left": "Left is better", "right": "Right is better", "tie": 
 
 
 def _text(value) -> str:
-    """Any text as HTML text: <, >, &, quotes escaped, so a response with <script> shows as typed."""
-    return html.escape(str(value), quote=True)
+    """Any text as HTML text: <, >, &, quotes escaped, so a response with <script> shows as typed.
+    A carriage return becomes a character reference: the HTML parser turns a literal CR (or CRLF)
+    into LF, and a sampled response may hold one."""
+    return html.escape(str(value), quote=True).replace("\r", "&#13;")
 
 
 def _pre(attributes: str, value) -> str:
@@ -642,7 +644,7 @@ def _pre(attributes: str, value) -> str:
 
 
 def _attr(value) -> str:
-    return html.escape(str(value), quote=True)
+    return _text(value)
 
 
 # ----------------------------------------------------------------------------- static files
