@@ -14,6 +14,7 @@ from rlhf_jax.drivers import pipeline
 from rlhf_jax.models import evaluation
 from rlhf_jax.runtime import config as config_lib
 from rlhf_jax.stages import registry
+from test_pipeline_e2e import run_pipeline_in_a_process
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PIPELINE = os.path.join(ROOT, "experiments", "arithmetic", "pipeline.py")
@@ -176,7 +177,7 @@ def arithmetic_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("arithmetic"))
     overrides = SCALED_DOWN + [(f"{stage}.data_dir", os.path.join(workdir, "datasets"))
                                for stage in ("pretrain", "sft", "ppo")]
-    pipeline.run_pipeline(PIPELINE, overrides, workdir)
+    run_pipeline_in_a_process(PIPELINE, overrides, workdir)
     return workdir, json.load(open(os.path.join(workdir, "report.json")))
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -35,12 +37,26 @@ SCALED_DOWN = [
 ]
 
 
+def run_pipeline_in_a_process(config, overrides, workdir):
+    """`rlhf-jax pipeline` in a process of its own, on one CPU device with XLA's default code
+    generation, as a user runs it on this machine. The test processes have 8 fake devices and
+    unoptimised code generation (tests/conftest.py), which suit their many small compiles; run
+    there, these minutes of training took about twice as long (2026-12-08, 2-core sandbox: the
+    reward stage 171 s here, 235 s on 8 fake devices, 349 s unoptimised)."""
+    args = [f"--config.{key}={value}" for key, value in overrides]
+    with open(os.path.join(workdir, "pipeline.log"), "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "rlhf_jax.apps.cli", "pipeline", f"--config={config}",
+                               f"--workdir={workdir}", *args], cwd=ROOT, env={**os.environ, "XLA_FLAGS": ""},
+                              stdout=log, stderr=subprocess.STDOUT)
+    assert proc.returncode == 0, open(os.path.join(workdir, "pipeline.log")).read()[-5000:]
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline"))
     overrides = SCALED_DOWN + [(f"{stage}.data_dir", os.path.join(workdir, "datasets"))
                                for stage in ("pretrain", "sft", "reward", "ppo")]
-    pipeline.run_pipeline(PIPELINE, overrides, workdir)
+    run_pipeline_in_a_process(PIPELINE, overrides, workdir)
     return workdir, overrides
 
 
@@ -129,7 +145,8 @@ def test_dpo_variant_trains_on_its_own_pairs_and_raises_the_gold_score(pipeline_
         shutil.copytree(os.path.join(source, stage), os.path.join(workdir, stage))
     data = os.path.join(source, "datasets")
     stage_overrides = [(k, v) for k, v in overrides if k.split(".")[0] in ("pretrain", "sft")]
-    pipeline.run_pipeline(PIPELINE + ":dpo", stage_overrides + DPO_SCALED_DOWN + [
+    os.makedirs(workdir, exist_ok=True)
+    run_pipeline_in_a_process(PIPELINE + ":dpo", stage_overrides + DPO_SCALED_DOWN + [
         ("dpo.data_dir", data), ("dpo.eval_prompts.data_dir", data)], workdir)
     rows = [r for r in metrics_lib.read_metrics(os.path.join(workdir, "dpo")) if "eval/rewards/accuracies" in r]
     # 256 training pairs, 3 epochs: the training pairs are fitted (held-out pair accuracy on 64
