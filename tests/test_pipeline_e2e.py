@@ -153,11 +153,15 @@ def test_dpo_variant_trains_on_its_own_pairs_and_raises_the_gold_score(pipeline_
     # pairs is noise at this size: 0.41-0.44 seen; 0.63 with the full 1021 pairs), and the samples
     # move toward what the annotator prefers (below).
     assert rows[-1]["rewards/accuracies"] > 0.8, rows[-1]
-    assert rows[-1]["eval/gold"] > rows[0]["eval/gold"], rows
     assert os.path.exists(os.path.join(workdir, "dpo", "preferences", "preferences.json"))
     assert not os.path.exists(os.path.join(workdir, "reward"))  # no reward model in this variant
     report = open(os.path.join(workdir, "report.md")).read()
     assert "before (SFT) and after (DPO)" in report
-    gold = {stage: float(line.split("|")[2].split("+-")[0]) for line in report.splitlines()
+    # Gold score on 64 held-out prompts, mean +- sem: DPO above SFT by more than 2 standard errors
+    # of the difference (measured 2026-12-08: SFT +0.205 +- 0.046, DPO +0.519 +- 0.044, 4.9 se).
+    # Not the DPO run's own eval/gold at step 24 against step 48 (32 prompts, from half-way
+    # trained): that comparison is noise (0.235 then 0.198 on one device; it had passed on 8).
+    gold = {stage: [float(x) for x in line.split("|")[2].split("+-")] for line in report.splitlines()
             for stage in ("sft", "dpo") if line.startswith(f"| {stage} |")}
-    assert gold["dpo"] > gold["sft"], report
+    (sft, sft_sem), (dpo_gold, dpo_sem) = gold["sft"], gold["dpo"]
+    assert dpo_gold - sft > 2 * (sft_sem ** 2 + dpo_sem ** 2) ** 0.5, report
