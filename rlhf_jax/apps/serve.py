@@ -362,7 +362,7 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
                f"<span class=who>{_text(who or '')}</span></nav>")
         return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_text(title)}</title>"
                 f"<meta name=viewport content='width=device-width, initial-scale=1'>"
-                f"<meta name=csrf-token content='{_attr(csrf)}'><link rel=stylesheet href='/static/app.css'>"
+                f"<meta name=csrf-token content='{_text(csrf)}'><link rel=stylesheet href='/static/app.css'>"
                 f"<script src='/static/app.js' defer></script></head><body>{nav}<main>{body}</main></body></html>")
 
     def instructions_block(element_id: str = "instructions") -> str:
@@ -391,7 +391,7 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
             return HTMLResponse(page("Done", progress + saved + "<p id=done>Nothing left to label. Thank you!</p>",
                                      request))
         body = (progress + saved + instructions_block() +
-                f"<section id=pair data-pair-id='{_attr(lease.pair_id)}'>"
+                f"<section id=pair data-pair-id='{_text(lease.pair_id)}'>"
                 f"<h2>Prompt</h2>{_pre('id=prompt', lease.pair.prompt)}"
                 "<div class=sides>"
                 f"<div class=side><h3>Left <kbd>1</kbd></h3>{_pre('id=left', lease.left)}</div>"
@@ -454,7 +454,7 @@ def make_app(data_dir: str, *, host: str = "127.0.0.1", tokens: Optional[dict] =
             return RedirectResponse("/login", status_code=303)
         # Comparisons sampled before a reload (or a restart) and not answered yet are asked again.
         pending = "".join(
-            f"<div class='turn pending' data-pair-id='{_attr(lease.pair_id)}'>{_pre('class=you', lease.pair.prompt)}"
+            f"<div class='turn pending' data-pair-id='{_text(lease.pair_id)}'>{_pre('class=you', lease.pair.prompt)}"
             f"<div class=sides>{_pre('class=left', lease.left)}{_pre('class=right', lease.right)}"
             "</div><div class='buttons bar'>" + "".join(
                 f"<button data-position={position}>{_text(_POSITION_WORDS[position])}</button>"
@@ -631,7 +631,8 @@ _POSITION_WORDS = {"left": "Left is better", "right": "Right is better", "tie": 
 
 
 def _text(value) -> str:
-    """Any text as HTML text: <, >, &, quotes escaped, so a response with <script> shows as typed.
+    """Any text as HTML text or a quoted attribute's value: <, >, &, quotes escaped, so a response
+    with <script> shows as typed.
     A carriage return becomes a character reference: the HTML parser turns a literal CR (or CRLF)
     into LF, and a sampled response may hold one."""
     return html.escape(str(value), quote=True).replace("\r", "&#13;")
@@ -641,10 +642,6 @@ def _pre(attributes: str, value) -> str:
     """A <pre> showing `value` exactly: the HTML parser drops one newline right after <pre>, so
     one is put there for it to drop (a response may begin with a newline of its own)."""
     return f"<pre {attributes}>\n{_text(value)}</pre>"
-
-
-def _attr(value) -> str:
-    return _text(value)
 
 
 # ----------------------------------------------------------------------------- static files
