@@ -145,7 +145,6 @@ def test_dpo_variant_trains_on_its_own_pairs_and_raises_the_gold_score(pipeline_
         shutil.copytree(os.path.join(source, stage), os.path.join(workdir, stage))
     data = os.path.join(source, "datasets")
     stage_overrides = [(k, v) for k, v in overrides if k.split(".")[0] in ("pretrain", "sft")]
-    os.makedirs(workdir, exist_ok=True)
     run_pipeline_in_a_process(PIPELINE + ":dpo", stage_overrides + DPO_SCALED_DOWN + [
         ("dpo.data_dir", data), ("dpo.eval_prompts.data_dir", data)], workdir)
     rows = [r for r in metrics_lib.read_metrics(os.path.join(workdir, "dpo")) if "eval/rewards/accuracies" in r]
